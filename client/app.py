@@ -1,0 +1,135 @@
+"""fedtune ClientApp: train and evaluate the LoRA adapter on this node's private data.
+
+The run's settings arrive with every message (the server parses the run config once);
+where this node's data lives comes from its node config: `partition-id` and
+`num-partitions` in simulation, `data-path` (and optional column settings) in deployment.
+Only the adapter and aggregate metrics leave the node.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from logging import INFO
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log
+
+from common.config import FedtuneConfig, parse_run_config
+from common.data import LabelMap
+from common.federation_data import ClientData, deployed_client_data, simulated_client_data
+from common.records import record_to_state, state_to_record
+from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
+from common.train import encode, evaluate, train
+
+TRANSPORT_KEYS = ("server-round",)
+PROGRESS_EVERY = 10
+
+app = ClientApp()
+
+
+def message_config(msg: Message) -> tuple[FedtuneConfig, int]:
+    """The run config and round the server sent with this message."""
+    raw = dict(msg.content["config"])
+    return parse_run_config(raw, ignore=TRANSPORT_KEYS), int(raw.get("server-round", 0))
+
+
+def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
+    node = context.node_config
+    if "data-path" in node:
+        return deployed_client_data(cfg, node)
+    if "partition-id" in node and "num-partitions" in node:
+        return simulated_client_data(cfg, int(node["partition-id"]), int(node["num-partitions"]))
+    raise KeyError(
+        f"node config: expected 'data-path' (deployment) or 'partition-id' and 'num-partitions' "
+        f"(simulation), got keys {sorted(node)}"
+    )
+
+
+def set_threads(cfg: FedtuneConfig) -> None:
+    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def client_record(data: ClientData) -> ConfigRecord:
+    return ConfigRecord({"client-id": data.client_id})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say who this client is and what its data looks like (sizes and label counts only)."""
+    cfg, _ = message_config(msg)
+    data = node_data(cfg, context)
+    summary = data.summary()
+    record = ConfigRecord({
+        "client-id": data.client_id,
+        "train-examples": summary["train_examples"],
+        "val-examples": summary["val_examples"],
+        "label-names": list(summary["label_histogram"].keys()) or [""],
+        "label-counts": list(summary["label_histogram"].values()) or [0],
+    })
+    return Message(content=RecordDict({"client": record}), reply_to=msg)
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    cfg, server_round = message_config(msg)
+    set_threads(cfg)
+    data = node_data(cfg, context)
+    labels = LabelMap.parse(cfg.labels)
+    model = model_for_config(cfg, len(labels))
+    tokenizer = load_tokenizer(cfg.model)
+    set_adapter_state(model, record_to_state(msg.content["arrays"]))
+    encoded = encode(data.train, tokenizer, labels, max_length=cfg.max_length, where=f"client {data.client_id}")
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step % PROGRESS_EVERY == 0 or step == total:
+            log(INFO, "fedtune: [round %d] %s step %d/%d loss %.4f", server_round, data.client_id, step, total, loss)
+
+    result = train(
+        model, encoded, pad_id=tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, seed=client_seed(cfg.seed, server_round, data.client_id),
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
+    )
+    metrics = MetricRecord({
+        "num-examples": len(encoded),
+        "train-loss": result.loss,
+        "train-steps": result.steps,
+        "train-seconds": result.seconds,
+    })
+    content = RecordDict({
+        "arrays": state_to_record(get_adapter_state(model)),
+        "metrics": metrics,
+        "client": client_record(data),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_handler(msg: Message, context: Context) -> Message:
+    cfg, _ = message_config(msg)
+    set_threads(cfg)
+    data = node_data(cfg, context)
+    labels = LabelMap.parse(cfg.labels)
+    model = model_for_config(cfg, len(labels))
+    tokenizer = load_tokenizer(cfg.model)
+    set_adapter_state(model, record_to_state(msg.content["arrays"]))
+    encoded = encode(data.val, tokenizer, labels, max_length=cfg.max_length, where=f"client {data.client_id}")
+    result = evaluate(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
+                      num_labels=len(labels))
+    metrics = MetricRecord({
+        "num-examples": result["examples"],
+        "val-loss": result["loss"] if result["examples"] else 0.0,
+        "val-accuracy": result["accuracy"] if result["examples"] else 0.0,
+        "val-macro-f1": result["macro_f1"] if result["examples"] else 0.0,
+    })
+    return Message(content=RecordDict({"metrics": metrics, "client": client_record(data)}), reply_to=msg)
+
+
+def client_seed(seed: int, server_round: int, client_id: str) -> int:
+    """A per-(round, client) seed that is stable across processes and restarts."""
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(client_id.encode())) % (2**31 - 1)

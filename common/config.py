@@ -1,0 +1,220 @@
+"""The typed, validated configuration of a fedtune run.
+
+Defaults live in two places that a test keeps equal: the dataclass below and
+`[tool.flwr.app.config]` in `pyproject.toml`. Flower's run-config (a flat mapping of
+dashed keys) is parsed into `FedtuneConfig` in exactly one function, `parse_run_config`,
+which rejects unknown keys, wrong types and non-finite numbers before round 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+from common.errors import ConfigError
+
+Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
+DataFormat = Literal["auto", "csv", "tsv", "jsonl", "parquet"]
+
+DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
+DEFAULT_DATA = "packaged:chatterbot"
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class FedtuneConfig:
+    """Every tunable of a run. Field names use underscores; run-config keys use dashes."""
+
+    # Federation
+    num_server_rounds: int = _f(3, "Number of federated rounds.")
+    strategy: Strategy = _f("fedavg", "Aggregation strategy.")
+    fraction_train: float = _f(1.0, "Fraction of connected clients sampled for training each round.")
+    min_train_clients: int = _f(2, "Minimum number of clients sampled for training.")
+    fraction_evaluate: float = _f(1.0, "Fraction of clients asked to evaluate on their local validation slice (0 disables).")
+    min_evaluate_clients: int = _f(2, "Minimum number of clients sampled for federated evaluation.")
+    min_available_clients: int = _f(2, "Clients that must be connected before a round starts.")
+    round_timeout: float = _f(600.0, "Seconds the server waits for replies in one round.")
+    proximal_mu: float = _f(0.01, "FedProx: weight of the proximal term added to the client loss.")
+    server_learning_rate: float = _f(0.01, "FedAdam/FedYogi/FedAdagrad: server learning rate (eta).")
+    server_momentum: float = _f(0.9, "FedAvgM: server momentum.")
+    beta_1: float = _f(0.9, "FedAdam/FedYogi: first moment decay.")
+    beta_2: float = _f(0.99, "FedAdam/FedYogi: second moment decay.")
+    tau: float = _f(1e-3, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon) term.")
+    # Model and LoRA
+    model: str = _f(DEFAULT_MODEL, "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only).")
+    max_length: int = _f(64, "Maximum tokens per example; longer texts are truncated.")
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: str = _f("", "Comma-separated module names to adapt; empty = the architecture's default.")
+    # Data
+    data: str = _f(DEFAULT_DATA, "Training data: 'packaged:chatterbot', a CSV/TSV/JSONL/Parquet path, or 'hf:<dataset>' (online only).")
+    heldout_data: str = _f("", "Server's held-out data (same forms as `data`); empty = split from `data`.")
+    data_format: DataFormat = _f("auto", "File format of `data` and `heldout-data`; 'auto' uses the extension.")
+    text_column: str = _f("text", "Column holding the text.")
+    label_column: str = _f("label", "Column holding the label.")
+    column_names: str = _f("", "Comma-separated column names for header-less CSV/TSV files; empty = the file has a header row.")
+    labels: str = _f("", "Comma-separated label names fixing the federation's label order; empty = sorted labels of the data.")
+    heldout_fraction: float = _f(0.2, "Fraction of `data` held out for the server when `heldout-data` is empty.")
+    max_train_examples: int = _f(0, "Use at most this many training examples (0 = all), chosen by seed.")
+    max_heldout_examples: int = _f(0, "Evaluate on at most this many held-out examples (0 = all), chosen by seed.")
+    partitioner: Partitioner = _f("dirichlet", "How the training data is split across simulated clients.")
+    dirichlet_alpha: float = _f(1.0, "Dirichlet partitioner: concentration; smaller = more label skew.")
+    shards_per_client: int = _f(2, "Shards partitioner: label-sorted shards given to each client.")
+    partition_column: str = _f("", "Natural partitioner: column whose values define the clients ('category' for chatterbot).")
+    local_val_fraction: float = _f(0.1, "Fraction of each client's data kept as its local validation slice.")
+    # Local training
+    local_epochs: int = _f(1, "Local epochs per round (ignored when local-steps > 0).")
+    local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local-epochs.")
+    batch_size: int = _f(16, "Local training batch size.")
+    eval_batch_size: int = _f(64, "Evaluation batch size.")
+    learning_rate: float = _f(1e-3, "AdamW learning rate on the adapter.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
+    num_threads: int = _f(0, "Torch threads per client process; 0 = fit the machine.")
+    # Outputs
+    run_dir: str = _f("", "Run directory; empty = runs/<timestamp>.")
+    resume: bool = _f(False, "Resume the run in `run-dir` from its last completed round.")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("fraction_train", "fraction_evaluate", "heldout_fraction", "local_val_fraction"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+        for name in ("num_server_rounds", "lora_r", "batch_size", "eval_batch_size", "max_length"):
+            _check_min(name, getattr(self, name), 1)
+        for name in ("min_train_clients", "min_available_clients", "local_epochs"):
+            _check_min(name, getattr(self, name), 1)
+        for name in ("min_evaluate_clients", "local_steps", "max_train_examples",
+                     "max_heldout_examples", "num_threads", "shards_per_client"):
+            _check_min(name, getattr(self, name), 0)
+        for name in ("round_timeout", "lora_alpha", "learning_rate", "dirichlet_alpha",
+                     "server_learning_rate", "tau"):
+            _check_positive(name, getattr(self, name))
+        for name in ("proximal_mu", "weight_decay", "max_grad_norm"):
+            _check_min(name, getattr(self, name), 0.0)
+        for name in ("server_momentum", "beta_1", "beta_2"):
+            _check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
+        if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(
+                f"heldout-fraction: expected a value in (0, 1) when heldout-data is empty, got {self.heldout_fraction}"
+            )
+        if self.partitioner == "natural" and not self.partition_column:
+            raise ConfigError("partition-column: expected a column name when partitioner = 'natural', got ''")
+        if self.resume and not self.run_dir:
+            raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat, dashed mapping Flower carries in a ConfigRecord."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> FedtuneConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def config_keys() -> list[str]:
+    """All run-config keys, dashed, in declaration order."""
+    return [f.name.replace("_", "-") for f in dataclasses.fields(FedtuneConfig)]
+
+
+def parse_run_config(raw: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) -> FedtuneConfig:
+    """Parse Flower's run-config into a FedtuneConfig; the only place this happens.
+
+    Keys may use dashes or underscores. `ignore` names keys that belong to the transport
+    (for example Flower's own `server-round`) and are skipped.
+    """
+    known = {f.name: f for f in dataclasses.fields(FedtuneConfig)}
+    hints = get_type_hints(FedtuneConfig)
+    kwargs: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        if key in ignore:
+            continue
+        name = key.replace("-", "_")
+        if name not in known:
+            unknown.append(key)
+            continue
+        kwargs[name] = _coerce(key, value, hints[name])
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {sorted(unknown)}; expected some of: {', '.join(config_keys())}"
+        )
+    try:
+        return FedtuneConfig(**kwargs)
+    except TypeError as err:  # should not happen after _coerce, but never hide it
+        raise ConfigError(str(err)) from err
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type or raise naming both."""
+    choices = get_args(hint)
+    if choices:  # Literal
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not math.isfinite(as_float) or as_float != int(as_float):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {hint}")
+
+
+def _check_types(cfg: FedtuneConfig) -> None:
+    hints = get_type_hints(FedtuneConfig)
+    for f in dataclasses.fields(cfg):
+        _coerce(f.name.replace("_", "-"), getattr(cfg, f.name), hints[f.name])
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, hi_open: bool = False) -> None:
+    ok = lo <= value < hi if hi_open else lo <= value <= hi
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ConfigError(f"{name.replace('_', '-')}: expected a value in [{lo}, {hi}{bracket}, got {value}")
+
+
+def _check_min(name: str, value: float, lo: float) -> None:
+    if value < lo:
+        raise ConfigError(f"{name.replace('_', '-')}: expected a value >= {lo}, got {value}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name.replace('_', '-')}: expected a value > 0, got {value}")

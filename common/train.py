@@ -1,0 +1,150 @@
+"""Local training and evaluation in plain PyTorch (no Flower here).
+
+Batches are padded dynamically to their longest member. Token ids are computed once per
+data set and process (`encode`), so a round never re-tokenizes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.data import LabelMap, TextDataset
+
+# Counts tokenizer passes in this process, so tests can prove tokenization is cached.
+TOKENIZE_COUNT = {"datasets": 0}
+
+
+@dataclass
+class EncodedData:
+    """Token ids (unpadded) and class indices of one data set."""
+
+    input_ids: list[list[int]]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(data: TextDataset, tokenizer, label_map: LabelMap, *, max_length: int, where: str) -> EncodedData:
+    """Tokenize once per (data set, tokenizer, max_length, labels); the result is kept on the data set."""
+    key = ("encoded", tokenizer.name_or_path, max_length, label_map.names)
+    if key not in data.cache:
+        TOKENIZE_COUNT["datasets"] += 1
+        ids = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"] if len(data) else []
+        data.cache[key] = EncodedData(input_ids=list(ids), labels=label_map.encode(data.labels, where=where))
+    return data.cache[key]
+
+
+def collate(data: EncodedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad the selected examples to the longest of them."""
+    seqs = [data.input_ids[i] for i in indices]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[list(indices)])}
+
+
+def batch_order(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One shuffled epoch of batch index arrays."""
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    examples: int
+    seconds: float
+
+
+def train(
+    model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
+    learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
+    proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Train the adapter with AdamW for `steps` steps, or `epochs` epochs when steps == 0.
+
+    With proximal_mu > 0 the FedProx term mu/2 * ||w - w_global||^2 over the trainable
+    weights is added to the loss (Li et al. 2020, https://arxiv.org/abs/1812.06127).
+    """
+    if len(data) == 0:
+        raise ValueError("train: expected at least one training example, got none")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)
+    model.train()
+    done, loss_sum, seen = 0, 0.0, 0
+    while done < total:
+        for batch_idx in batch_order(len(data), batch_size, rng):
+            batch = collate(data, batch_idx, pad_id)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = F.cross_entropy(out.logits, batch["labels"])
+            objective = loss if anchor is None else loss + proximal_term(params, anchor, mu=proximal_mu)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            done += 1
+            loss_sum += loss.item() * len(batch_idx)
+            seen += len(batch_idx)
+            if progress is not None:
+                progress(done, total, loss.item())
+            if done >= total:
+                break
+    return TrainResult(loss=loss_sum / seen, steps=done, examples=seen, seconds=time.perf_counter() - start)
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:
+    """mu/2 * sum ||p - p0||^2 (FedProx)."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int, num_labels: int) -> dict:
+    """Loss, accuracy and macro-F1 over `data` (batches sorted by length for speed)."""
+    model.eval()
+    if len(data) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0}
+    order = np.argsort([len(s) for s in data.input_ids], kind="stable")
+    loss_sum, preds = 0.0, np.empty(len(data), dtype=np.int64)
+    for i in range(0, len(data), batch_size):
+        idx = order[i : i + batch_size]
+        batch = collate(data, idx, pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        preds[idx] = logits.argmax(dim=-1).numpy()
+    return {
+        "loss": loss_sum / len(data),
+        "accuracy": float((preds == data.labels).mean()),
+        "macro_f1": macro_f1(data.labels, preds),
+        "examples": len(data),
+    }
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Unweighted mean of per-class F1 over classes present in y_true or y_pred."""
+    classes = np.union1d(y_true, y_pred)
+    scores = []
+    for c in classes:
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        denom = 2 * tp + fp + fn
+        scores.append(0.0 if denom == 0 else 2 * tp / denom)
+    return float(np.mean(scores))

@@ -1,0 +1,91 @@
+"""Durable checkpoints: one safetensors file per round, written atomically, with a hash.
+
+A checkpoint holds everything needed to resume: the round, the global adapter, the
+strategy's state and the per-round history (as JSON metadata). The write goes to a
+temporary file that is fsync'ed and renamed, so a kill mid-write leaves the previous
+checkpoint intact; the SHA-256 beside it is checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from common.errors import CheckpointError
+
+NAME = re.compile(r"round-(\d{4,})\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    server_round: int
+    adapter: dict[str, np.ndarray]
+    strategy: dict[str, np.ndarray]
+    meta: dict
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"adapter/{k}": np.ascontiguousarray(v) for k, v in ckpt.adapter.items()}
+    tensors.update({f"strategy/{k}": np.ascontiguousarray(v) for k, v in ckpt.strategy.items()})
+    meta = {"round": str(ckpt.server_round), "meta": json.dumps(ckpt.meta)}
+    blob = st_save(tensors, metadata=meta)
+    path = directory / f"round-{ckpt.server_round:04d}.safetensors"
+    # The hash goes first: a checkpoint without a matching hash is never trusted.
+    atomic_write(path.with_suffix(".sha256"), hashlib.sha256(blob).hexdigest().encode())
+    atomic_write(path, blob)
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: expected a file at {path}, found none")
+    blob = path.read_bytes()
+    hash_file = path.with_suffix(".sha256")
+    if not hash_file.is_file():
+        raise CheckpointError(f"checkpoint {path}: expected its hash file {hash_file.name}, found none")
+    expected = hash_file.read_text().strip()
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path}: expected SHA-256 {expected}, file has {actual} (corrupt or edited)")
+    try:
+        # safetensors: raw tensors and string metadata only, no code can run on load.
+        tensors = st_load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_len])
+        meta = header.get("__metadata__", {})
+        server_round, extra = int(meta["round"]), json.loads(meta["meta"])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: expected fedtune checkpoint metadata, got an unreadable file ({err})") from None
+    adapter = {k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")}
+    strategy = {k[len("strategy/"):]: v for k, v in tensors.items() if k.startswith("strategy/")}
+    return Checkpoint(server_round=server_round, adapter=adapter, strategy=strategy, meta=extra)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    rounds = sorted(
+        (int(m.group(1)), p) for p in directory.glob("round-*.safetensors") if (m := NAME.search(p.name))
+    )
+    return rounds[-1][1] if rounds else None

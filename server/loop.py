@@ -1,0 +1,260 @@
+"""The round loop: discover clients, train, aggregate, evaluate, checkpoint; resume.
+
+Flower's `Strategy.start()` cannot resume, so fedtune runs its own loop around the
+strategy's `configure_train` / `aggregate_train` / `configure_evaluate` /
+`aggregate_evaluate` hooks. Client sampling is made reproducible across restarts: a
+QUERY message first learns each node's stable client id, and each round samples from
+the nodes ordered by that id with a RNG seeded by (seed, round).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.config import FedtuneConfig
+from common.data import LabelMap
+from common.errors import CheckpointError, FedtuneError
+from common.federation_data import federation_labels, heldout_set
+from common.model import (
+    check_adapter_state, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
+    set_adapter_state,
+)
+from common.records import record_to_state, state_to_record
+from common.train import encode, evaluate
+from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.rundir import RunDir
+from server.strategy import build_strategy, load_strategy_state, strategy_state
+
+# Keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"num-server-rounds", "resume", "run-dir", "round-timeout", "num-threads"}
+
+
+class OrderedGrid:
+    """A Grid whose node list is ordered by stable client id, so seeded sampling repeats."""
+
+    def __init__(self, grid: Grid, client_ids: dict[int, str]) -> None:
+        self._grid, self._ids = grid, client_ids
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids(), key=lambda n: (n not in self._ids, self._ids.get(n, ""), n))
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+@dataclass
+class ServerState:
+    cfg: FedtuneConfig
+    labels: LabelMap
+    run: RunDir
+    initial: dict
+    arrays: dict
+    history: list[dict] = field(default_factory=list)
+    clients: dict[int, str] = field(default_factory=dict)
+
+
+def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
+    """Run (or resume) a whole federated fine-tuning run; returns the per-round rows."""
+    labels = federation_labels(cfg)
+    cfg = cfg.replace(labels=labels.to_spec())
+    run = RunDir.for_config(cfg)
+    log(INFO, "fedtune: run directory %s", run.path)
+    model = model_for_config(cfg, len(labels))
+    initial = get_adapter_state(model)
+    strategy = build_strategy(cfg)
+    state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial)
+    start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
+    run.write_json("config.json", cfg.to_run_config())
+    discover_clients(grid, state)
+    if start_round == 0:
+        state.history = [evaluation_row(state, 0, seconds=0.0)]
+        commit_round(state, strategy, 0)
+    for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
+        run_round(grid, state, strategy, server_round)
+    save_adapter(model, state.arrays, run.adapters / "final")
+    log(INFO, "fedtune: finished %d rounds; results in %s", cfg.num_server_rounds, run.path)
+    return state.history
+
+
+def fresh_start(state: ServerState) -> int:
+    if latest_checkpoint(state.run.checkpoints) is not None:
+        raise CheckpointError(
+            f"run-dir {state.run.path} already holds checkpoints: expected an empty run directory "
+            "for a new run; set resume=true to continue it, or choose another run-dir"
+        )
+    return 0
+
+
+def restore(state: ServerState, strategy) -> int:
+    path = latest_checkpoint(state.run.checkpoints)
+    if path is None:
+        raise CheckpointError(f"resume: expected checkpoints in {state.run.checkpoints}, found none")
+    ckpt = load_checkpoint(path)
+    saved, now = ckpt.meta["config"], state.cfg.to_run_config()
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
+        raise CheckpointError(f"resume: expected the checkpoint's config, but these keys differ: {diffs}")
+    try:
+        check_adapter_state(state.initial, ckpt.adapter)
+    except FedtuneError as err:
+        raise CheckpointError(f"checkpoint {path}: adapter does not fit the model: {err}") from None
+    state.arrays = ckpt.adapter
+    state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]
+    load_strategy_state(strategy, ckpt.strategy)
+    state.run.write_metrics(state.history)
+    log(INFO, "fedtune: resumed from %s (round %d)", path.name, ckpt.server_round)
+    return ckpt.server_round
+
+
+def discover_clients(grid: Grid, state: ServerState) -> None:
+    """Ask every node not yet known who it is; record the answers in clients.json."""
+    cfg = state.cfg
+    deadline = time.monotonic() + cfg.round_timeout
+    while len(list(grid.get_node_ids())) < cfg.min_available_clients:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"expected at least {cfg.min_available_clients} connected clients within "
+                f"{cfg.round_timeout:.0f}s, got {len(list(grid.get_node_ids()))}"
+            )
+        time.sleep(0.5)
+    new = [n for n in grid.get_node_ids() if n not in state.clients]
+    if not new:
+        return
+    query = RecordDict({"config": ConfigRecord(cfg.to_run_config())})
+    messages = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in new]
+    summaries = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+        if reply.has_error():
+            log(WARNING, "fedtune: node %d did not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            continue
+        info = reply.content["client"]
+        state.clients[reply.metadata.src_node_id] = str(info["client-id"])
+        summaries.append({
+            "client_id": str(info["client-id"]),
+            "train_examples": int(info["train-examples"]),
+            "val_examples": int(info["val-examples"]),
+            "label_histogram": dict(zip(info["label-names"], info["label-counts"])),
+        })
+    summaries.sort(key=lambda s: s["client_id"])
+    state.run.write_json("clients.json", summaries)
+    for s in summaries:
+        top = sorted(s["label_histogram"].items(), key=lambda kv: -kv[1])[:4]
+        log(INFO, "fedtune: client %-14s train %5d  val %4d  top labels %s",
+            s["client_id"], s["train_examples"], s["val_examples"], ", ".join(f"{k}:{v}" for k, v in top))
+
+
+def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> None:
+    cfg, start = state.cfg, time.perf_counter()
+    discover_clients(grid, state)
+    random.seed(round_seed(cfg.seed, server_round))  # Flower's sample_nodes uses `random`
+    ordered = OrderedGrid(grid, state.clients)
+    messages = list(strategy.configure_train(
+        server_round, state_to_record(state.arrays), ConfigRecord(cfg.to_run_config()), ordered
+    ))
+    log(INFO, "fedtune: round %d/%d: training on %d clients", server_round, cfg.num_server_rounds, len(messages))
+    replies = sort_replies(grid.send_and_receive(messages, timeout=cfg.round_timeout), state.clients)
+    ok = [r for r in replies if not r.has_error()]
+    for r in replies:
+        if r.has_error():
+            log(WARNING, "fedtune: client %s failed: %s", client_of(r, state.clients), r.error.reason)
+    aggregated, _ = strategy.aggregate_train(server_round, ok)
+    if aggregated is not None:
+        new_arrays = record_to_state(aggregated)
+        check_adapter_state(state.initial, new_arrays)
+        state.arrays = new_arrays
+    row = evaluation_row(state, server_round, seconds=0.0)
+    row.update(train_summary(ok, sampled=len(messages)))
+    row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    state.history.append(row)
+    commit_round(state, strategy, server_round)
+    log(INFO, "fedtune: %s", summary_line(row, cfg.num_server_rounds))
+
+
+def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round: int, ordered) -> dict:
+    """Clients evaluate the new global adapter on their local validation slices."""
+    if state.cfg.fraction_evaluate == 0.0:
+        return {}
+    messages = list(strategy.configure_evaluate(
+        server_round, state_to_record(state.arrays), ConfigRecord(state.cfg.to_run_config()), ordered
+    ))
+    replies = sort_replies(grid.send_and_receive(messages, timeout=state.cfg.round_timeout), state.clients)
+    ok = [r for r in replies if not r.has_error() and r.content["metrics"]["num-examples"] > 0]
+    metrics = strategy.aggregate_evaluate(server_round, ok) if ok else None
+    if metrics is None:
+        return {}
+    return {f"clients_{k.replace('-', '_')}": float(v) for k, v in metrics.items() if k != "num-examples"}
+
+
+def evaluation_row(state: ServerState, server_round: int, *, seconds: float) -> dict:
+    """Evaluate the global adapter on the server's held-out set."""
+    cfg = state.cfg
+    model = model_for_config(cfg, len(state.labels))
+    tokenizer = load_tokenizer(cfg.model)
+    set_adapter_state(model, state.arrays)
+    heldout = encode(heldout_set(cfg), tokenizer, state.labels, max_length=cfg.max_length, where="held-out set")
+    res = evaluate(model, heldout, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
+                   num_labels=len(state.labels))
+    row = {"round": server_round, "heldout_loss": res["loss"], "heldout_accuracy": res["accuracy"],
+           "heldout_macro_f1": res["macro_f1"], "heldout_examples": res["examples"]}
+    if server_round == 0:
+        log(INFO, "fedtune: round 0 (before training): held-out accuracy %.4f macro-F1 %.4f loss %.4f",
+            res["accuracy"], res["macro_f1"], res["loss"])
+    return row
+
+
+def train_summary(replies: list[Message], *, sampled: int) -> dict:
+    if not replies:
+        return {"clients_sampled": sampled, "clients_ok": 0}
+    m = [r.content["metrics"] for r in replies]
+    n = sum(x["num-examples"] for x in m)
+    return {
+        "clients_sampled": sampled,
+        "clients_ok": len(replies),
+        "train_loss": sum(x["train-loss"] * x["num-examples"] for x in m) / n if n else float("nan"),
+        "train_examples": int(n),
+        "train_seconds_max": max(x["train-seconds"] for x in m),
+    }
+
+
+def commit_round(state: ServerState, strategy, server_round: int) -> None:
+    """Checkpoint, adapter, metrics and plot for a completed round."""
+    run = state.run
+    save_checkpoint(run.checkpoints, Checkpoint(
+        server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
+        meta={"config": state.cfg.to_run_config(), "history": state.history},
+    ))
+    model = model_for_config(state.cfg, len(state.labels))
+    save_adapter(model, state.arrays, run.adapters / f"round-{server_round:04d}")
+    run.write_metrics(state.history)
+    run.plot(state.history)
+
+
+def sort_replies(replies: Iterable[Message], clients: dict[int, str]) -> list[Message]:
+    """Replies in client-id order, so aggregation sums in the same order on every run."""
+    return sorted(replies, key=lambda r: (client_of(r, clients), r.metadata.src_node_id))
+
+
+def client_of(reply: Message, clients: dict[int, str]) -> str:
+    return clients.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+
+
+def round_seed(seed: int, server_round: int) -> int:
+    return seed * 100_003 + server_round
+
+
+def summary_line(row: dict, num_rounds: int) -> str:
+    text = (f"round {row['round']}/{num_rounds} | clients {row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)}"
+            f" | train loss {row.get('train_loss', float('nan')):.4f}"
+            f" | held-out acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}"
+            f" | {row['seconds']:.1f}s")
+    return text

@@ -1,0 +1,72 @@
+"""The run directory a person reads after a run.
+
+    <run-dir>/config.json          resolved configuration (labels included)
+    <run-dir>/clients.json         per-client data summary (size, label histogram)
+    <run-dir>/metrics.jsonl|.csv   one row per round, round 0 = before training
+    <run-dir>/metrics.png          held-out accuracy, macro-F1 and loss over rounds
+    <run-dir>/adapters/round-NNNN  PEFT adapter per round (PeftModel.from_pretrained)
+    <run-dir>/adapters/final       the last round's adapter
+    <run-dir>/checkpoints/         resumable state, one hashed file per round
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+from common.config import FedtuneConfig
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoints = path / "checkpoints"
+        self.adapters = path / "adapters"
+
+    @classmethod
+    def for_config(cls, cfg: FedtuneConfig) -> RunDir:
+        path = Path(cfg.run_dir) if cfg.run_dir else Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path.resolve())
+
+    def write_json(self, name: str, obj) -> None:
+        (self.path / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        """Rewrite metrics.jsonl and metrics.csv from the full history (cheap, and crash-safe)."""
+        (self.path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        fields: list[str] = []
+        for row in rows:
+            fields += [k for k in row if k not in fields]
+        with open(self.path / "metrics.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def plot(self, rows: list[dict]) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(rounds, [r["heldout_accuracy"] for r in rows], marker="o", label="held-out accuracy")
+        ax.plot(rounds, [r["heldout_macro_f1"] for r in rows], marker="s", label="held-out macro-F1")
+        ax.set_xlabel("round")
+        ax.set_ylabel("score")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        loss_ax = ax.twinx()
+        loss_ax.plot(rounds, [r["heldout_loss"] for r in rows], color="grey", ls="--", label="held-out loss")
+        loss_ax.set_ylabel("loss")
+        handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], loc="center right")
+        ax.set_title("fedtune: global adapter on the held-out set")
+        fig.tight_layout()
+        out = self.path / "metrics.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out

@@ -1,0 +1,75 @@
+"""Build the configured Flower strategy; fedtune drives its configure/aggregate hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.serverapp import strategy as fl
+
+from common.config import FedtuneConfig
+
+WEIGHT_KEY = "num-examples"
+# Attributes of Flower's strategies that carry state from one round to the next.
+STATEFUL_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t")
+
+
+def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_clients,
+        min_evaluate_nodes=cfg.min_evaluate_clients if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=cfg.min_available_clients,
+        weighted_by_key=WEIGHT_KEY,
+    )
+    opt = dict(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=cfg.tau)
+    if cfg.strategy == "fedavg":
+        return fl.FedAvg(**common)
+    if cfg.strategy == "fedprox":
+        return fl.FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if cfg.strategy == "fedavgm":
+        return fl.FedAvgM(**common, server_learning_rate=1.0, server_momentum=cfg.server_momentum)
+    if cfg.strategy == "fedadam":
+        return fl.FedAdam(**common, **opt, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+    if cfg.strategy == "fedyogi":
+        return fl.FedYogi(**common, **opt, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+    if cfg.strategy == "fedadagrad":
+        return fl.FedAdagrad(**common, **opt)
+    raise ValueError(f"strategy: unexpected {cfg.strategy!r}")  # parse_run_config prevents this
+
+
+def strategy_state(strategy) -> dict[str, np.ndarray]:
+    """Flatten the strategy's round-to-round state into named arrays for a checkpoint."""
+    out: dict[str, np.ndarray] = {}
+    for attr in STATEFUL_ATTRS:
+        value = getattr(strategy, attr, None)
+        if value is None:
+            continue
+        if isinstance(value, ArrayRecord):
+            value = {k: v.numpy() for k, v in value.items()}
+            kind = "record"
+        elif isinstance(value, dict):
+            kind = "dict"
+        else:
+            value = {str(i): v for i, v in enumerate(value)}
+            kind = "list"
+        for key, array in value.items():
+            out[f"{attr}|{kind}|{key}"] = np.asarray(array)
+    return out
+
+
+def load_strategy_state(strategy, arrays: dict[str, np.ndarray]) -> None:
+    """Inverse of `strategy_state`."""
+    grouped: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for name, array in arrays.items():
+        attr, kind, key = name.split("|", 2)
+        grouped.setdefault((attr, kind), {})[key] = array
+    for (attr, kind), values in grouped.items():
+        if kind == "record":
+            from common.records import state_to_record
+
+            setattr(strategy, attr, state_to_record(values))
+        elif kind == "dict":
+            setattr(strategy, attr, values)
+        else:
+            setattr(strategy, attr, [values[str(i)] for i in range(len(values))])

@@ -1,0 +1,86 @@
+"""Config parsing and validation (RELIABILITY: bad inputs - run config with nan, inf or negatives)."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+
+import pytest
+
+from common.config import FedtuneConfig, config_keys, parse_run_config
+from common.errors import ConfigError
+from tests.conftest import REPO
+
+
+def test_defaults_parse_to_the_dataclass_defaults():
+    assert parse_run_config({}) == FedtuneConfig()
+
+
+def test_pyproject_defaults_equal_dataclass_defaults():
+    app_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert sorted(app_cfg) == sorted(config_keys())
+    assert parse_run_config(app_cfg) == FedtuneConfig()
+
+
+def test_every_pyproject_key_is_documented_with_a_comment():
+    text = (REPO / "pyproject.toml").read_text().split("[tool.flwr.app.config]")[1].split("\n[")[0]
+    for key in config_keys():
+        line = next(l for l in text.splitlines() if l.startswith(f"{key} ="))
+        assert re.search(r"#\s*\S", line), f"{key} has no help comment in pyproject.toml"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"num-server-rounds": 5}, {"num_server_rounds": 5}),
+    ({"num_server_rounds": "7"}, {"num_server_rounds": 7}),
+    ({"learning-rate": 1}, {"learning_rate": 1.0}),
+    ({"resume": "true", "run-dir": "/tmp/x"}, {"resume": True}),
+    ({"strategy": "fedadam"}, {"strategy": "fedadam"}),
+    ({"partitioner": "natural", "partition-column": "category"}, {"partitioner": "natural"}),
+])
+def test_good_values_are_accepted(raw, expected):
+    cfg = parse_run_config(raw)
+    for name, value in expected.items():
+        assert getattr(cfg, name) == value
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"no-such-key": 1}, "unknown config key"),
+    ({"learning-rate": float("nan")}, "finite"),
+    ({"learning-rate": float("inf")}, "finite"),
+    ({"learning-rate": "nan"}, "finite"),
+    ({"learning-rate": -1.0}, "> 0"),
+    ({"learning-rate": True}, "expected a number"),
+    ({"num-server-rounds": 0}, ">= 1"),
+    ({"num-server-rounds": 2.5}, "integer"),
+    ({"fraction-train": 1.5}, r"\[0.0, 1.0\]"),
+    ({"lora-r": -4}, ">= 1"),
+    ({"lora-dropout": 1.0}, r"1.0\)"),
+    ({"strategy": "fedsgd"}, "expected one of"),
+    ({"resume": "maybe"}, "true or false"),
+    ({"resume": True}, "run-dir"),
+    ({"partitioner": "natural"}, "partition-column"),
+    ({"max-grad-norm": -0.1}, ">= 0"),
+    ({"model": 3}, "expected a string"),
+])
+def test_bad_values_are_refused_with_expected_and_got(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(raw)
+
+
+def test_run_config_round_trip():
+    cfg = FedtuneConfig(strategy="fedprox", proximal_mu=0.1, labels="a,b")
+    assert parse_run_config(cfg.to_run_config()) == cfg
+
+
+def test_transport_keys_can_be_ignored():
+    raw = {**FedtuneConfig().to_run_config(), "server-round": 3}
+    with pytest.raises(ConfigError):
+        parse_run_config(raw)
+    assert parse_run_config(raw, ignore=("server-round",)) == FedtuneConfig()
+
+
+def test_no_float_field_default_is_non_finite():
+    for key, value in FedtuneConfig().to_run_config().items():
+        if isinstance(value, float):
+            assert math.isfinite(value), key

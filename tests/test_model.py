@@ -1,0 +1,178 @@
+"""Model, adapter state and local training, with the packaged real weights.
+
+RELIABILITY: I2 schema (keys, shapes, dtypes), only adapter keys leave a client,
+bad inputs (wrong shape, dtype, missing/extra/base-model keys, object arrays).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from common.config import FedtuneConfig
+from common.errors import AdapterMismatchError, ConfigError
+from common.federation_data import federation_labels, simulated_client_data
+from common.model import (
+    LOAD_COUNT, get_adapter_state, load_tokenizer, model_for_config, resolve_model_path, save_adapter,
+    set_adapter_state,
+)
+from common.train import TOKENIZE_COUNT, encode, evaluate, macro_f1, train
+
+CFG = FedtuneConfig(partitioner="iid")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    labels = federation_labels(CFG)
+    cfg = CFG.replace(labels=labels.to_spec())
+    model = model_for_config(cfg, len(labels))
+    return cfg, labels, model, load_tokenizer(cfg.model)
+
+
+def test_adapter_state_is_exactly_the_trainable_lora_and_head_weights(setup):
+    _, labels, model, _ = setup
+    state = get_adapter_state(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == trainable
+    assert all(("lora_" in k) or ("classifier" in k) for k in state)
+    assert not any("embeddings" in k or k.endswith("query.base_layer.weight") for k in state)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(a.size for a in state.values()) < 0.02 * total
+    head = [k for k in state if "classifier" in k and k.endswith("weight")]
+    assert state[head[0]].shape == (len(labels), 384)
+
+
+def test_adapter_round_trip(setup):
+    _, _, model, _ = setup
+    state = get_adapter_state(model)
+    changed = {k: v + 0.5 for k, v in state.items()}
+    set_adapter_state(model, changed)
+    back = get_adapter_state(model)
+    assert all(np.array_equal(back[k], changed[k]) for k in state)
+    set_adapter_state(model, state)
+
+
+def mutate(state, how):
+    s = dict(state)
+    key = next(k for k in s if "lora_A" in k)
+    if how == "missing":
+        del s[key]
+    elif how == "extra":
+        s["base_model.model.bert.embeddings.word_embeddings.weight"] = np.zeros((2, 2), np.float32)
+    elif how == "renamed":
+        s[key.replace("lora_A", "lora_Z")] = s.pop(key)
+    elif how == "bigger-rank":
+        s[key] = np.zeros((s[key].shape[0] * 2, s[key].shape[1]), np.float32)
+    elif how == "transposed":
+        s[key] = s[key].T.copy()
+    elif how == "broadcastable":
+        s[key] = np.zeros((1,), np.float32)
+    elif how == "dtype":
+        s[key] = s[key].astype(np.float64)
+    elif how == "object":
+        s[key] = np.array([object()] * 4, dtype=object)
+    return s
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing", "missing"), ("extra", "unexpected"), ("renamed", "missing"),
+    ("bigger-rank", "expected shape"), ("transposed", "expected shape"), ("broadcastable", "expected shape"),
+    ("dtype", "expected dtype float32"), ("object", "numeric array|expected shape"),
+])
+def test_adapter_mismatch_raises_and_leaves_weights_untouched(setup, how, message):
+    _, _, model, _ = setup
+    before = get_adapter_state(model)
+    with pytest.raises(AdapterMismatchError, match=message):
+        set_adapter_state(model, mutate(before, how))
+    after = get_adapter_state(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_base_model_is_loaded_once_per_process(setup):
+    cfg, labels, model, _ = setup
+    count = LOAD_COUNT["base_model"]
+    for _ in range(3):
+        assert model_for_config(cfg, len(labels)) is model
+    assert LOAD_COUNT["base_model"] == count
+
+
+def test_training_lowers_the_loss_and_tokenizes_once(setup):
+    cfg, labels, model, tok = setup
+    data = simulated_client_data(cfg, 0, 3)
+    initial = get_adapter_state(model)
+    enc = encode(data.train, tok, labels, max_length=cfg.max_length, where="t")
+    count = TOKENIZE_COUNT["datasets"]
+    assert encode(data.train, tok, labels, max_length=cfg.max_length, where="t") is enc
+    assert TOKENIZE_COUNT["datasets"] == count
+    subset = encode(data.train.subset(range(64)), tok, labels, max_length=cfg.max_length, where="t")
+    before = evaluate(model, subset, pad_id=tok.pad_token_id, batch_size=64, num_labels=len(labels))
+    train(model, subset, pad_id=tok.pad_token_id, epochs=1, steps=12, batch_size=16, learning_rate=5e-3,
+          weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    after = evaluate(model, subset, pad_id=tok.pad_token_id, batch_size=64, num_labels=len(labels))
+    assert after["loss"] < before["loss"]
+    assert all(np.isfinite(v).all() for v in get_adapter_state(model).values())
+    set_adapter_state(model, initial)
+
+
+def test_training_is_deterministic_for_a_seed(setup):
+    cfg, labels, model, tok = setup
+    data = encode(simulated_client_data(cfg, 1, 3).train.subset(range(32)), tok, labels, max_length=32, where="t")
+    initial = get_adapter_state(model)
+    states = []
+    for _ in range(2):
+        set_adapter_state(model, initial)
+        train(model, data, pad_id=tok.pad_token_id, epochs=1, steps=3, batch_size=8, learning_rate=1e-3,
+              weight_decay=0.0, max_grad_norm=1.0, seed=7)
+        states.append(get_adapter_state(model))
+    set_adapter_state(model, initial)
+    assert all(np.array_equal(states[0][k], states[1][k]) for k in initial)
+
+
+def test_fedprox_term_pulls_towards_the_global_weights(setup):
+    cfg, labels, model, tok = setup
+    data = encode(simulated_client_data(cfg, 2, 3).train.subset(range(32)), tok, labels, max_length=32, where="t")
+    initial = get_adapter_state(model)
+    drift = {}
+    for mu in (0.0, 50.0):
+        set_adapter_state(model, initial)
+        train(model, data, pad_id=tok.pad_token_id, epochs=1, steps=6, batch_size=8, learning_rate=5e-3,
+              weight_decay=0.0, max_grad_norm=0.0, seed=3, proximal_mu=mu)
+        now = get_adapter_state(model)
+        drift[mu] = sum(float(np.sum((now[k] - initial[k]) ** 2)) for k in initial)
+    set_adapter_state(model, initial)
+    assert drift[50.0] < drift[0.0]
+
+
+def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(setup, tmp_path):
+    cfg, labels, model, tok = setup
+    state = {k: v + np.float32(0.01) for k, v in get_adapter_state(model).items()}
+    save_adapter(model, state, tmp_path / "adapter")
+    batch = tok(["how do I reset my password", "tell me a joke"], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        ours = model(**batch).logits
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model), num_labels=len(labels))
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = loaded(**batch).logits
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 6, 300), rng.integers(0, 5, 300)
+    assert macro_f1(y, p) == pytest.approx(f1_score(y, p, average="macro"))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("packaged:nope", "expected one of"),
+    ("./no/such/dir", "does not exist"),
+])
+def test_bad_model_names_are_clear_errors(name, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_model_path(name)

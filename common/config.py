@@ -75,7 +75,7 @@ class FedtuneConfig:
     local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local-epochs.")
     batch_size: int = _f(16, "Local training batch size.")
     eval_batch_size: int = _f(64, "Evaluation batch size.")
-    learning_rate: float = _f(1e-3, "AdamW learning rate on the adapter.")
+    learning_rate: float = _f(5e-3, "AdamW learning rate on the adapter.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")

@@ -168,9 +168,7 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
             log(WARNING, "fedtune: client %s failed: %s", client_of(r, state.clients), r.error.reason)
     aggregated, _ = strategy.aggregate_train(server_round, ok)
     if aggregated is not None:
-        new_arrays = record_to_state(aggregated)
-        check_adapter_state(state.initial, new_arrays)
-        state.arrays = new_arrays
+        state.arrays = conform_to_schema(state.initial, record_to_state(aggregated))
     row = evaluation_row(state, server_round, seconds=0.0)
     row.update(train_summary(ok, sampled=len(messages)))
     row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
@@ -237,6 +235,17 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     save_adapter(model, state.arrays, run.adapters / f"round-{server_round:04d}")
     run.write_metrics(state.history)
     run.plot(state.history)
+
+
+def conform_to_schema(initial: dict, aggregated: dict) -> dict:
+    """The server's own aggregate, in the initial adapter's dtypes (I2).
+
+    Flower's FedOpt family computes in float64; the global adapter stays float32. Keys and
+    shapes must already match: anything else is a bug and raises.
+    """
+    cast = {k: v.astype(initial[k].dtype, copy=False) if k in initial else v for k, v in aggregated.items()}
+    check_adapter_state(initial, cast)
+    return cast
 
 
 def sort_replies(replies: Iterable[Message], clients: dict[int, str]) -> list[Message]:

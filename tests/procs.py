@@ -1,0 +1,53 @@
+"""Start real processes for tests and make sure every one of them is stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import REPO
+
+
+def run_cli(args: list[str], *, timeout: float, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; kill the whole group on timeout or error."""
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{args[:4]} did not finish within {timeout}s; output tail:\n{out[-4000:]}") from None
+    finally:
+        kill_group(proc.pid)
+    return subprocess.CompletedProcess(args, proc.returncode, out, "")
+
+
+def fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli([sys.executable, "-m", "simulation.cli", *args], timeout=timeout)
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_matching(marker: str) -> int:
+    """Kill every process (and its children) whose command line contains `marker`."""
+    killed = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        if marker in " ".join(proc.info.get("cmdline") or []):
+            for p in [*proc.children(recursive=True), proc]:
+                try:
+                    p.kill()
+                    killed += 1
+                except psutil.NoSuchProcess:
+                    pass
+    return killed

@@ -1,0 +1,83 @@
+"""Durable state (RELIABILITY: I5 durable; faults - kill during a checkpoint write; bad checkpoints)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.config import FedtuneConfig
+from common.errors import CheckpointError
+from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.strategy import build_strategy, load_strategy_state, strategy_state
+
+
+def ckpt(r: int) -> Checkpoint:
+    rng = np.random.default_rng(r)
+    return Checkpoint(server_round=r, adapter={"a": rng.normal(size=(4, 2)).astype(np.float32)},
+                      strategy={"m_t|dict|a": np.ones((4, 2), np.float32)},
+                      meta={"config": {"seed": 1}, "history": [{"round": r}]})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = save_checkpoint(tmp_path, ckpt(3))
+    back = load_checkpoint(path)
+    assert back.server_round == 3 and back.meta["history"] == [{"round": 3}]
+    assert np.array_equal(back.adapter["a"], ckpt(3).adapter["a"])
+    assert np.array_equal(back.strategy["m_t|dict|a"], np.ones((4, 2)))
+    assert latest_checkpoint(tmp_path) == path
+
+
+def test_edited_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path, ckpt(1))
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="expected SHA-256"):
+        load_checkpoint(path)
+
+
+def test_missing_hash_and_missing_file_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path, ckpt(1))
+    path.with_suffix(".sha256").unlink()
+    with pytest.raises(CheckpointError, match="hash file"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="found none"):
+        load_checkpoint(tmp_path / "round-0009.safetensors")
+
+
+def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, ckpt(1))
+    import server.checkpoint as mod
+
+    real_replace = mod.os.replace
+
+    def crash_on_data_file(src, dst):
+        if str(dst).endswith(".safetensors"):
+            raise KeyboardInterrupt("killed mid-write")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(mod.os, "replace", crash_on_data_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, ckpt(2))
+    monkeypatch.setattr(mod.os, "replace", real_replace)
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "round-0001.safetensors"
+    assert load_checkpoint(latest).server_round == 1
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_strategy_state_round_trip(name):
+    from flwr.app import Array, ArrayRecord
+
+    strategy = build_strategy(FedtuneConfig(strategy=name))
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    strategy.current_arrays = ArrayRecord({"w": Array(arrays["w"])}) if name == "fedavgm" else dict(arrays)
+    if name == "fedavgm":
+        strategy.momentum_vector = [arrays["w"] * 2]
+    else:
+        strategy.m_t, strategy.v_t = {"w": arrays["w"] + 1}, {"w": arrays["w"] + 2}
+    saved = strategy_state(strategy)
+    fresh = build_strategy(FedtuneConfig(strategy=name))
+    load_strategy_state(fresh, saved)
+    assert strategy_state(fresh).keys() == saved.keys()
+    assert all(np.array_equal(strategy_state(fresh)[k], v) for k, v in saved.items())

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import zlib
-from logging import INFO
+from dataclasses import dataclass
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
+from client.privacy import decide, train_private
 from common.config import FedtuneConfig, parse_run_config
-from common.data import LabelMap
+from common.errors import ConfigError
+from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
 from common.records import record_to_state, state_to_record
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
@@ -42,7 +45,7 @@ def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
         return deployed_client_data(cfg, node)
     if "partition-id" in node and "num-partitions" in node:
         return simulated_client_data(cfg, int(node["partition-id"]), int(node["num-partitions"]))
-    raise KeyError(
+    raise ConfigError(
         f"node config: expected 'data-path' (deployment) or 'partition-id' and 'num-partitions' "
         f"(simulation), got keys {sorted(node)}"
     )
@@ -74,27 +77,60 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"client": record}), reply_to=msg)
 
 
-@app.train()
-def train_handler(msg: Message, context: Context) -> Message:
+@dataclass
+class Session:
+    """What both handlers need: the config, this node's data, and the model holding the global adapter."""
+
+    cfg: FedtuneConfig
+    server_round: int
+    data: ClientData
+    labels: LabelMap
+    model: torch.nn.Module
+    tokenizer: object
+
+    def encode(self, split: TextDataset):
+        return encode(split, self.tokenizer, self.labels, max_length=self.cfg.max_length,
+                      where=f"client {self.data.client_id}")
+
+
+def open_session(msg: Message, context: Context) -> Session:
     cfg, server_round = message_config(msg)
     set_threads(cfg)
-    data = node_data(cfg, context)
     labels = LabelMap.parse(cfg.labels)
     model = model_for_config(cfg, len(labels))
-    tokenizer = load_tokenizer(cfg.model)
     set_adapter_state(model, record_to_state(msg.content["arrays"]))
-    encoded = encode(data.train, tokenizer, labels, max_length=cfg.max_length, where=f"client {data.client_id}")
+    return Session(cfg=cfg, server_round=server_round, data=node_data(cfg, context), labels=labels,
+                   model=model, tokenizer=load_tokenizer(cfg.model))
+
+
+@app.train()
+def train_handler(msg: Message, context: Context) -> Message:
+    s = open_session(msg, context)
+    cfg, encoded = s.cfg, s.encode(s.data.train)
 
     def progress(step: int, total: int, loss: float) -> None:
         if step % PROGRESS_EVERY == 0 or step == total:
-            log(INFO, "fedtune: [round %d] %s step %d/%d loss %.4f", server_round, data.client_id, step, total, loss)
+            log(INFO, "fedtune: [round %d] %s step %d/%d loss %.4f", s.server_round, s.data.client_id, step, total, loss)
 
-    result = train(
-        model, encoded, pad_id=tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
-        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, seed=client_seed(cfg.seed, server_round, data.client_id),
-        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
-    )
+    seed = client_seed(cfg.seed, s.server_round, s.data.client_id)
+    privacy = None
+    if cfg.dp_sample:
+        decision = decide(cfg, s.data.train, dict(context.node_config))
+        if not decision.allowed:
+            log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f",
+                s.data.client_id, s.server_round, decision.projected, decision.budget)
+            content = RecordDict({"privacy": decision.refusal(), "client": client_record(s.data)})
+            return Message(content=content, reply_to=msg)
+        result, privacy = train_private(decision, cfg, s.model, encoded, pad_id=s.tokenizer.pad_token_id,
+                                        seed=seed, run=str(context.run_id), server_round=s.server_round,
+                                        progress=progress)
+    else:
+        result = train(
+            s.model, encoded, pad_id=s.tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
+            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm, seed=seed,
+            proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
+        )
     metrics = MetricRecord({
         "num-examples": len(encoded),
         "train-loss": result.loss,
@@ -102,32 +138,28 @@ def train_handler(msg: Message, context: Context) -> Message:
         "train-seconds": result.seconds,
     })
     content = RecordDict({
-        "arrays": state_to_record(get_adapter_state(model)),
+        "arrays": state_to_record(get_adapter_state(s.model)),
         "metrics": metrics,
-        "client": client_record(data),
+        "client": client_record(s.data),
     })
+    if privacy is not None:
+        content["privacy"] = privacy
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    cfg, _ = message_config(msg)
-    set_threads(cfg)
-    data = node_data(cfg, context)
-    labels = LabelMap.parse(cfg.labels)
-    model = model_for_config(cfg, len(labels))
-    tokenizer = load_tokenizer(cfg.model)
-    set_adapter_state(model, record_to_state(msg.content["arrays"]))
-    encoded = encode(data.val, tokenizer, labels, max_length=cfg.max_length, where=f"client {data.client_id}")
-    result = evaluate(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
-                      num_labels=len(labels))
+    s = open_session(msg, context)
+    result = evaluate(s.model, s.encode(s.data.val), pad_id=s.tokenizer.pad_token_id,
+                      batch_size=s.cfg.eval_batch_size, num_labels=len(s.labels))
+    has_data = result["examples"] > 0  # NaN metrics would poison the weighted average
     metrics = MetricRecord({
         "num-examples": result["examples"],
-        "val-loss": result["loss"] if result["examples"] else 0.0,
-        "val-accuracy": result["accuracy"] if result["examples"] else 0.0,
-        "val-macro-f1": result["macro_f1"] if result["examples"] else 0.0,
+        "val-loss": result["loss"] if has_data else 0.0,
+        "val-accuracy": result["accuracy"] if has_data else 0.0,
+        "val-macro-f1": result["macro_f1"] if has_data else 0.0,
     })
-    return Message(content=RecordDict({"metrics": metrics, "client": client_record(data)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data)}), reply_to=msg)
 
 
 def client_seed(seed: int, server_round: int, client_id: str) -> int:

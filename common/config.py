@@ -19,6 +19,7 @@ from common.errors import ConfigError
 Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
 Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
 DataFormat = Literal["auto", "csv", "tsv", "jsonl", "parquet"]
+ClientDP = Literal["off", "server-fixed", "client-fixed", "server-adaptive"]
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -80,6 +81,17 @@ class FedtuneConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
     num_threads: int = _f(0, "Torch threads per client process; 0 = fit the machine.")
+    # Differential privacy
+    dp_sample: bool = _f(False, "Sample-level DP-SGD (Opacus) on every client: per-sample clipping, Gaussian noise, Poisson sampling.")
+    dp_noise_multiplier: float = _f(0.0, "Sample-level noise multiplier; 0 = calibrate it from dp-target-epsilon over the planned rounds.")
+    dp_target_epsilon: float = _f(0.0, "Sample-level target epsilon after num-server-rounds (used when dp-noise-multiplier = 0).")
+    dp_delta: float = _f(1e-5, "Delta of every (epsilon, delta) guarantee, sample- and client-level.")
+    dp_clipping_norm: float = _f(1.0, "Sample-level per-sample gradient clipping norm.")
+    dp_epsilon_budget: float = _f(0.0, "A client refuses a round that would take its epsilon above this; 0 = dp-target-epsilon (no limit if that is 0).")
+    dp_client: ClientDP = _f("off", "Client-level DP with Flower's wrappers: off, server-fixed, client-fixed or server-adaptive clipping.")
+    dp_client_noise_multiplier: float = _f(1.0, "Client-level noise multiplier (noise std = multiplier * clipping norm / sampled clients).")
+    dp_client_clipping_norm: float = _f(0.5, "Client-level clipping norm of each client's adapter update (initial norm when adaptive).")
+    dp_client_epsilon_budget: float = _f(0.0, "Federation-level epsilon the server will not exceed (0 = no limit).")
     # Outputs
     run_dir: str = _f("", "Run directory; empty = runs/<timestamp>.")
     resume: bool = _f(False, "Resume the run in `run-dir` from its last completed round.")
@@ -103,6 +115,17 @@ class FedtuneConfig:
             _check_min(name, getattr(self, name), 0.0)
         for name in ("server_momentum", "beta_1", "beta_2"):
             _check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
+        for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_epsilon_budget", "dp_client_epsilon_budget"):
+            _check_min(name, getattr(self, name), 0.0)
+        for name in ("dp_clipping_norm", "dp_client_noise_multiplier", "dp_client_clipping_norm"):
+            _check_positive(name, getattr(self, name))
+        _check_range("dp_delta", self.dp_delta, 0.0, 1.0, hi_open=True)
+        if not self.dp_delta > 0:
+            raise ConfigError(f"dp-delta: expected a value in (0, 1), got {self.dp_delta}")
+        if self.dp_sample and self.dp_noise_multiplier == 0 and self.dp_target_epsilon == 0:
+            raise ConfigError(
+                "dp-noise-multiplier / dp-target-epsilon: expected one of them > 0 when dp-sample = true, got both 0"
+            )
         if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(
                 f"heldout-fraction: expected a value in (0, 1) when heldout-data is empty, got {self.heldout_fraction}"
@@ -111,6 +134,11 @@ class FedtuneConfig:
             raise ConfigError("partition-column: expected a column name when partitioner = 'natural', got ''")
         if self.resume and not self.run_dir:
             raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
+
+    @property
+    def sample_epsilon_budget(self) -> float:
+        """The client-side budget the server asks for (0 = no limit)."""
+        return self.dp_epsilon_budget or self.dp_target_epsilon
 
     @property
     def target_modules(self) -> list[str]:

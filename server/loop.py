@@ -9,6 +9,7 @@ the nodes ordered by that id with a RNG seeded by (seed, round).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -17,11 +18,13 @@ from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
+import numpy as np
 from flwr.serverapp import Grid
 
 from common.config import FedtuneConfig
 from common.data import LabelMap
 from common.errors import CheckpointError, FedtuneError
+from common.ledger import Ledger
 from common.federation_data import federation_labels, heldout_set
 from common.model import (
     check_adapter_state, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
@@ -30,6 +33,9 @@ from common.model import (
 from common.records import record_to_state, state_to_record
 from common.train import encode, evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.privacy import (
+    client_entries, current_clipping_norm, federation_entry, federation_would_exceed, update_norm, wrap_client_dp,
+)
 from server.rundir import RunDir
 from server.strategy import build_strategy, load_strategy_state, strategy_state
 
@@ -59,6 +65,12 @@ class ServerState:
     arrays: dict
     history: list[dict] = field(default_factory=list)
     clients: dict[int, str] = field(default_factory=dict)
+    ledger: Ledger = field(default_factory=Ledger)
+    status: str = "running"
+
+    @property
+    def private(self) -> bool:
+        return self.cfg.dp_sample or self.cfg.dp_client != "off"
 
 
 def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
@@ -69,7 +81,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     log(INFO, "fedtune: run directory %s", run.path)
     model = model_for_config(cfg, len(labels))
     initial = get_adapter_state(model)
-    strategy = build_strategy(cfg)
+    strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=expected_sample_size(cfg))
     state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
@@ -79,9 +91,19 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
         commit_round(state, strategy, 0)
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
         run_round(grid, state, strategy, server_round)
+        if state.status != "running":
+            break
+    else:
+        state.status = "completed"
     save_adapter(model, state.arrays, run.adapters / "final")
-    log(INFO, "fedtune: finished %d rounds; results in %s", cfg.num_server_rounds, run.path)
+    run.write_json("status.json", {"status": state.status, "rounds_completed": state.history[-1]["round"]})
+    log(INFO, "fedtune: %s after %d rounds; results in %s", state.status, state.history[-1]["round"], run.path)
     return state.history
+
+
+def expected_sample_size(cfg: FedtuneConfig) -> int:
+    """Clients sampled per round once min-available-clients are connected (for client-level DP noise)."""
+    return max(int(cfg.min_available_clients * cfg.fraction_train), cfg.min_train_clients)
 
 
 def fresh_start(state: ServerState) -> int:
@@ -110,7 +132,10 @@ def restore(state: ServerState, strategy) -> int:
     state.arrays = ckpt.adapter
     state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]
     load_strategy_state(strategy, ckpt.strategy)
+    state.ledger = Ledger(ckpt.meta.get("ledger", []))
     state.run.write_metrics(state.history)
+    if state.private:
+        state.ledger.write(state.run.path / "privacy-ledger.jsonl")
     log(INFO, "fedtune: resumed from %s (round %d)", path.name, ckpt.server_round)
     return ckpt.server_round
 
@@ -156,26 +181,87 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     cfg, start = state.cfg, time.perf_counter()
     discover_clients(grid, state)
     random.seed(round_seed(cfg.seed, server_round))  # Flower's sample_nodes uses `random`
+    np.random.seed(round_seed(cfg.seed, server_round) % 2**32)  # Flower's DP noise uses numpy's global RNG
     ordered = OrderedGrid(grid, state.clients)
     messages = list(strategy.configure_train(
         server_round, state_to_record(state.arrays), ConfigRecord(cfg.to_run_config()), ordered
     ))
+    population = len(list(grid.get_node_ids()))
+    projected = federation_would_exceed(state.ledger, cfg, population=population, sampled=len(messages))
+    if projected is not None:
+        state.status = "federation-privacy-budget-exhausted"
+        log(WARNING, "fedtune: stopping before round %d: federation epsilon would reach %.3f, budget %.3f",
+            server_round, projected, cfg.dp_client_epsilon_budget)
+        return
     log(INFO, "fedtune: round %d/%d: training on %d clients", server_round, cfg.num_server_rounds, len(messages))
     replies = sort_replies(grid.send_and_receive(messages, timeout=cfg.round_timeout), state.clients)
-    ok = [r for r in replies if not r.has_error()]
-    for r in replies:
-        if r.has_error():
-            log(WARNING, "fedtune: client %s failed: %s", client_of(r, state.clients), r.error.reason)
-    aggregated, _ = strategy.aggregate_train(server_round, ok)
+    failed, refused, ok = classify_replies(replies, state.clients)
+    summary = train_summary(ok, sampled=len(messages))
+    rejected: list[tuple[str, str]] = []
+    if cfg.dp_client != "off":
+        ok, rejected = guard_client_dp(ok, state)
+    aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
     if aggregated is not None:
         state.arrays = conform_to_schema(state.initial, record_to_state(aggregated))
+    record_privacy(state, strategy, server_round, ok, refused, failed, population=population, sampled=len(messages))
     row = evaluation_row(state, server_round, seconds=0.0)
-    row.update(train_summary(ok, sampled=len(messages)))
+    row.update(summary)
+    row.update({"clients_refused": len(refused), "clients_failed": len(failed), "clients_rejected": len(rejected)})
     row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
     row["seconds"] = round(time.perf_counter() - start, 2)
     state.history.append(row)
     commit_round(state, strategy, server_round)
     log(INFO, "fedtune: %s", summary_line(row, cfg.num_server_rounds))
+
+
+def classify_replies(replies: list[Message], clients: dict[int, str]):
+    """(failed client ids, refused (id, reply), trained replies) of one training round."""
+    failed, refused, ok = [], [], []
+    for reply in replies:
+        client_id = client_of(reply, clients)
+        if reply.has_error():
+            log(WARNING, "fedtune: client %s failed: %s", client_id, reply.error.reason)
+            failed.append(client_id)
+        elif "privacy" in reply.content.config_records and reply.content["privacy"]["status"] != "trained":
+            log(WARNING, "fedtune: client %s did not train: %s", client_id, reply.content["privacy"]["status"])
+            refused.append((client_id, reply))
+        else:
+            ok.append(reply)
+    return failed, refused, ok
+
+
+def guard_client_dp(replies: list[Message], state: ServerState) -> tuple[list[Message], list[tuple[str, str]]]:
+    """Before Flower's clipping: drop non-finite and zero-norm updates, and weigh clients equally.
+
+    Flower's clipping lets a NaN update through unclipped and divides by zero on a zero-norm
+    update; DP-FedAvg's sensitivity bound needs equal client weights.
+    """
+    kept, rejected = [], []
+    for reply in replies:
+        client_id = client_of(reply, state.clients)
+        norm = update_norm(record_to_state(reply.content["arrays"]), state.arrays)
+        reason = "non-finite-update" if not math.isfinite(norm) else "zero-norm-update" if norm == 0.0 else None
+        if reason:
+            log(WARNING, "fedtune: rejected update of %s under client-level DP: %s", client_id, reason)
+            rejected.append((client_id, reason))
+            continue
+        reply.content["metrics"]["num-examples"] = 1
+        kept.append(reply)
+    return kept, rejected
+
+
+def record_privacy(state: ServerState, strategy, server_round: int, ok, refused, failed, *, population: int,
+                   sampled: int) -> None:
+    cfg = state.cfg
+    if cfg.dp_sample:
+        trained = [(client_of(r, state.clients), r) for r in ok if "privacy" in r.content.config_records]
+        for entry in client_entries(server_round, trained, refused, failed):
+            state.ledger.append(entry)
+    if cfg.dp_client != "off":
+        state.ledger.append(federation_entry(
+            state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
+            accepted=len(ok), clipping_norm=current_clipping_norm(strategy, cfg),
+        ))
 
 
 def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round: int, ordered) -> dict:
@@ -211,6 +297,7 @@ def evaluation_row(state: ServerState, server_round: int, *, seconds: float) -> 
 
 
 def train_summary(replies: list[Message], *, sampled: int) -> dict:
+    """Per-round training figures; computed before any weight policy rewrites num-examples."""
     if not replies:
         return {"clients_sampled": sampled, "clients_ok": 0}
     m = [r.content["metrics"] for r in replies]
@@ -229,8 +316,10 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     run = state.run
     save_checkpoint(run.checkpoints, Checkpoint(
         server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
-        meta={"config": state.cfg.to_run_config(), "history": state.history},
+        meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries},
     ))
+    if state.private:
+        state.ledger.write(run.path / "privacy-ledger.jsonl")
     model = model_for_config(state.cfg, len(state.labels))
     save_adapter(model, state.arrays, run.adapters / f"round-{server_round:04d}")
     run.write_metrics(state.history)

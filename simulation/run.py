@@ -76,6 +76,7 @@ def simulate(cfg: FedtuneConfig, num_clients: int) -> None:
     def _main(grid, context) -> None:  # the CLI's config replaces the app's defaults
         run_server(grid, cfg)
 
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every client's progress lines
     parallel, threads = plan_resources(num_clients)
     backend_config = {
         "client_resources": {"num_cpus": max(1, threads), "num_gpus": 0.0},

@@ -14,7 +14,7 @@ from server.strategy import build_strategy, load_strategy_state, strategy_state
 def ckpt(r: int) -> Checkpoint:
     rng = np.random.default_rng(r)
     return Checkpoint(server_round=r, adapter={"a": rng.normal(size=(4, 2)).astype(np.float32)},
-                      strategy={"m_t|dict|a": np.ones((4, 2), np.float32)},
+                      strategy={"s0|m_t|dict|a": np.ones((4, 2), np.float32)},
                       meta={"config": {"seed": 1}, "history": [{"round": r}]})
 
 
@@ -23,7 +23,7 @@ def test_checkpoint_round_trip(tmp_path):
     back = load_checkpoint(path)
     assert back.server_round == 3 and back.meta["history"] == [{"round": 3}]
     assert np.array_equal(back.adapter["a"], ckpt(3).adapter["a"])
-    assert np.array_equal(back.strategy["m_t|dict|a"], np.ones((4, 2)))
+    assert np.array_equal(back.strategy["s0|m_t|dict|a"], np.ones((4, 2)))
     assert latest_checkpoint(tmp_path) == path
 
 
@@ -63,6 +63,18 @@ def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path, mon
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "round-0001.safetensors"
     assert load_checkpoint(latest).server_round == 1
+
+
+def test_wrapped_strategy_state_round_trip():
+    from server.privacy import wrap_client_dp
+
+    cfg = FedtuneConfig(strategy="fedadam", dp_client="server-adaptive")
+    strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=2)
+    strategy.clipping_norm = 0.37
+    strategy.strategy.m_t = {"w": np.ones(3)}
+    fresh = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=2)
+    load_strategy_state(fresh, strategy_state(strategy))
+    assert fresh.clipping_norm == 0.37 and np.array_equal(fresh.strategy.m_t["w"], np.ones(3))
 
 
 @pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])

@@ -1,0 +1,97 @@
+"""A client's own privacy record: every DP mechanism ever run on its data, kept on its disk.
+
+The record is keyed by a fingerprint of the client's training data, so it composes across
+rounds, restarts of either side, and separate runs on the same data. The client checks it
+before training and refuses a round whose epsilon would exceed its budget.
+
+    <privacy-dir>/<fingerprint>.json    (privacy-dir: node config `privacy-dir`,
+                                          else $FEDTUNE_PRIVACY_DIR, else ~/.fedtune/privacy)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.data import TextDataset
+from common.errors import PrivacyBudgetError
+from common.privacy import Mechanism, epsilon, epsilon_rdp
+
+RECORD_VERSION = 1
+
+
+def privacy_dir(node_config: dict | None = None) -> Path:
+    if node_config and node_config.get("privacy-dir"):
+        return Path(str(node_config["privacy-dir"])).expanduser()
+    return Path(os.environ.get("FEDTUNE_PRIVACY_DIR", "~/.fedtune/privacy")).expanduser()
+
+
+def data_fingerprint(data: TextDataset) -> str:
+    """SHA-256 over the (text, label) pairs in order; the data never leaves the client."""
+    digest = hashlib.sha256()
+    for text, label in zip(data.texts, data.labels):
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\x1f")
+        digest.update(label.encode("utf-8"))
+        digest.update(b"\x1e")
+    return digest.hexdigest()
+
+
+@dataclass
+class PrivacyRecord:
+    path: Path
+    fingerprint: str
+    delta: float
+    entries: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, directory: Path, fingerprint: str, *, delta: float) -> PrivacyRecord:
+        path = directory / f"{fingerprint}.json"
+        if not path.exists():
+            return cls(path=path, fingerprint=fingerprint, delta=delta)
+        try:
+            doc = json.loads(path.read_text())
+            entries = list(doc["entries"])
+            recorded_delta = float(doc["delta"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise PrivacyBudgetError(
+                f"privacy record {path}: expected fedtune's JSON record, got an unreadable file ({err}); "
+                "refusing to train rather than forget privacy already spent"
+            ) from None
+        if recorded_delta != delta:
+            raise PrivacyBudgetError(f"privacy record {path}: expected delta {recorded_delta} as recorded, got {delta}")
+        return cls(path=path, fingerprint=fingerprint, delta=delta, entries=entries)
+
+    def mechanisms(self) -> list[Mechanism]:
+        return [Mechanism.from_dict(e["mechanism"]) for e in self.entries]
+
+    def spent(self) -> float:
+        return epsilon(self.mechanisms(), delta=self.delta)[0]
+
+    def projected(self, mechanism: Mechanism) -> float:
+        return epsilon([*self.mechanisms(), mechanism], delta=self.delta)[0]
+
+    def append(self, *, run: str, server_round: int, mechanism: Mechanism, clipping_norm: float) -> dict:
+        """Record a mechanism that ran; written atomically before the update leaves the client."""
+        history = [*self.mechanisms(), mechanism]
+        eps, accountant = epsilon(history, delta=self.delta)
+        entry = {
+            "run": run, "round": server_round, "mechanism": mechanism.to_dict(), "clipping_norm": clipping_norm,
+            "epsilon": eps, "epsilon_rdp": epsilon_rdp(history, delta=self.delta), "accountant": accountant,
+        }
+        self.entries.append(entry)
+        self._write()
+        return entry
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        doc = {"version": RECORD_VERSION, "fingerprint": self.fingerprint, "delta": self.delta, "entries": self.entries}
+        with open(tmp, "w") as handle:
+            json.dump(doc, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)

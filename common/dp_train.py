@@ -1,0 +1,152 @@
+"""Sample-level DP-SGD on the adapter with Opacus (Abadi et al. 2016, https://arxiv.org/abs/1607.00133).
+
+Opacus' building blocks are used directly (GradSampleModule, DPOptimizer, DPDataLoader)
+rather than a PrivacyEngine, because fedtune keeps one privacy record per client for the
+whole run (see `common/budget.py`): building a PrivacyEngine every round would restart its
+accountant at zero. What this module returns is the mechanism that actually ran, with the
+sample rate taken from the Poisson loader that was used.
+
+Guards against the silent failures known for Opacus + PEFT: parameters the optimizer
+holds that are not the model's own (a model moved after `get_peft_model`), a loader whose
+sampler is not Poisson sampling at the recorded rate, and a DP step that leaves the LoRA
+weights unchanged or non-finite.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, Dataset
+
+from common.errors import FedtuneError
+from common.privacy import Mechanism
+from common.train import EncodedData, TrainResult
+
+
+class DPTrainingError(FedtuneError, RuntimeError):
+    """DP training ran, but its result cannot be trusted."""
+
+
+class _Examples(Dataset):
+    def __init__(self, data: EncodedData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        return torch.tensor(self.data.input_ids[i], dtype=torch.long), torch.tensor(int(self.data.labels[i]))
+
+
+def _pad(pad_id: int):
+    def collate(items):
+        width = max(len(ids) for ids, _ in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (seq, _) in enumerate(items):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        return ids, mask, torch.stack([label for _, label in items])
+
+    return collate
+
+
+def poisson_loader(data: EncodedData, *, batch_size: int, pad_id: int, seed: int) -> DPDataLoader:
+    """A Poisson-sampling loader with expected batch size ~ batch_size; its rate is what we account."""
+    base = DataLoader(_Examples(data), batch_size=batch_size, collate_fn=_pad(pad_id))
+    loader = DPDataLoader.from_data_loader(base, generator=torch.Generator().manual_seed(seed))
+    if not isinstance(loader.batch_sampler, UniformWithReplacementSampler):
+        raise DPTrainingError(f"DP loader: expected Poisson sampling, got {type(loader.batch_sampler).__name__}")
+    if not np.isclose(loader.batch_sampler.sample_rate, loader.sample_rate):
+        raise DPTrainingError(
+            f"DP loader: sampler rate {loader.batch_sampler.sample_rate} differs from the recorded {loader.sample_rate}"
+        )
+    return loader
+
+
+def dp_train(
+    model: torch.nn.Module, data: EncodedData, *, pad_id: int, steps: int, batch_size: int,
+    learning_rate: float, weight_decay: float, noise_multiplier: float, clipping_norm: float, seed: int,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[TrainResult, Mechanism]:
+    """`steps` DP-SGD steps (per-sample clipping to `clipping_norm`, Gaussian noise)."""
+    if len(data) == 0:
+        raise DPTrainingError("DP training: expected at least one example, got none")
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    loader = poisson_loader(data, batch_size=batch_size, pad_id=pad_id, seed=seed)
+    gsm = GradSampleModule(model)
+    try:
+        optimizer = DPOptimizer(
+            torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay),
+            noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
+            expected_batch_size=max(1, round(loader.sample_rate * len(data))),
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
+        _check_same_parameters(gsm, optimizer)
+        loss_sum, seen, done = _run_steps(gsm, loader, optimizer, steps, progress)
+    finally:
+        gsm._close()  # remove Opacus hooks: the cached model is reused by later rounds
+    _check_weights_moved(params, before)
+    mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=done, sample_rate=loader.sample_rate)
+    result = TrainResult(loss=loss_sum / max(seen, 1), steps=done, examples=seen,
+                         seconds=time.perf_counter() - start)
+    return result, mechanism
+
+
+def _run_steps(gsm, loader, optimizer, steps, progress) -> tuple[float, int, int]:
+    gsm.train()
+    done, loss_sum, seen = 0, 0.0, 0
+    while done < steps:
+        for ids, mask, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(labels) == 0:
+                _noise_only_step(optimizer)
+                loss = torch.tensor(float("nan"))
+            else:
+                loss = F.cross_entropy(gsm(input_ids=ids, attention_mask=mask).logits, labels)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(labels)
+                seen += len(labels)
+            done += 1
+            if progress is not None:
+                progress(done, steps, loss.item())
+            if done >= steps:
+                break
+    return loss_sum, seen, done
+
+
+def _noise_only_step(optimizer: DPOptimizer) -> None:
+    """An empty Poisson batch still releases a noisy (zero-sum) update, as the analysis assumes."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
+
+
+def _check_same_parameters(gsm: GradSampleModule, optimizer: DPOptimizer) -> None:
+    model_params = {id(p) for p in gsm.parameters() if p.requires_grad}
+    opt_params = {id(p) for p in optimizer.params}
+    if model_params != opt_params:
+        raise DPTrainingError(
+            f"DP optimizer: expected to hold the model's {len(model_params)} trainable tensors, holds "
+            f"{len(opt_params & model_params)} of them and {len(opt_params - model_params)} others "
+            "(was the model moved to a device after the optimizer or PEFT wrapper was built?)"
+        )
+
+
+def _check_weights_moved(params: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+    if not all(torch.isfinite(p).all() for p in params):
+        raise DPTrainingError("DP step: expected finite adapter weights, got NaN or Inf")
+    if all(torch.equal(p, b) for p, b in zip(params, before)):
+        raise DPTrainingError("DP step: expected the adapter weights to change, they did not")

@@ -1,0 +1,116 @@
+"""The server's side of privacy: client-level DP wrappers and the run's privacy ledger.
+
+Sample-level DP runs on the clients; each trained reply describes its mechanism and its
+client's cumulative epsilon, and the server appends that to the ledger. Client-level DP
+wraps the configured strategy in Flower's DP wrappers; the federation's epsilon is
+accounted here for the sampling that really happens (a fixed number of clients drawn
+without replacement: RDP with replace-one neighbours).
+
+Failed-client policy for client-level DP (recorded in every federation entry): the
+wrappers average the k' accepted, clipped updates and add noise of std z*C/k for the k
+sampled clients, so the noise multiplier that protects the release is z*k'/k; that
+effective value is what is accounted.
+"""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import Message
+from flwr.serverapp import strategy as fl
+
+from common.config import FedtuneConfig
+from common.ledger import Ledger
+from common.privacy import WITHOUT_REPLACEMENT, Mechanism, epsilon_rdp
+
+FAILED_CLIENT_POLICY = "effective noise multiplier z*k'/k for k' accepted of k sampled"
+ADAPTIVE_QUANTILE = 0.5
+
+
+def wrap_client_dp(cfg: FedtuneConfig, strategy, num_sampled: int):
+    """Flower's client-level DP wrapper around the strategy, or the strategy itself when off."""
+    if cfg.dp_client == "off":
+        return strategy
+    args = dict(noise_multiplier=cfg.dp_client_noise_multiplier, num_sampled_clients=num_sampled)
+    if cfg.dp_client == "server-fixed":
+        return fl.DifferentialPrivacyServerSideFixedClipping(strategy, clipping_norm=cfg.dp_client_clipping_norm, **args)
+    if cfg.dp_client == "client-fixed":
+        return fl.DifferentialPrivacyClientSideFixedClipping(strategy, clipping_norm=cfg.dp_client_clipping_norm, **args)
+    # Andrew et al. 2021 (https://arxiv.org/abs/1905.03871): the clipped-count noise must exceed
+    # z/2 for the update noise to stay real; their default k/20 is too small for few clients.
+    return fl.DifferentialPrivacyServerSideAdaptiveClipping(
+        strategy, initial_clipping_norm=cfg.dp_client_clipping_norm, target_clipped_quantile=ADAPTIVE_QUANTILE,
+        clipped_count_stddev=max(num_sampled / 20, cfg.dp_client_noise_multiplier), **args
+    )
+
+
+def current_clipping_norm(strategy, cfg: FedtuneConfig) -> float:
+    return float(getattr(strategy, "clipping_norm", cfg.dp_client_clipping_norm))
+
+
+def client_entries(server_round: int, trained: list[tuple[str, Message]], refused: list[tuple[str, Message]],
+                   failed: list[str]) -> list[dict]:
+    """One ledger entry per sampled client under sample-level DP."""
+    entries = []
+    for client_id, reply in trained:
+        p = reply.content["privacy"]
+        history = [
+            {"noise_multiplier": z, "sample_rate": q, "steps": int(s)}
+            for z, q, s in zip(p["history-noise"], p["history-rate"], p["history-steps"])
+        ]
+        entries.append({
+            "round": server_round, "kind": "client", "client_id": client_id, "status": "trained",
+            "fingerprint": p["fingerprint"], "noise_multiplier": p["noise-multiplier"],
+            "clipping_norm": p["clipping-norm"], "sample_rate": p["sample-rate"], "steps": int(p["steps"]),
+            "epsilon": p["epsilon"], "epsilon_rdp": p["epsilon-rdp"], "delta": p["delta"],
+            "accountant": p["accountant"], "epsilon_budget": p["epsilon-budget"], "history": history,
+        })
+    for client_id, reply in refused:
+        p = reply.content["privacy"]
+        entries.append({
+            "round": server_round, "kind": "client", "client_id": client_id, "status": "refused",
+            "reason": str(p["status"]), "fingerprint": p["fingerprint"], "epsilon": p["epsilon-spent"],
+            "epsilon_projected": p["epsilon-projected"], "epsilon_budget": p["epsilon-budget"], "delta": p["delta"],
+        })
+    for client_id in failed:
+        entries.append({"round": server_round, "kind": "client", "client_id": client_id, "status": "failed",
+                        "reason": "no reply or error reply; spend unknown to the server"})
+    return entries
+
+
+def federation_entry(ledger: Ledger, cfg: FedtuneConfig, *, server_round: int, population: int,
+                     sampled: int, accepted: int, clipping_norm: float) -> dict:
+    """Account one client-level DP release (or none, when nothing was aggregated)."""
+    z_eff = cfg.dp_client_noise_multiplier * accepted / sampled if sampled else 0.0
+    history = [Mechanism.from_dict(e["mechanism"]) for e in ledger.entries
+               if e.get("kind") == "federation" and e.get("mechanism")]
+    mechanism = None
+    if accepted > 0:
+        mechanism = Mechanism(noise_multiplier=z_eff, steps=1, sampling=WITHOUT_REPLACEMENT,
+                              population=population, sample_size=sampled)
+        history.append(mechanism)
+    eps = epsilon_rdp(history, delta=cfg.dp_delta)
+    return {
+        "round": server_round, "kind": "federation", "mode": cfg.dp_client,
+        "noise_multiplier": cfg.dp_client_noise_multiplier, "effective_noise_multiplier": z_eff,
+        "clipping_norm": clipping_norm, "population": population, "sampled": sampled, "accepted": accepted,
+        "sampling": WITHOUT_REPLACEMENT, "mechanism": mechanism.to_dict() if mechanism else None,
+        "epsilon": eps, "delta": cfg.dp_delta, "accountant": "rdp", "neighbouring": "replace-one client",
+        "epsilon_budget": cfg.dp_client_epsilon_budget, "failed_client_policy": FAILED_CLIENT_POLICY,
+    }
+
+
+def federation_would_exceed(ledger: Ledger, cfg: FedtuneConfig, *, population: int, sampled: int) -> float | None:
+    """The projected federation epsilon if the next full release would exceed the budget, else None."""
+    if cfg.dp_client == "off" or cfg.dp_client_epsilon_budget <= 0 or sampled == 0:
+        return None
+    history = [Mechanism.from_dict(e["mechanism"]) for e in ledger.entries
+               if e.get("kind") == "federation" and e.get("mechanism")]
+    history.append(Mechanism(noise_multiplier=cfg.dp_client_noise_multiplier, steps=1, sampling=WITHOUT_REPLACEMENT,
+                             population=population, sample_size=sampled))
+    projected = epsilon_rdp(history, delta=cfg.dp_delta)
+    return projected if projected > cfg.dp_client_epsilon_budget else None
+
+
+def update_norm(new: dict, current: dict) -> float:
+    return math.sqrt(sum(float(((new[k].astype("float64") - current[k]) ** 2).sum()) for k in current))

@@ -1,0 +1,87 @@
+"""The ClientApp handlers, called directly with real messages (no federation).
+
+RELIABILITY security checks: only adapter keys leave a client (no base weights), no raw
+text in metrics; deployment path: a node reads its own file named in its node config.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import evaluate_handler, query, train_handler
+from common.config import FedtuneConfig
+from common.federation_data import federation_labels
+from common.model import get_adapter_state, model_for_config
+from common.records import record_to_state, state_to_record
+
+CFG = FedtuneConfig(partitioner="iid", local_steps=2, batch_size=8, max_length=32)
+
+
+def message(kind: str, cfg: FedtuneConfig, arrays=None) -> Message:
+    content = {"config": ConfigRecord({**cfg.to_run_config(), "server-round": 1})}
+    if arrays is not None:
+        content["arrays"] = state_to_record(arrays)
+    return Message(content=RecordDict(content), message_type=kind, dst_node_id=1)
+
+
+def context(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def task_identity():
+    """Flower 1.41 stamps messages with the process's task identity; set one as a SuperNode would."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = CFG.replace(labels=federation_labels(CFG).to_spec())
+    model = model_for_config(cfg, len(federation_labels(cfg)))
+    return cfg, get_adapter_state(model)
+
+
+def test_train_reply_carries_only_the_adapter_and_numeric_metrics(setup):
+    cfg, initial = setup
+    reply = train_handler(message(MessageType.TRAIN, cfg, initial), context({"partition-id": 0, "num-partitions": 3}))
+    sent = record_to_state(reply.content["arrays"])
+    assert set(sent) == set(initial)  # adapter keys only, never base weights
+    assert not any("base_layer" in k or "embeddings" in k for k in sent)
+    assert any(not np.array_equal(sent[k], initial[k]) for k in initial)  # it trained
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) == {"num-examples", "train-loss", "train-steps", "train-seconds"}
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["train-steps"] == 2
+    assert dict(reply.content["client"]) == {"client-id": "partition-0"}
+
+
+def test_evaluate_and_query_replies(setup):
+    cfg, initial = setup
+    node = context({"partition-id": 1, "num-partitions": 3})
+    metrics = dict(evaluate_handler(message(MessageType.EVALUATE, cfg, initial), node).content["metrics"])
+    assert metrics["num-examples"] > 0 and 0.0 <= metrics["val-accuracy"] <= 1.0
+    info = dict(query(message(MessageType.QUERY, cfg), node).content["client"])
+    assert info["client-id"] == "partition-1" and sum(info["label-counts"]) == info["train-examples"] + info["val-examples"]
+
+
+def test_deployed_node_reads_its_own_file(setup, tmp_path):
+    cfg, _ = setup
+    path = tmp_path / "local.jsonl"
+    names = cfg.labels.split(",")
+    path.write_text("".join(f'{{"utterance": "example {i}", "topic": "{names[i % 3]}"}}\n' for i in range(20)))
+    node = context({"data-path": str(path), "text-column": "utterance", "label-column": "topic", "client-id": "site-a"})
+    info = dict(query(message(MessageType.QUERY, cfg), node).content["client"])
+    assert info["client-id"] == "site-a" and info["train-examples"] + info["val-examples"] == 20
+
+
+def test_node_without_data_settings_is_a_clear_error(setup):
+    cfg, _ = setup
+    with pytest.raises(ValueError, match="expected 'data-path'"):
+        query(message(MessageType.QUERY, cfg), context({}))

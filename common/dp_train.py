@@ -14,17 +14,22 @@ weights unchanged or non-finite.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Dataset
+
+_root_handlers = logging.root.handlers[:]
+from opacus import GradSampleModule  # noqa: E402
+from opacus.data_loader import DPDataLoader  # noqa: E402
+from opacus.optimizers import DPOptimizer  # noqa: E402
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
+
+logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() on import: undo it
 
 from common.errors import FedtuneError
 from common.privacy import Mechanism

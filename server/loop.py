@@ -196,6 +196,8 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     log(INFO, "fedtune: round %d/%d: training on %d clients", server_round, cfg.num_server_rounds, len(messages))
     replies = sort_replies(grid.send_and_receive(messages, timeout=cfg.round_timeout), state.clients)
     failed, refused, ok = classify_replies(replies, state.clients)
+    if refused and not ok and not failed:
+        state.status = "client-privacy-budgets-exhausted"  # committed below; the loop then stops
     summary = train_summary(ok, sampled=len(messages))
     rejected: list[tuple[str, str]] = []
     if cfg.dp_client != "off":
@@ -203,9 +205,11 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
     if aggregated is not None:
         state.arrays = conform_to_schema(state.initial, record_to_state(aggregated))
-    record_privacy(state, strategy, server_round, ok, refused, failed, population=population, sampled=len(messages))
+    privacy = record_privacy(state, strategy, server_round, ok, refused, failed, population=population,
+                             sampled=len(messages))
     row = evaluation_row(state, server_round, seconds=0.0)
     row.update(summary)
+    row.update(privacy)
     row.update({"clients_refused": len(refused), "clients_failed": len(failed), "clients_rejected": len(rejected)})
     row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -251,17 +255,22 @@ def guard_client_dp(replies: list[Message], state: ServerState) -> tuple[list[Me
 
 
 def record_privacy(state: ServerState, strategy, server_round: int, ok, refused, failed, *, population: int,
-                   sampled: int) -> None:
-    cfg = state.cfg
+                   sampled: int) -> dict:
+    """Append this round's ledger entries; returns the round's epsilon figures for the metrics row."""
+    cfg, out = state.cfg, {}
     if cfg.dp_sample:
         trained = [(client_of(r, state.clients), r) for r in ok if "privacy" in r.content.config_records]
-        for entry in client_entries(server_round, trained, refused, failed):
-            state.ledger.append(entry)
+        entries = [state.ledger.append(e) for e in client_entries(server_round, trained, refused, failed)]
+        spent = [e["epsilon"] for e in entries if e["status"] == "trained"]
+        if spent:
+            out["epsilon_client_max"] = max(spent)
     if cfg.dp_client != "off":
-        state.ledger.append(federation_entry(
+        entry = state.ledger.append(federation_entry(
             state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
             accepted=len(ok), clipping_norm=current_clipping_norm(strategy, cfg),
         ))
+        out["epsilon_federation"] = entry["epsilon"]
+    return out
 
 
 def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round: int, ordered) -> dict:
@@ -353,6 +362,9 @@ def round_seed(seed: int, server_round: int) -> int:
 def summary_line(row: dict, num_rounds: int) -> str:
     text = (f"round {row['round']}/{num_rounds} | clients {row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)}"
             f" | train loss {row.get('train_loss', float('nan')):.4f}"
-            f" | held-out acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}"
-            f" | {row['seconds']:.1f}s")
-    return text
+            f" | held-out acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}")
+    if "epsilon_client_max" in row:
+        text += f" | client eps max {row['epsilon_client_max']:.3f}"
+    if "epsilon_federation" in row:
+        text += f" | federation eps {row['epsilon_federation']:.3f}"
+    return text + f" | {row['seconds']:.1f}s"

@@ -2,6 +2,8 @@
 
     fedtune simulate [--num-clients N] [-c key=value ...]   local multi-client simulation
     fedtune config                                           list every config key and default
+    fedtune plan --target-epsilon 3 --rounds 10 ...          noise needed for a privacy target
+    fedtune audit RUN_DIR                                    check a run's privacy ledger
 """
 
 from __future__ import annotations
@@ -22,7 +24,42 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                      help="Override a config key (repeatable), as with `flwr run --run-config`.")
     sub.add_parser("config", help="List every config key with its default and help.")
+    plan = sub.add_parser("plan", help="Noise multipliers needed for a target (epsilon, delta), before training.")
+    plan.add_argument("--target-epsilon", type=float, required=True)
+    plan.add_argument("--delta", type=float, default=1e-5)
+    plan.add_argument("--rounds", type=int, required=True)
+    plan.add_argument("--num-clients", type=int, required=True, help="Clients in the federation.")
+    plan.add_argument("--clients-per-round", type=int, required=True)
+    plan.add_argument("--local-examples", type=int, required=True, help="Training examples on one client.")
+    plan.add_argument("--batch-size", type=int, default=16)
+    plan.add_argument("--local-epochs", type=int, default=1)
+    plan.add_argument("--local-steps", type=int, default=0)
+    audit = sub.add_parser("audit", help="Verify a run's privacy ledger; exit 1 on any problem.")
+    audit.add_argument("run_dir", help="A fedtune run directory.")
     return parser
+
+
+def print_plan(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.privacy_plan import make_plan
+
+    plan = make_plan(target_epsilon=args.target_epsilon, delta=args.delta, rounds=args.rounds,
+                     num_clients=args.num_clients, clients_per_round=args.clients_per_round,
+                     local_examples=args.local_examples, batch_size=args.batch_size,
+                     local_epochs=args.local_epochs, local_steps=args.local_steps)
+    console = Console()
+    console.print(f"sample level: dp-noise-multiplier = {plan.sample_noise_multiplier:.4f} "
+                  f"(Poisson rate {plan.sample_rate:.5f}, {plan.steps_per_round} steps per round, PLD)")
+    console.print(f"client level: dp-client-noise-multiplier = {plan.client_noise_multiplier:.4f} "
+                  f"({args.clients_per_round} of {args.num_clients} clients without replacement, RDP)")
+    table = Table(title=f"projected epsilon at delta={args.delta:g}")
+    for col in ("round", "sample-level epsilon", "client-level epsilon"):
+        table.add_column(col, justify="right")
+    for r, (a, b) in enumerate(zip(plan.sample_epsilons, plan.client_epsilons), start=1):
+        table.add_row(str(r), f"{a:.4f}", f"{b:.4f}")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             for f in dataclasses.fields(FedtuneConfig):
                 print(f"{f.name.replace('_', '-'):24} {f.default!r:30} {f.metadata['help']}")
             return 0
+        if args.command == "plan":
+            print_plan(args)
+            return 0
+        if args.command == "audit":
+            from pathlib import Path
+
+            from server.audit import render_table, run_audit
+
+            result = run_audit(Path(args.run_dir))
+            render_table(result)
+            return 0 if result.ok else 1
         from simulation.run import parse_overrides, prepare, simulate
 
         cfg = prepare(parse_overrides(args.run_config), args.num_clients)

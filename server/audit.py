@@ -1,0 +1,241 @@
+"""`fedtune audit RUN_DIR`: check a run's privacy ledger without trusting the run.
+
+- verifies the hash chain (no entry edited, removed or reordered);
+- re-derives every client epsilon from the recorded mechanisms with Opacus' PRV and RDP
+  accountants, an implementation independent of the dp-accounting library the run used;
+- re-derives every federation epsilon with Flower's RDP accountant (a second code path;
+  it wraps dp-accounting, so it is not independent of the run's own computation);
+- checks that each client's history only grows (nothing forgotten) and that no recorded
+  epsilon exceeds its budget.
+
+Writes audit.csv, audit.json, audit-epsilon.png and audit-accuracy.png into the run
+directory and exits non-zero on any mismatch, overspend or broken chain.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.ledger import Ledger, verify_chain
+
+# Agreement expected between independent accountants (RELIABILITY: PLD and PRV agree closely;
+# two RDP implementations differ only by their grid of orders).
+PRV_VS_PLD_REL = 0.03
+RDP_VS_RDP_REL = 0.01
+ABS_SLACK = 0.02
+
+
+@dataclass
+class AuditResult:
+    rows: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + ABS_SLACK
+
+
+def opacus_epsilons(history: list[dict], delta: float) -> tuple[float, float]:
+    """(PRV, RDP) epsilon of a Poisson-sampled DP-SGD history, with Opacus' accountants."""
+    import common.dp_train  # noqa: F401  (imports Opacus without its logging side effect)
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    steps = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history if h["steps"] > 0]
+    if not steps:
+        return 0.0, 0.0
+    prv, rdp = PRVAccountant(), RDPAccountant()
+    prv.history, rdp.history = list(steps), list(steps)
+    return float(prv.get_epsilon(delta)), float(rdp.get_epsilon(delta))
+
+
+def flower_federation_epsilon(mechanisms: list[dict], delta: float) -> float:
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    if not mechanisms:
+        return 0.0
+    config = PrivacyConfig(target_delta=delta, population_size=max(m["population"] for m in mechanisms),
+                           neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                           sampling_method=SamplingMethod.WITHOUT_REPLACEMENT)
+    accountant = RdpAccountant(config)
+    for m in mechanisms:
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=m["noise_multiplier"],
+                                                sample_size=m["sample_size"], population_size=m["population"]))
+    return float(accountant.get_epsilon(delta))
+
+
+def audit_entries(entries: list[dict]) -> AuditResult:
+    result = AuditResult(problems=verify_chain(entries))
+    histories: dict[str, list[dict]] = {}
+    federation: list[dict] = []
+    for e in entries:
+        if e.get("kind") == "client":
+            result.rows.append(_audit_client(e, histories, result.problems))
+        elif e.get("kind") == "federation":
+            result.rows.append(_audit_federation(e, federation, result.problems))
+        else:
+            result.problems.append(f"entry {e.get('seq')}: unknown kind {e.get('kind')!r}")
+    return result
+
+
+def _audit_client(e: dict, histories: dict[str, list[dict]], problems: list[str]) -> dict:
+    where = f"entry {e.get('seq')} (round {e.get('round')}, {e.get('client_id')})"
+    row = {"round": e["round"], "party": e["client_id"], "status": e["status"], "epsilon": e.get("epsilon"),
+           "budget": e.get("epsilon_budget"), "delta": e.get("delta")}
+    if e["status"] == "trained":
+        history = e["history"]
+        last = history[-1] if history else {}
+        if (last.get("noise_multiplier"), last.get("sample_rate"), last.get("steps")) != (
+                e["noise_multiplier"], e["sample_rate"], e["steps"]):
+            problems.append(f"{where}: the round's mechanism is not the last one of its history")
+        before = histories.get(e["fingerprint"], [])
+        if history[: len(before)] != before:
+            problems.append(f"{where}: history does not extend this client's previous entry (privacy forgotten)")
+        histories[e["fingerprint"]] = history
+        prv, rdp = opacus_epsilons(history, e["delta"])
+        row.update({"noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"], "steps": e["steps"],
+                    "clipping_norm": e["clipping_norm"], "epsilon_rdp": e["epsilon_rdp"],
+                    "check_prv": prv, "check_rdp": rdp, "accountant": e["accountant"]})
+        if not _close(prv, e["epsilon"], PRV_VS_PLD_REL):
+            problems.append(f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {prv:.4f} (PRV)")
+        if not _close(rdp, e["epsilon_rdp"], RDP_VS_RDP_REL):
+            problems.append(f"{where}: recorded RDP epsilon {e['epsilon_rdp']:.4f} but Opacus RDP gives {rdp:.4f}")
+        if e["epsilon_rdp"] + 1e-9 < e["epsilon"]:
+            problems.append(f"{where}: RDP epsilon below the tight epsilon (impossible for honest accounting)")
+    budget = e.get("epsilon_budget") or 0.0
+    if e["status"] == "trained" and budget > 0 and e["epsilon"] > budget + 1e-9:
+        problems.append(f"{where}: overspent: epsilon {e['epsilon']:.4f} > budget {budget:.4f}")
+    return row
+
+
+def _audit_federation(e: dict, federation: list[dict], problems: list[str]) -> dict:
+    where = f"entry {e.get('seq')} (round {e.get('round')}, federation)"
+    if e.get("mechanism"):
+        federation.append(e["mechanism"])
+    check = flower_federation_epsilon(federation, e["delta"])
+    if not _close(check, e["epsilon"], RDP_VS_RDP_REL):
+        problems.append(f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {check:.4f}")
+    budget = e.get("epsilon_budget") or 0.0
+    if budget > 0 and e["epsilon"] > budget + 1e-9:
+        problems.append(f"{where}: overspent: epsilon {e['epsilon']:.4f} > budget {budget:.4f}")
+    return {"round": e["round"], "party": "federation", "status": f"{e['accepted']}/{e['sampled']} aggregated",
+            "epsilon": e["epsilon"], "budget": budget, "delta": e["delta"],
+            "noise_multiplier": e["effective_noise_multiplier"], "clipping_norm": e["clipping_norm"],
+            "check_rdp": check, "accountant": e["accountant"]}
+
+
+def run_audit(run_dir: Path) -> AuditResult:
+    ledger_path = run_dir / "privacy-ledger.jsonl"
+    if not ledger_path.is_file():
+        return AuditResult(problems=[f"expected a privacy ledger at {ledger_path}, found none (was DP enabled?)"])
+    try:
+        entries = Ledger.read(ledger_path).entries
+    except ValueError as err:
+        return AuditResult(problems=[str(err)])
+    result = audit_entries(entries)
+    write_outputs(run_dir, result)
+    return result
+
+
+COLUMNS = ["round", "party", "status", "noise_multiplier", "sample_rate", "steps", "clipping_norm",
+           "epsilon", "epsilon_rdp", "check_prv", "check_rdp", "budget", "delta", "accountant"]
+
+
+def write_outputs(run_dir: Path, result: AuditResult) -> None:
+    with open(run_dir / "audit.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(result.rows)
+    (run_dir / "audit.json").write_text(json.dumps({"ok": result.ok, "problems": result.problems,
+                                                    "rows": result.rows}, indent=1))
+    if result.rows:
+        plot_epsilon(run_dir, result.rows)
+        plot_accuracy(run_dir, result.rows)
+
+
+def plot_epsilon(run_dir: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for party in sorted({r["party"] for r in rows}):
+        pts = [(r["round"], r["epsilon"]) for r in rows if r["party"] == party and r.get("epsilon") is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=party)
+    budgets = {r["budget"] for r in rows if r.get("budget")}
+    for b in budgets:
+        ax.axhline(b, color="red", ls="--", lw=1)
+    if budgets:
+        ax.plot([], [], color="red", ls="--", label="budget")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon (cumulative)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Privacy spent per client and for the federation")
+    fig.tight_layout()
+    fig.savefig(run_dir / "audit-epsilon.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(run_dir: Path, rows: list[dict]) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = {m["round"]: m["heldout_accuracy"] for m in map(json.loads, metrics.read_text().splitlines())}
+    eps_by_round: dict[int, float] = {}
+    for r in rows:
+        if r.get("epsilon") is not None and not math.isnan(r["epsilon"]):
+            eps_by_round[r["round"]] = max(eps_by_round.get(r["round"], 0.0), r["epsilon"])
+    pts = sorted((eps_by_round[k], acc[k]) for k in eps_by_round if k in acc)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if 0 in acc:
+        pts = [(0.0, acc[0]), *pts]
+    ax.plot(*zip(*pts), marker="o")
+    ax.set_xlabel("largest cumulative epsilon in the round")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.set_title("Held-out accuracy against privacy spent")
+    fig.tight_layout()
+    fig.savefig(run_dir / "audit-accuracy.png", dpi=110)
+    plt.close(fig)
+
+
+def render_table(result: AuditResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedtune privacy audit")
+    for col in ("round", "party", "status", "noise", "q", "steps", "C", "epsilon", "eps RDP", "check", "budget"):
+        table.add_column(col, justify="right" if col not in ("party", "status") else "left")
+
+    def f(v, spec=".4f"):
+        return "" if v is None else format(v, spec) if isinstance(v, float) else str(v)
+
+    for r in result.rows:
+        check = r.get("check_prv", r.get("check_rdp"))
+        table.add_row(str(r["round"]), r["party"], r["status"], f(r.get("noise_multiplier")), f(r.get("sample_rate")),
+                      f(r.get("steps")), f(r.get("clipping_norm")), f(r.get("epsilon")), f(r.get("epsilon_rdp")),
+                      f(check), f(r.get("budget") or None))
+    console = Console()
+    console.print(table)
+    if result.ok:
+        console.print("[green]audit passed[/green]: chain intact, every epsilon re-derived, no overspend")
+    for p in result.problems:
+        console.print(f"[red]problem[/red]: {p}")

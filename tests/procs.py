@@ -51,3 +51,27 @@ def kill_matching(marker: str) -> int:
                 except psutil.NoSuchProcess:
                     pass
     return killed
+
+
+def run_until(args: list[str], *, condition, timeout: float, env: dict | None = None, cwd: Path = REPO) -> bool:
+    """Start a command and SIGKILL its whole process group as soon as `condition()` holds.
+
+    Returns True when it was killed that way, False when it ended on its own first.
+    """
+    import time
+
+    proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if condition():
+                kill_group(proc.pid)
+                return True
+            if proc.poll() is not None:
+                return False
+            time.sleep(0.02)
+        raise AssertionError(f"{args[:4]}: condition not reached within {timeout}s")
+    finally:
+        kill_group(proc.pid)
+        proc.wait()

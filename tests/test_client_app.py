@@ -85,3 +85,28 @@ def test_node_without_data_settings_is_a_clear_error(setup):
     cfg, _ = setup
     with pytest.raises(ValueError, match="expected 'data-path'"):
         query(message(MessageType.QUERY, cfg), context({}))
+
+
+def test_client_over_budget_does_not_train_and_says_so(setup, tmp_path):
+    cfg, initial = setup
+    private = cfg.replace(dp_sample=True, dp_noise_multiplier=0.5, dp_epsilon_budget=1.0)
+    node = context({"partition-id": 0, "num-partitions": 3, "privacy-dir": str(tmp_path)})
+    reply = train_handler(message(MessageType.TRAIN, private, initial), node)
+    assert "arrays" not in reply.content.array_records  # nothing trained, nothing sent
+    privacy = dict(reply.content["privacy"])
+    assert privacy["status"] == "budget-exhausted"
+    assert privacy["epsilon-projected"] > privacy["epsilon-budget"] == 1.0
+    assert not list(tmp_path.glob("*.json"))  # no spend recorded for a round that did not run
+
+
+def test_private_client_records_its_spend_before_replying(setup, tmp_path):
+    cfg, initial = setup
+    private = cfg.replace(dp_sample=True, dp_noise_multiplier=1.0)
+    node = context({"partition-id": 0, "num-partitions": 3, "privacy-dir": str(tmp_path), "epsilon-budget": 50.0})
+    first = dict(train_handler(message(MessageType.TRAIN, private, initial), node).content["privacy"])
+    second = dict(train_handler(message(MessageType.TRAIN, private, initial), node).content["privacy"])
+    assert first["status"] == second["status"] == "trained"
+    assert second["epsilon"] > first["epsilon"]  # composes across rounds
+    assert len(second["history-steps"]) == 2 and first["epsilon-budget"] == 50.0
+    record = next(tmp_path.glob("*.json"))
+    assert len(__import__("json").loads(record.read_text())["entries"]) == 2

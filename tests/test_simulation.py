@@ -103,8 +103,10 @@ def test_bad_input_fails_before_round_one(tmp_path, args, message):
 def test_flwr_run_dot_runs_the_same_app(tmp_path):
     home = tmp_path / "flwr-home"
     cfg = " ".join([*SMALL, "num-server-rounds=1", "fraction-evaluate=0.0", f'run-dir="{tmp_path / "run"}"'])
-    env = {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    flwr = os.path.join(os.path.dirname(sys.executable), "flwr")
+    bin_dir = os.path.dirname(sys.executable)  # flwr starts flower-superlink from PATH
+    env = {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    flwr = os.path.join(bin_dir, "flwr")
     try:
         result = run_cli([flwr, "run", ".", "--stream", "--run-config", cfg, "--federation-config",
                           "num-supernodes=3 client-resources-num-cpus=1"], timeout=420, env=env, cwd=REPO)

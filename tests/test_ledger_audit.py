@@ -1,0 +1,96 @@
+"""Privacy ledger and audit (RELIABILITY privacy checks: audit detects an edited ledger;
+a client whose budget would be exceeded does not train and says so)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from common.ledger import Ledger, entry_hash, verify_chain
+from common.privacy import Mechanism, epsilon_pld, epsilon_rdp
+from server.audit import audit_entries, run_audit
+
+
+def client_entry(round_: int, history: list[Mechanism], *, budget: float = 0.0, client: str = "c0") -> dict:
+    last = history[-1]
+    return {
+        "round": round_, "kind": "client", "client_id": client, "status": "trained", "fingerprint": f"fp-{client}",
+        "noise_multiplier": last.noise_multiplier, "clipping_norm": 1.0, "sample_rate": last.sample_rate,
+        "steps": last.steps, "epsilon": epsilon_pld(history, delta=1e-5),
+        "epsilon_rdp": epsilon_rdp(history, delta=1e-5), "delta": 1e-5, "accountant": "pld",
+        "epsilon_budget": budget,
+        "history": [{"noise_multiplier": m.noise_multiplier, "sample_rate": m.sample_rate, "steps": m.steps}
+                    for m in history],
+    }
+
+
+def honest_ledger(rounds: int = 3, budget: float = 0.0) -> Ledger:
+    ledger, history = Ledger(), []
+    for r in range(1, rounds + 1):
+        history = [*history, Mechanism(noise_multiplier=1.2, sample_rate=0.05, steps=30)]
+        ledger.append(client_entry(r, history, budget=budget))
+    return ledger
+
+
+def test_honest_ledger_passes_and_the_chain_verifies():
+    ledger = honest_ledger()
+    assert verify_chain(ledger.entries) == []
+    assert audit_entries(ledger.entries).ok
+
+
+def test_edited_epsilon_breaks_the_hash():
+    ledger = honest_ledger()
+    ledger.entries[1]["epsilon"] = 0.1
+    problems = audit_entries(ledger.entries).problems
+    assert any("hash does not match" in p for p in problems)
+
+
+def test_forged_entry_with_recomputed_hashes_is_caught_by_re_derivation():
+    ledger = honest_ledger()
+    forged = Ledger()
+    for e in ledger.entries:  # a forger lowers epsilon and rebuilds the whole chain
+        body = {k: v for k, v in e.items() if k not in ("hash", "prev_hash", "seq")}
+        if body["round"] == 2:
+            body["epsilon"] = body["epsilon"] / 2
+        forged.append(body)
+    assert verify_chain(forged.entries) == []
+    problems = audit_entries(forged.entries).problems
+    assert any("the mechanisms give" in p for p in problems)
+
+
+def test_removed_entry_breaks_the_chain():
+    ledger = honest_ledger()
+    del ledger.entries[1]
+    assert any("prev_hash" in p for p in verify_chain(ledger.entries))
+
+
+def test_forgotten_history_is_caught():
+    ledger = Ledger()
+    m = Mechanism(noise_multiplier=1.2, sample_rate=0.05, steps=30)
+    ledger.append(client_entry(1, [m, m]))
+    ledger.append(client_entry(2, [m]))  # round 2 claims less history than round 1 had
+    assert any("privacy forgotten" in p for p in audit_entries(ledger.entries).problems)
+
+
+def test_overspend_is_caught():
+    ledger = honest_ledger(rounds=3, budget=0.5)
+    assert any("overspent" in p for p in audit_entries(ledger.entries).problems)
+
+
+def test_run_audit_writes_its_exports_and_flags_a_missing_ledger(tmp_path):
+    assert not run_audit(tmp_path).ok
+    honest_ledger().write(tmp_path / "privacy-ledger.jsonl")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "heldout_accuracy": 0.5 + r / 10}) + "\n"
+                                                    for r in range(4)))
+    result = run_audit(tmp_path)
+    assert result.ok, result.problems
+    for name in ("audit.csv", "audit.json", "audit-epsilon.png", "audit-accuracy.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "audit.json").read_text())["ok"] is True
+
+
+def test_entry_hash_ignores_only_its_own_hash():
+    e = {"a": 1, "hash": "x"}
+    assert entry_hash(e) == entry_hash({"a": 1})
+    assert entry_hash(e) != entry_hash({"a": 2})

@@ -1,0 +1,261 @@
+"""Privacy accounting checks of RELIABILITY.md, each a named test.
+
+golden values; accountants agree within their known slack; composition across rounds;
+state round trip; no overshoot of a calibrated target; sample rate equal to the loader's;
+per-sample gradients on a LoRA model against a micro-batch reference; clipping bound;
+noise level; a DP step changes the LoRA weights and leaves them finite.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client.privacy import poisson_rate, steps_per_round
+from common.budget import PrivacyRecord, data_fingerprint
+from common.config import FedtuneConfig
+from common.data import TextDataset
+from common.dp_train import DPTrainingError, dp_train, poisson_loader
+from common.errors import ConfigError, PrivacyBudgetError
+from common.federation_data import federation_labels, simulated_client_data
+from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
+from common.privacy import (
+    WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, epsilon_pld, epsilon_rdp, gaussian_noise_std,
+)
+from common.privacy_plan import calibrate_client_noise, make_plan
+from common.train import EncodedData, encode
+from server.audit import opacus_epsilons
+
+DELTA = 1e-5
+GOLDEN = Mechanism(noise_multiplier=1.5, sample_rate=0.04, steps=2250)
+
+
+def test_golden_value_opacus_rdp():
+    _, rdp = opacus_epsilons([GOLDEN.to_dict()], DELTA)
+    assert rdp == pytest.approx(7.32911117143, abs=1e-9)
+
+
+def test_our_rdp_matches_the_golden_value_within_order_grid_slack():
+    assert epsilon_rdp([GOLDEN], delta=DELTA) == pytest.approx(7.32911117143, rel=1e-3)
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.5, 0.04, 2250), (1.0, 0.01, 1000), (0.8, 0.1, 300), (3.0, 0.2, 50)])
+def test_independent_accountants_agree_within_known_slack(sigma, q, steps):
+    m = [Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps)]
+    pld = epsilon_pld(m, delta=DELTA)
+    prv, rdp_opacus = opacus_epsilons([m[0].to_dict()], DELTA)
+    assert prv == pytest.approx(pld, rel=0.02)  # PLD and PRV agree closely
+    assert 1.0 <= epsilon_rdp(m, delta=DELTA) / pld <= 1.35  # RDP overstates, never understates
+    assert rdp_opacus == pytest.approx(epsilon_rdp(m, delta=DELTA), rel=0.01)
+
+
+def test_composition_across_rounds_equals_one_accountant_fed_all_rounds():
+    rounds = [Mechanism(noise_multiplier=1.1, sample_rate=0.05, steps=40) for _ in range(5)]
+    together = Mechanism(noise_multiplier=1.1, sample_rate=0.05, steps=200)
+    composed = epsilon_pld(rounds, delta=DELTA)
+    assert composed == pytest.approx(epsilon_pld([together], delta=DELTA), rel=1e-6)
+    assert composed > max(epsilon_pld([r], delta=DELTA) for r in rounds)
+    assert epsilon_rdp(rounds, delta=DELTA) == pytest.approx(epsilon_rdp([together], delta=DELTA), rel=1e-9)
+
+
+def test_privacy_record_state_survives_save_and_load(tmp_path):
+    data = TextDataset(texts=["a", "b"], labels=["x", "y"])
+    record = PrivacyRecord.open(tmp_path, data_fingerprint(data), delta=DELTA)
+    for r in range(1, 4):
+        record.append(run="1", server_round=r, mechanism=Mechanism(noise_multiplier=1.0, sample_rate=0.1, steps=10),
+                      clipping_norm=1.0)
+    reopened = PrivacyRecord.open(tmp_path, data_fingerprint(data), delta=DELTA)
+    assert reopened.mechanisms() == record.mechanisms()
+    assert reopened.spent() == pytest.approx(record.spent())
+    assert reopened.spent() == pytest.approx(record.entries[-1]["epsilon"])
+
+
+def test_privacy_record_refuses_a_corrupt_file_or_another_delta(tmp_path):
+    fp = "f" * 64
+    (tmp_path / f"{fp}.json").write_text("{broken")
+    with pytest.raises(PrivacyBudgetError, match="refusing to train"):
+        PrivacyRecord.open(tmp_path, fp, delta=DELTA)
+    (tmp_path / f"{fp}.json").write_text('{"delta": 1e-6, "entries": []}')
+    with pytest.raises(PrivacyBudgetError, match="expected delta 1e-06"):
+        PrivacyRecord.open(tmp_path, fp, delta=DELTA)
+
+
+def test_fingerprint_depends_on_texts_and_labels():
+    a = TextDataset(texts=["a", "b"], labels=["x", "y"])
+    assert data_fingerprint(a) == data_fingerprint(TextDataset(texts=["a", "b"], labels=["x", "y"]))
+    assert data_fingerprint(a) != data_fingerprint(TextDataset(texts=["a", "b"], labels=["x", "x"]))
+    assert data_fingerprint(a) != data_fingerprint(TextDataset(texts=["ab", ""], labels=["x", "y"]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(target=st.floats(0.5, 10.0), q=st.floats(0.005, 0.3), steps=st.integers(10, 500))
+def test_calibrated_noise_never_overshoots_its_target(target, q, steps):
+    sigma = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps)
+    eps = epsilon_pld([Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=DELTA)
+    assert eps <= target
+    assert eps >= 0.97 * target or sigma <= 0.06  # and it is not needlessly noisy
+
+
+def test_client_level_calibration_and_plan_never_overshoot():
+    z = calibrate_client_noise(target_epsilon=3.0, delta=DELTA, rounds=20, population=50, sample_size=10)
+    m = [Mechanism(noise_multiplier=z, steps=20, sampling=WITHOUT_REPLACEMENT, population=50, sample_size=10)]
+    assert epsilon_rdp(m, delta=DELTA) <= 3.0
+    plan = make_plan(target_epsilon=2.0, delta=DELTA, rounds=4, num_clients=10, clients_per_round=4,
+                     local_examples=300, batch_size=16)
+    assert plan.sample_epsilons[-1] <= 2.0 and plan.client_epsilons[-1] <= 2.0
+    assert plan.sample_epsilons == sorted(plan.sample_epsilons)
+
+
+@pytest.mark.parametrize("bad", [dict(noise_multiplier=float("nan"), steps=1), dict(noise_multiplier=-1.0, steps=1),
+                                 dict(noise_multiplier=1.0, steps=1, sample_rate=1.5),
+                                 dict(noise_multiplier=1.0, steps=1, sampling=WITHOUT_REPLACEMENT, population=3,
+                                      sample_size=5)])
+def test_bad_mechanism_parameters_are_refused(bad):
+    with pytest.raises(ConfigError):
+        Mechanism(**bad)
+
+
+@pytest.mark.parametrize("raw", [{"dp-noise-multiplier": -1.0}, {"dp-delta": 0.0}, {"dp-delta": float("nan")},
+                                 {"dp-target-epsilon": float("inf")}, {"dp-clipping-norm": 0.0},
+                                 {"dp-sample": True}])
+def test_privacy_config_with_nan_inf_or_negative_values_is_refused(raw):
+    from common.config import parse_run_config
+
+    with pytest.raises(ConfigError):
+        parse_run_config(raw)
+
+
+# ---- DP-SGD on the real LoRA model -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora():
+    cfg = FedtuneConfig(partitioner="iid", max_length=32)
+    labels = federation_labels(cfg)
+    cfg = cfg.replace(labels=labels.to_spec())
+    model = model_for_config(cfg, len(labels))
+    tok = load_tokenizer(cfg.model)
+    data = encode(simulated_client_data(cfg, 0, 3).train, tok, labels, max_length=32, where="t")
+    return cfg, model, tok, data
+
+
+def test_sample_rate_used_in_accounting_equals_the_loaders(lora):
+    cfg, model, tok, data = lora
+    loader = poisson_loader(data, batch_size=cfg.batch_size, pad_id=tok.pad_token_id, seed=0)
+    assert loader.sample_rate == pytest.approx(poisson_rate(cfg, len(data)))
+    assert loader.batch_sampler.sample_rate == loader.sample_rate
+    initial = get_adapter_state(model)
+    _, mech = dp_train(model, data, pad_id=tok.pad_token_id, steps=2, batch_size=cfg.batch_size,
+                       learning_rate=1e-3, weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=0)
+    set_adapter_state(model, initial)
+    assert mech.sample_rate == loader.sample_rate and mech.steps == 2
+    assert steps_per_round(cfg.replace(local_steps=0, local_epochs=2), len(data)) == round(2 / loader.sample_rate)
+
+
+def test_per_sample_gradients_on_lora_match_a_micro_batch_reference(lora):
+    from opacus import GradSampleModule
+
+    _, model, tok, data = lora
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved_p = [m.p for m in dropouts]
+    for m in dropouts:  # Opacus hooks need train mode; zero dropout makes both passes the same function
+        m.p = 0.0
+    model.train()
+    batch = tok(["reset my password", "what is AI", "tell me a joke about dogs"], return_tensors="pt", padding=True)
+    labels = torch.tensor([0, 1, 2])
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    reference = []
+    for i in range(3):
+        model.zero_grad()
+        out = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1])
+        F.cross_entropy(out.logits, labels[i:i + 1], reduction="sum").backward()
+        reference.append({n: p.grad.clone() for n, p in params})
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    try:
+        model.zero_grad()
+        F.cross_entropy(gsm(**batch).logits, labels, reduction="sum").backward()
+        for n, p in params:
+            for i in range(3):
+                torch.testing.assert_close(p.grad_sample[i], reference[i][n], atol=2e-5, rtol=1e-3)
+    finally:
+        gsm._close()
+        model.zero_grad()
+        for m, p in zip(dropouts, saved_p):
+            m.p = p
+
+
+def _dp_optimizer(param, *, noise, clip, batch):
+    from opacus.optimizers import DPOptimizer
+
+    return DPOptimizer(torch.optim.SGD([param], lr=0.0), noise_multiplier=noise, max_grad_norm=clip,
+                       expected_batch_size=batch, generator=torch.Generator().manual_seed(0))
+
+
+def test_every_clipped_per_sample_gradient_is_within_the_bound():
+    param = torch.nn.Parameter(torch.zeros(50))
+    opt = _dp_optimizer(param, noise=0.0, clip=0.7, batch=8)
+    param.grad_sample = torch.randn(8, 50) * torch.tensor([0.01, 0.1, 1, 10, 100, 0, 0.5, 3.0])[:, None]
+    opt.clip_and_accumulate()
+    norms = param.grad_sample.flatten(1).norm(dim=1)
+    factors = (0.7 / (norms + 1e-6)).clamp(max=1.0)
+    assert ((norms * factors) <= 0.7 + 1e-6).all()
+    assert param.summed_grad.norm() <= 8 * 0.7 + 1e-5
+
+
+def test_noise_standard_deviation_matches_its_formula():
+    param = torch.nn.Parameter(torch.zeros(200_000))
+    opt = _dp_optimizer(param, noise=1.3, clip=0.5, batch=10)
+    param.grad_sample = torch.zeros(10, 200_000)
+    opt.pre_step()
+    expected = gaussian_noise_std(noise_multiplier=1.3, clipping_norm=0.5) / 10  # mean over the expected batch
+    assert param.grad.std().item() == pytest.approx(expected, rel=0.01)
+
+
+def test_a_dp_step_changes_the_lora_weights_and_leaves_them_finite(lora):
+    cfg, model, tok, data = lora
+    initial = get_adapter_state(model)
+    dp_train(model, data, pad_id=tok.pad_token_id, steps=2, batch_size=16, learning_rate=1e-3, weight_decay=0.0,
+             noise_multiplier=1.0, clipping_norm=1.0, seed=1)
+    after = get_adapter_state(model)
+    assert any(not np.array_equal(after[k], initial[k]) for k in initial)
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    set_adapter_state(model, initial)
+
+
+def test_a_dp_step_that_changes_nothing_is_an_error(lora):
+    cfg, model, tok, data = lora
+    initial = get_adapter_state(model)
+    with pytest.raises(DPTrainingError, match="expected the adapter weights to change"):
+        dp_train(model, data, pad_id=tok.pad_token_id, steps=1, batch_size=16, learning_rate=0.0,
+                 weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=1)
+    set_adapter_state(model, initial)
+
+
+def test_an_empty_poisson_batch_still_takes_a_noisy_step():
+    from opacus.optimizers import DPOptimizer
+
+    from common.dp_train import _noise_only_step
+
+    param = torch.nn.Parameter(torch.zeros(1000))
+    opt = DPOptimizer(torch.optim.SGD([param], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4)
+    _noise_only_step(opt)
+    assert param.abs().sum() > 0 and torch.isfinite(param).all()
+
+
+def test_tiny_dataset_rejects_dp_without_examples():
+    empty = EncodedData(input_ids=[], labels=np.array([], dtype=np.int64))
+    with pytest.raises(DPTrainingError, match="at least one example"):
+        dp_train(torch.nn.Linear(2, 2), empty, pad_id=0, steps=1, batch_size=4, learning_rate=0.1,
+                 weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=0)
+
+
+def test_gaussian_std_formula():
+    assert gaussian_noise_std(noise_multiplier=2.0, clipping_norm=0.25) == 0.5
+    assert math.isclose(gaussian_noise_std(noise_multiplier=0.7, clipping_norm=3.0), 2.1)

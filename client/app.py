@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.common.logger import log
 
 from client.privacy import decide, train_private
@@ -27,10 +29,23 @@ from common.records import record_to_state, state_to_record
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
 from common.train import encode, evaluate, train
 
-TRANSPORT_KEYS = ("server-round",)
+TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM)  # added by Flower and its DP wrappers
 PROGRESS_EVERY = 10
 
-app = ClientApp()
+
+
+def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's fixedclipping_mod, on train messages of a run with dp-client = client-fixed.
+
+    Its wrapper sends a clipping norm; the mod clips this client's update to it before the
+    reply leaves the node. Other messages carry no norm and pass untouched.
+    """
+    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[client_side_clipping])
 
 
 def message_config(msg: Message) -> tuple[FedtuneConfig, int]:

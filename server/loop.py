@@ -268,6 +268,7 @@ def record_privacy(state: ServerState, strategy, server_round: int, ok, refused,
         entry = state.ledger.append(federation_entry(
             state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
             accepted=len(ok), clipping_norm=current_clipping_norm(strategy, cfg),
+            noise_denominator=strategy.num_sampled_clients,
         ))
         out["epsilon_federation"] = entry["epsilon"]
     return out

@@ -79,9 +79,13 @@ def client_entries(server_round: int, trained: list[tuple[str, Message]], refuse
 
 
 def federation_entry(ledger: Ledger, cfg: FedtuneConfig, *, server_round: int, population: int,
-                     sampled: int, accepted: int, clipping_norm: float) -> dict:
-    """Account one client-level DP release (or none, when nothing was aggregated)."""
-    z_eff = cfg.dp_client_noise_multiplier * accepted / sampled if sampled else 0.0
+                     sampled: int, accepted: int, clipping_norm: float, noise_denominator: int) -> dict:
+    """Account one client-level DP release (or none, when nothing was aggregated).
+
+    The wrappers add noise of std z*C/noise_denominator to the mean of `accepted` clipped
+    updates (sensitivity C/accepted): the effective multiplier is z*accepted/noise_denominator.
+    """
+    z_eff = cfg.dp_client_noise_multiplier * accepted / noise_denominator
     history = [Mechanism.from_dict(e["mechanism"]) for e in ledger.entries
                if e.get("kind") == "federation" and e.get("mechanism")]
     mechanism = None

@@ -98,3 +98,18 @@ def test_client_level_dp_and_client_budgets_end_the_run_with_a_named_status(tmp_
     assert audit.returncode == 0, audit.stdout
     rows = check_run_invariants(run, status["rounds_completed"])
     assert "epsilon_federation" in rows[1]
+
+
+@pytest.mark.parametrize("mode", ["client-fixed", "server-adaptive"])
+def test_other_client_level_dp_modes_run_and_pass_the_audit(tmp_path, mode):
+    run = tmp_path / "run"
+    simulate(run, tmp_path / "priv", "num-server-rounds=2", "dp-sample=false", f'dp-client="{mode}"',
+             "dp-client-noise-multiplier=0.8", "dp-client-clipping-norm=0.2")
+    federation = [e for e in Ledger.read(run / "privacy-ledger.jsonl").entries if e["kind"] == "federation"]
+    assert [e["accepted"] for e in federation] == [3, 3]
+    assert federation[1]["epsilon"] > federation[0]["epsilon"] > 0
+    if mode == "server-adaptive":
+        assert federation[1]["clipping_norm"] != 0.2  # the norm adapted and was checkpointed
+    audit = fedtune("audit", str(run), privacy_dir=tmp_path)
+    assert audit.returncode == 0, audit.stdout
+    check_run_invariants(run, 2)

@@ -25,7 +25,7 @@ from common.config import FedtuneConfig, parse_run_config
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
-from common.records import record_to_state, state_to_record
+from common.records import TRAIN_METRICS, record_to_state, state_to_record
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
 from common.train import encode, evaluate, train
 
@@ -72,8 +72,9 @@ def set_threads(cfg: FedtuneConfig) -> None:
         torch.set_num_threads(threads)
 
 
-def client_record(data: ClientData) -> ConfigRecord:
-    return ConfigRecord({"client-id": data.client_id})
+def client_record(data: ClientData, server_round: int = 0) -> ConfigRecord:
+    """Who replies, and to which round (the server rejects replies tagged with another round)."""
+    return ConfigRecord({"client-id": data.client_id, "round": server_round})
 
 
 @app.query()
@@ -134,7 +135,7 @@ def train_handler(msg: Message, context: Context) -> Message:
         if not decision.allowed:
             log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f",
                 s.data.client_id, s.server_round, decision.projected, decision.budget)
-            content = RecordDict({"privacy": decision.refusal(), "client": client_record(s.data)})
+            content = RecordDict({"privacy": decision.refusal(), "client": client_record(s.data, s.server_round)})
             return Message(content=content, reply_to=msg)
         result, privacy = train_private(decision, cfg, s.model, encoded, pad_id=s.tokenizer.pad_token_id,
                                         seed=seed, run=str(context.run_id), server_round=s.server_round,
@@ -146,16 +147,11 @@ def train_handler(msg: Message, context: Context) -> Message:
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
         )
-    metrics = MetricRecord({
-        "num-examples": len(encoded),
-        "train-loss": result.loss,
-        "train-steps": result.steps,
-        "train-seconds": result.seconds,
-    })
+    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
     content = RecordDict({
         "arrays": state_to_record(get_adapter_state(s.model)),
         "metrics": metrics,
-        "client": client_record(s.data),
+        "client": client_record(s.data, s.server_round),
     })
     if privacy is not None:
         content["privacy"] = privacy
@@ -174,7 +170,8 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
         "val-accuracy": result["accuracy"] if has_data else 0.0,
         "val-macro-f1": result["macro_f1"] if has_data else 0.0,
     })
-    return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}),
+                   reply_to=msg)
 
 
 def client_seed(seed: int, server_round: int, client_id: str) -> int:

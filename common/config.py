@@ -16,7 +16,9 @@ from typing import Any, Literal, get_args, get_type_hints
 
 from common.errors import ConfigError
 
-Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                   "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg"]
+WeightPolicy = Literal["examples", "uniform"]
 Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
 DataFormat = Literal["auto", "csv", "tsv", "jsonl", "parquet"]
 ClientDP = Literal["off", "server-fixed", "client-fixed", "server-adaptive"]
@@ -48,6 +50,15 @@ class FedtuneConfig:
     beta_1: float = _f(0.9, "FedAdam/FedYogi: first moment decay.")
     beta_2: float = _f(0.99, "FedAdam/FedYogi: second moment decay.")
     tau: float = _f(1e-3, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon) term.")
+    num_malicious_clients: int = _f(1, "Krum/Multi-Krum/Bulyan: clients assumed malicious (f).")
+    multikrum_select: int = _f(2, "Multi-Krum: updates averaged after selection.")
+    trimmed_beta: float = _f(0.2, "FedTrimmedAvg: fraction trimmed from each end, in [0, 0.5).")
+    # Update validation
+    validate_updates: bool = _f(True, "Check every reply (schema, finite, norm, weight, round, node) before aggregation.")
+    max_norm_factor: float = _f(10.0, "Reject an update whose norm exceeds this multiple of the round's median update norm (0 = off).")
+    max_update_norm: float = _f(0.0, "Reject an update whose L2 norm exceeds this (0 = off).")
+    weight_policy: WeightPolicy = _f("examples", "Aggregation weight: the client's examples (capped by what it declared when it joined) or uniform.")
+    max_client_weight: float = _f(0.0, "Cap on any client's aggregation weight (0 = only the declared-size cap).")
     # Model and LoRA
     model: str = _f(DEFAULT_MODEL, "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only).")
     max_length: int = _f(64, "Maximum tokens per example; longer texts are truncated.")
@@ -113,6 +124,10 @@ class FedtuneConfig:
             _check_positive(name, getattr(self, name))
         for name in ("proximal_mu", "weight_decay", "max_grad_norm"):
             _check_min(name, getattr(self, name), 0.0)
+        _check_range("trimmed_beta", self.trimmed_beta, 0.0, 0.5, hi_open=True)
+        for name in ("num_malicious_clients", "max_norm_factor", "max_update_norm", "max_client_weight"):
+            _check_min(name, getattr(self, name), 0)
+        _check_min("multikrum_select", self.multikrum_select, 1)
         for name in ("server_momentum", "beta_1", "beta_2"):
             _check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
         for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_epsilon_budget", "dp_client_epsilon_budget"):
@@ -126,6 +141,8 @@ class FedtuneConfig:
             raise ConfigError(
                 "dp-noise-multiplier / dp-target-epsilon: expected one of them > 0 when dp-sample = true, got both 0"
             )
+        if self.dp_client != "off" and not self.validate_updates:
+            raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), got false")
         if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(
                 f"heldout-fraction: expected a value in (0, 1) when heldout-data is empty, got {self.heldout_fraction}"

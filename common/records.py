@@ -10,6 +10,9 @@ from flwr.app import Array, ArrayRecord
 
 from common.model import AdapterState
 
+# The metrics a training reply carries; the server rejects replies with other or non-finite ones.
+TRAIN_METRICS = ("num-examples", "train-loss", "train-steps", "train-seconds")
+
 
 def state_to_record(state: AdapterState) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in state.items()})

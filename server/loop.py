@@ -9,23 +9,22 @@ the nodes ordered by that id with a RNG seeded by (seed, round).
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
-import numpy as np
 from flwr.serverapp import Grid
 
 from common.config import FedtuneConfig
 from common.data import LabelMap
 from common.errors import CheckpointError, FedtuneError
-from common.ledger import Ledger
 from common.federation_data import federation_labels, heldout_set
+from common.ledger import Ledger
 from common.model import (
     check_adapter_state, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
     set_adapter_state,
@@ -34,10 +33,11 @@ from common.records import record_to_state, state_to_record
 from common.train import encode, evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.privacy import (
-    client_entries, current_clipping_norm, federation_entry, federation_would_exceed, update_norm, wrap_client_dp,
+    client_entries, current_clipping_norm, federation_entry, federation_would_exceed, wrap_client_dp,
 )
 from server.rundir import RunDir
 from server.strategy import build_strategy, load_strategy_state, strategy_state
+from server.validation import Policy, ValidatedStrategy
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"num-server-rounds", "resume", "run-dir", "round-timeout", "num-threads"}
@@ -65,7 +65,9 @@ class ServerState:
     arrays: dict
     history: list[dict] = field(default_factory=list)
     clients: dict[int, str] = field(default_factory=dict)
+    declared: dict[int, int] = field(default_factory=dict)  # node id -> training examples it declared
     ledger: Ledger = field(default_factory=Ledger)
+    rounds: list[dict] = field(default_factory=list)  # the round ledger (I4)
     status: str = "running"
 
     @property
@@ -81,11 +83,14 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     log(INFO, "fedtune: run directory %s", run.path)
     model = model_for_config(cfg, len(labels))
     initial = get_adapter_state(model)
-    strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=expected_sample_size(cfg))
     state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial)
+    strategy = build_strategy_chain(state)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
-    discover_clients(grid, state)
+    try:
+        discover_clients(grid, state)
+    except TimeoutError as err:
+        end_run(state, "not-enough-clients", str(err))
     if start_round == 0:
         state.history = [evaluation_row(state, 0, seconds=0.0)]
         commit_round(state, strategy, 0)
@@ -96,9 +101,48 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     else:
         state.status = "completed"
     save_adapter(model, state.arrays, run.adapters / "final")
+    if state.status in FAILURES:
+        end_run(state, state.status, FAILURES[state.status])
     run.write_json("status.json", {"status": state.status, "rounds_completed": state.history[-1]["round"]})
     log(INFO, "fedtune: %s after %d rounds; results in %s", state.status, state.history[-1]["round"], run.path)
     return state.history
+
+
+# Named endings that are failures: the run stops fast, says why, and exits non-zero.
+FAILURES = {
+    "all-clients-failed": "every sampled client failed, timed out or was rejected in a round",
+    "not-enough-clients": "fewer clients connected than min-available-clients within round-timeout",
+}
+
+
+class RunFailed(FedtuneError, RuntimeError):
+    """The run ended with a named failure status (see status.json)."""
+
+
+def end_run(state: ServerState, status: str, reason: str) -> None:
+    rounds = state.history[-1]["round"] if state.history else 0
+    state.run.write_json("status.json", {"status": status, "reason": reason, "rounds_completed": rounds})
+    log(WARNING, "fedtune: run failed: %s (%s); results so far in %s", status, reason, state.run.path)
+    raise RunFailed(f"{status}: {reason}")
+
+
+def build_strategy_chain(state: ServerState):
+    """Validation outermost, then Flower's client-level DP wrapper, then the aggregation strategy."""
+    cfg = state.cfg
+    strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=expected_sample_size(cfg))
+    if not cfg.validate_updates:
+        return strategy
+    policy = Policy(max_update_norm=cfg.max_update_norm, max_norm_factor=cfg.max_norm_factor,
+                    uniform_weights=cfg.weight_policy == "uniform" or cfg.dp_client != "off",
+                    max_client_weight=cfg.max_client_weight, reject_zero_norm=cfg.dp_client != "off")
+    return ValidatedStrategy(strategy, initial=state.initial, policy=policy, clients=state.clients,
+                             declared=state.declared)
+
+
+def find_in_chain(strategy, attr: str):
+    while strategy is not None and not hasattr(strategy, attr):
+        strategy = getattr(strategy, "strategy", None)
+    return getattr(strategy, attr, None)
 
 
 def expected_sample_size(cfg: FedtuneConfig) -> int:
@@ -133,6 +177,7 @@ def restore(state: ServerState, strategy) -> int:
     state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]
     load_strategy_state(strategy, ckpt.strategy)
     state.ledger = Ledger(ckpt.meta.get("ledger", []))
+    state.rounds = [r for r in ckpt.meta.get("rounds", []) if r["round"] <= ckpt.server_round]
     state.run.write_metrics(state.history)
     if state.private:
         state.ledger.write(state.run.path / "privacy-ledger.jsonl")
@@ -163,6 +208,7 @@ def discover_clients(grid: Grid, state: ServerState) -> None:
             continue
         info = reply.content["client"]
         state.clients[reply.metadata.src_node_id] = str(info["client-id"])
+        state.declared[reply.metadata.src_node_id] = int(info["train-examples"])
         summaries.append({
             "client_id": str(info["client-id"]),
             "train_examples": int(info["train-examples"]),
@@ -199,23 +245,51 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     if refused and not ok and not failed:
         state.status = "client-privacy-budgets-exhausted"  # committed below; the loop then stops
     summary = train_summary(ok, sampled=len(messages))
-    rejected: list[tuple[str, str]] = []
-    if cfg.dp_client != "off":
-        ok, rejected = guard_client_dp(ok, state)
     aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
+    rejected = list(getattr(strategy, "rejections", [])) if ok else []
     if aggregated is not None:
         state.arrays = conform_to_schema(state.initial, record_to_state(aggregated))
+    entry = round_entry(server_round, messages, replies, failed, refused, rejected, state.clients)
+    state.rounds.append(entry)
+    if entry["sampled"] and not entry["aggregated"] and not entry["refused"]:
+        state.status = "all-clients-failed"
     privacy = record_privacy(state, strategy, server_round, ok, refused, failed, population=population,
-                             sampled=len(messages))
+                             sampled=len(messages), accepted=len(entry["aggregated"]))
     row = evaluation_row(state, server_round, seconds=0.0)
     row.update(summary)
+    row.update({k: len(entry[k]) for k in ("aggregated", "rejected", "failed", "timed_out", "refused")})
     row.update(privacy)
-    row.update({"clients_refused": len(refused), "clients_failed": len(failed), "clients_rejected": len(rejected)})
-    row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
+    if state.status == "running":
+        row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
     row["seconds"] = round(time.perf_counter() - start, 2)
     state.history.append(row)
     commit_round(state, strategy, server_round)
     log(INFO, "fedtune: %s", summary_line(row, cfg.num_server_rounds))
+
+
+def round_entry(server_round: int, messages, replies, failed, refused, rejected, clients) -> dict:
+    """Where every sampled client ended up this round; the categories partition the sample (I4)."""
+    name = {m.metadata.dst_node_id: clients.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
+            for m in messages}
+    replied = {r.metadata.src_node_id for r in replies}
+    rejected_first = {}
+    for client_id, reason in rejected:  # a node's duplicate replies are extra; its first verdict counts
+        rejected_first.setdefault(client_id, reason)
+    refused_ids = {c for c, _ in refused}
+    entry = {
+        "round": server_round,
+        "sampled": sorted(name.values()),
+        "failed": sorted(set(failed)),
+        "refused": sorted(refused_ids),
+        "timed_out": sorted(name[n] for n in name if n not in replied),
+        "rejected": [{"client": c, "reason": r} for c, r in sorted(rejected_first.items())],
+    }
+    settled = set(entry["failed"]) | refused_ids | set(entry["timed_out"]) | set(rejected_first)
+    entry["aggregated"] = sorted(c for c in name.values() if c not in settled)
+    parts = [entry["aggregated"], entry["failed"], entry["refused"], entry["timed_out"], list(rejected_first)]
+    if sorted(c for part in parts for c in part) != entry["sampled"]:
+        raise AssertionError(f"round ledger does not close in round {server_round}: {entry}")
+    return entry
 
 
 def classify_replies(replies: list[Message], clients: dict[int, str]):
@@ -234,28 +308,8 @@ def classify_replies(replies: list[Message], clients: dict[int, str]):
     return failed, refused, ok
 
 
-def guard_client_dp(replies: list[Message], state: ServerState) -> tuple[list[Message], list[tuple[str, str]]]:
-    """Before Flower's clipping: drop non-finite and zero-norm updates, and weigh clients equally.
-
-    Flower's clipping lets a NaN update through unclipped and divides by zero on a zero-norm
-    update; DP-FedAvg's sensitivity bound needs equal client weights.
-    """
-    kept, rejected = [], []
-    for reply in replies:
-        client_id = client_of(reply, state.clients)
-        norm = update_norm(record_to_state(reply.content["arrays"]), state.arrays)
-        reason = "non-finite-update" if not math.isfinite(norm) else "zero-norm-update" if norm == 0.0 else None
-        if reason:
-            log(WARNING, "fedtune: rejected update of %s under client-level DP: %s", client_id, reason)
-            rejected.append((client_id, reason))
-            continue
-        reply.content["metrics"]["num-examples"] = 1
-        kept.append(reply)
-    return kept, rejected
-
-
 def record_privacy(state: ServerState, strategy, server_round: int, ok, refused, failed, *, population: int,
-                   sampled: int) -> dict:
+                   sampled: int, accepted: int) -> dict:
     """Append this round's ledger entries; returns the round's epsilon figures for the metrics row."""
     cfg, out = state.cfg, {}
     if cfg.dp_sample:
@@ -267,8 +321,8 @@ def record_privacy(state: ServerState, strategy, server_round: int, ok, refused,
     if cfg.dp_client != "off":
         entry = state.ledger.append(federation_entry(
             state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
-            accepted=len(ok), clipping_norm=current_clipping_norm(strategy, cfg),
-            noise_denominator=strategy.num_sampled_clients,
+            accepted=accepted, clipping_norm=current_clipping_norm(find_in_chain(strategy, "noise_multiplier"), cfg),
+            noise_denominator=find_in_chain(strategy, "num_sampled_clients"),
         ))
         out["epsilon_federation"] = entry["epsilon"]
     return out
@@ -326,8 +380,10 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     run = state.run
     save_checkpoint(run.checkpoints, Checkpoint(
         server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
-        meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries},
+        meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries,
+              "rounds": state.rounds},
     ))
+    run.write_lines("rounds.jsonl", state.rounds)
     if state.private:
         state.ledger.write(run.path / "privacy-ledger.jsonl")
     model = model_for_config(state.cfg, len(state.labels))
@@ -361,7 +417,7 @@ def round_seed(seed: int, server_round: int) -> int:
 
 
 def summary_line(row: dict, num_rounds: int) -> str:
-    text = (f"round {row['round']}/{num_rounds} | clients {row.get('clients_ok', 0)}/{row.get('clients_sampled', 0)}"
+    text = (f"round {row['round']}/{num_rounds} | clients {row.get('aggregated', 0)}/{row.get('clients_sampled', 0)}"
             f" | train loss {row.get('train_loss', float('nan')):.4f}"
             f" | held-out acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}")
     if "epsilon_client_max" in row:

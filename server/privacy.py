@@ -14,8 +14,6 @@ effective value is what is accounted.
 
 from __future__ import annotations
 
-import math
-
 from flwr.app import Message
 from flwr.serverapp import strategy as fl
 
@@ -115,6 +113,3 @@ def federation_would_exceed(ledger: Ledger, cfg: FedtuneConfig, *, population: i
     projected = epsilon_rdp(history, delta=cfg.dp_delta)
     return projected if projected > cfg.dp_client_epsilon_budget else None
 
-
-def update_norm(new: dict, current: dict) -> float:
-    return math.sqrt(sum(float(((new[k].astype("float64") - current[k]) ** 2).sum()) for k in current))

@@ -3,6 +3,9 @@
     <run-dir>/config.json          resolved configuration (labels included)
     <run-dir>/clients.json         per-client data summary (size, label histogram)
     <run-dir>/metrics.jsonl|.csv   one row per round, round 0 = before training
+    <run-dir>/rounds.jsonl         the round ledger: sampled = aggregated + rejected + failed + timed out + refused
+    <run-dir>/status.json          how the run ended (completed, or a named status)
+    <run-dir>/privacy-ledger.jsonl with DP: per round and client, the mechanism and epsilon
     <run-dir>/metrics.png          held-out accuracy, macro-F1 and loss over rounds
     <run-dir>/adapters/round-NNNN  PEFT adapter per round (PeftModel.from_pretrained)
     <run-dir>/adapters/final       the last round's adapter
@@ -33,6 +36,9 @@ class RunDir:
 
     def write_json(self, name: str, obj) -> None:
         (self.path / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def write_lines(self, name: str, rows: list[dict]) -> None:
+        (self.path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def write_metrics(self, rows: list[dict]) -> None:
         """Rewrite metrics.jsonl and metrics.csv from the full history (cheap, and crash-safe)."""

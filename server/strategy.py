@@ -36,6 +36,17 @@ def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
         return fl.FedYogi(**common, **opt, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
     if cfg.strategy == "fedadagrad":
         return fl.FedAdagrad(**common, **opt)
+    if cfg.strategy == "krum":
+        return fl.Krum(**common, num_malicious_nodes=cfg.num_malicious_clients)
+    if cfg.strategy == "multikrum":
+        return fl.MultiKrum(**common, num_malicious_nodes=cfg.num_malicious_clients,
+                            num_nodes_to_select=cfg.multikrum_select)
+    if cfg.strategy == "bulyan":
+        return fl.Bulyan(**common, num_malicious_nodes=cfg.num_malicious_clients)
+    if cfg.strategy == "fedmedian":
+        return fl.FedMedian(**common)
+    if cfg.strategy == "fedtrimmedavg":
+        return fl.FedTrimmedAvg(**common, beta=cfg.trimmed_beta)
     raise ValueError(f"strategy: unexpected {cfg.strategy!r}")  # parse_run_config prevents this
 
 

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-clients", type=int, default=3, help="Simulated clients (default 3).")
     sim.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                      help="Override a config key (repeatable), as with `flwr run --run-config`.")
+    sim.add_argument("--client-app", default="client.app:app", metavar="MODULE:ATTR",
+                     help="ClientApp to simulate (e.g. simulation.faults:app for fault injection).")
     sub.add_parser("config", help="List every config key with its default and help.")
     plan = sub.add_parser("plan", help="Noise multipliers needed for a target (epsilon, delta), before training.")
     plan.add_argument("--target-epsilon", type=float, required=True)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from simulation.run import parse_overrides, prepare, simulate
 
         cfg = prepare(parse_overrides(args.run_config), args.num_clients)
-        simulate(cfg, args.num_clients)
+        simulate(cfg, args.num_clients, args.client_app)
         return 0
     except FedtuneError as err:
         print(f"fedtune: error: {err}", file=sys.stderr)

@@ -62,13 +62,25 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
     return cfg
 
 
-def simulate(cfg: FedtuneConfig, num_clients: int) -> None:
-    """Start the simulation engine with fedtune's ServerApp and ClientApp."""
+def load_client_app(spec: str):
+    """'module:attribute' -> the ClientApp object (fedtune's own by default)."""
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr or "app")
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"--client-app: expected 'module:attribute' naming a ClientApp, got {spec!r} ({err})") from None
+
+
+def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "client.app:app") -> None:
+    """Start the simulation engine with fedtune's ServerApp and a ClientApp."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
     from server.loop import run_server
+
+    client_app = load_client_app(client_app_spec)
 
     server_app = ServerApp()
 

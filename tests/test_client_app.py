@@ -59,7 +59,7 @@ def test_train_reply_carries_only_the_adapter_and_numeric_metrics(setup):
     assert set(metrics) == {"num-examples", "train-loss", "train-steps", "train-seconds"}
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     assert metrics["train-steps"] == 2
-    assert dict(reply.content["client"]) == {"client-id": "partition-0"}
+    assert dict(reply.content["client"]) == {"client-id": "partition-0", "round": 1}
 
 
 def test_evaluate_and_query_replies(setup):

@@ -13,7 +13,7 @@ rounds and restarts is exact, and anyone can recompute it from a ledger.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import dp_accounting as dpa
@@ -105,30 +105,27 @@ def epsilon(mechanisms: Sequence[Mechanism], *, delta: float) -> tuple[float, st
     return epsilon_rdp(mechanisms, delta=delta), "rdp"
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    tolerance: float = 1e-3) -> float:
-    """Smallest noise multiplier whose PLD epsilon after `steps` is <= target (bisection).
-
-    The returned value never overshoots: epsilon(result) <= target_epsilon.
-    """
+def smallest_noise(eps_of: Callable[[float], float], target_epsilon: float, *, tolerance: float = 1e-3) -> float:
+    """Smallest noise multiplier z with eps_of(z) <= target (bisection; never overshoots)."""
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"target epsilon: expected a finite value > 0, got {target_epsilon}")
-
-    def eps(sigma: float) -> float:
-        return epsilon_pld([Mechanism(noise_multiplier=sigma, steps=steps, sample_rate=sample_rate)], delta=delta)
-
     lo, hi = 0.05, 1.0
-    while eps(hi) > target_epsilon:
+    while eps_of(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
             raise ConfigError(f"target epsilon {target_epsilon}: unreachable with noise multiplier <= 1e4")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
-        if eps(mid) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if eps_of(mid) > target_epsilon else (lo, mid)
     return hi
+
+
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Sample-level noise multiplier whose PLD epsilon after `steps` Poisson steps is <= target."""
+    return smallest_noise(
+        lambda z: epsilon_pld([Mechanism(noise_multiplier=z, steps=steps, sample_rate=sample_rate)], delta=delta),
+        target_epsilon,
+    )
 
 
 def gaussian_noise_std(*, noise_multiplier: float, clipping_norm: float) -> float:

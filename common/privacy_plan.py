@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.privacy import WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, epsilon_pld, epsilon_rdp
+from common.privacy import WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, epsilon_pld, epsilon_rdp, smallest_noise
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,13 @@ class Plan:
 
 
 def calibrate_client_noise(*, target_epsilon: float, delta: float, rounds: int, population: int,
-                           sample_size: int, tolerance: float = 1e-3) -> float:
-    """Smallest client-level noise multiplier whose RDP epsilon after `rounds` is <= target."""
-
-    def eps(z: float) -> float:
-        return epsilon_rdp([Mechanism(noise_multiplier=z, steps=rounds, sampling=WITHOUT_REPLACEMENT,
-                                      population=population, sample_size=sample_size)], delta=delta)
-
-    lo, hi = 0.05, 1.0
-    while eps(hi) > target_epsilon:
-        lo, hi = hi, hi * 2
-    while hi - lo > tolerance * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
-    return hi
+                           sample_size: int) -> float:
+    """Client-level noise multiplier whose RDP epsilon after `rounds` releases is <= target."""
+    return smallest_noise(
+        lambda z: epsilon_rdp([Mechanism(noise_multiplier=z, steps=rounds, sampling=WITHOUT_REPLACEMENT,
+                                         population=population, sample_size=sample_size)], delta=delta),
+        target_epsilon,
+    )
 
 
 def make_plan(*, target_epsilon: float, delta: float, rounds: int, num_clients: int, clients_per_round: int,

@@ -24,3 +24,25 @@ def _quiet_threads():
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write the reliability report: what the tests that passed actually rejected, survived, checked."""
+    import json
+
+    from tests.reliability import REPORT, totals
+
+    out = REPO / "build" / "reliability-report.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"totals": totals(), **REPORT}, indent=1, sort_keys=True))
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.reliability import totals
+
+    t = totals()
+    if any(t.values()):
+        terminalreporter.write_line(
+            f"reliability report: {t['bad_inputs_rejected']} bad inputs rejected, {t['faults_survived']} faults "
+            f"survived, {t['invariant_checks_passed']} invariant checks passed (build/reliability-report.json)"
+        )

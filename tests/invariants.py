@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from server.checkpoint import load_checkpoint
+from tests.reliability import count
 
 
 def check_run_invariants(run_dir: Path, rounds: int) -> list[dict]:
-    """I1 finite, I2 schema, I5 durable for rounds 0..rounds; returns the metrics rows."""
+    """I1 finite, I2 schema, I4 ledger closes, I5 durable for rounds 0..rounds; returns the metrics rows."""
     ckpts = {r: load_checkpoint(run_dir / "checkpoints" / f"round-{r:04d}.safetensors") for r in range(rounds + 1)}
     schema = {k: (v.shape, v.dtype) for k, v in ckpts[0].adapter.items()}
     for r, ck in ckpts.items():
@@ -20,4 +21,14 @@ def check_run_invariants(run_dir: Path, rounds: int) -> list[dict]:
         assert {k: (v.shape, v.dtype) for k, v in ck.adapter.items()} == schema, f"I2 round {r}"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["round"] for row in rows] == list(range(rounds + 1))
+    ledger = run_dir / "rounds.jsonl"
+    closes = 0
+    for r in (json.loads(line) for line in ledger.read_text().splitlines()) if ledger.exists() else []:
+        parts = r["aggregated"] + r["failed"] + r["refused"] + r["timed_out"] + [x["client"] for x in r["rejected"]]
+        assert sorted(parts) == sorted(r["sampled"]), f"I4 round {r['round']}"
+        closes += 1
+    count("invariant_checks_passed", "I1-finite", rounds + 1)
+    count("invariant_checks_passed", "I2-schema", rounds + 1)
+    count("invariant_checks_passed", "I5-durable", rounds + 1)
+    count("invariant_checks_passed", "I4-ledger-closes", closes)
     return rows

@@ -9,6 +9,7 @@ from common.config import FedtuneConfig
 from common.errors import CheckpointError
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.strategy import build_strategy, load_strategy_state, strategy_state
+from tests.reliability import count
 
 
 def ckpt(r: int) -> Checkpoint:
@@ -63,6 +64,7 @@ def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path, mon
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "round-0001.safetensors"
     assert load_checkpoint(latest).server_round == 1
+    count("faults_survived", "kill-during-checkpoint-write")
 
 
 def test_wrapped_strategy_state_round_trip():

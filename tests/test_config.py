@@ -11,6 +11,7 @@ import pytest
 from common.config import FedtuneConfig, config_keys, parse_run_config
 from common.errors import ConfigError
 from tests.conftest import REPO
+from tests.reliability import count
 
 
 def test_defaults_parse_to_the_dataclass_defaults():
@@ -66,6 +67,7 @@ def test_good_values_are_accepted(raw, expected):
 def test_bad_values_are_refused_with_expected_and_got(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse_run_config(raw)
+    count("bad_inputs_rejected", f"config {raw}")
 
 
 def test_run_config_round_trip():

@@ -11,6 +11,7 @@ from common.data import LabelMap, load_chatterbot, load_file, stratified_split
 from common.errors import DataError
 from common.federation_data import deployed_client_data, federation_labels, simulated_client_data, train_and_heldout
 from tests.conftest import require_shared
+from tests.reliability import count
 
 ROWS = [("good movie", "pos"), ("bad plot, worse acting", "neg"), ("loved it", "pos"), ("boring", "neg")]
 
@@ -62,6 +63,7 @@ def test_headerless_csv_with_column_names(tmp_path):
 def test_bad_files_are_refused_with_a_clear_message(tmp_path, make, message):
     with pytest.raises(DataError, match=message):
         load_file(str(make(tmp_path)), text_column="review", label_column="sentiment")
+    count("bad_inputs_rejected", f"data file: {message}")
 
 
 def test_chatterbot_is_real_multiclass_and_unambiguous():

@@ -19,6 +19,7 @@ import pytest
 
 from tests.invariants import check_run_invariants
 from tests.procs import run_cli
+from tests.reliability import count
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,7 @@ def test_client_that_raises_mid_training_is_counted_failed_and_the_run_completes
     assert rounds[1]["failed"] == ["partition-1"] and rounds[1]["aggregated"] == ["partition-0", "partition-2"]
     check_run_invariants(run, 2)
     assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    count("faults_survived", "clientapp-raises-mid-training")
 
 
 def test_nan_updates_are_rejected_every_round_and_the_run_completes(tmp_path):
@@ -58,6 +60,7 @@ def test_nan_updates_are_rejected_every_round_and_the_run_completes(tmp_path):
     rounds = round_ledger(run)
     assert all(r["rejected"] == [{"client": "partition-2", "reason": "non-finite"}] for r in rounds)
     check_run_invariants(run, 2)
+    count("bad_inputs_rejected", "nan-update-end-to-end", len(rounds))
 
 
 def test_client_hanging_past_the_round_timeout_is_timed_out_and_its_late_reply_is_ignored(tmp_path):
@@ -70,6 +73,7 @@ def test_client_hanging_past_the_round_timeout_is_timed_out_and_its_late_reply_i
     assert all(x["reason"] != "duplicate-node" for r in rounds for x in r["rejected"])
     assert len(rounds[1]["aggregated"]) + len(rounds[1]["timed_out"]) == 3
     check_run_invariants(run, 2)
+    count("faults_survived", "client-hangs-past-round-timeout")
 
 
 def test_every_client_failing_ends_fast_with_a_named_failure_and_no_zombies(tmp_path):
@@ -85,6 +89,7 @@ def test_every_client_failing_ends_fast_with_a_named_failure_and_no_zombies(tmp_
     check_run_invariants(run, 1)
     time.sleep(1)
     assert not processes_of(run)
+    count("faults_survived", "every-client-fails-fast-named")
 
 
 def processes_of(run_dir) -> list[psutil.Process]:

@@ -17,6 +17,7 @@ import pytest
 from common.ledger import Ledger, verify_chain
 from tests.invariants import check_run_invariants
 from tests.procs import run_cli, run_until
+from tests.reliability import count
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +69,7 @@ def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path
     assert verify_chain(Ledger.read(tmp_path / "cut" / "privacy-ledger.jsonl").entries) == []
     for record in (tmp_path / "priv-cut").glob("*.json"):
         assert [e["round"] for e in json.loads(record.read_text())["entries"]] == [1, 2, 3]
+    count("faults_survived", "server-killed-mid-round-and-restarted")
 
     ledger = tmp_path / "full" / "privacy-ledger.jsonl"
     lines = ledger.read_text().splitlines()

@@ -22,11 +22,11 @@ from flwr.serverapp.strategy import FedAvg
 from common.records import record_to_state
 from server.validation import Policy, ValidatedStrategy
 from tests.flower_messages import reply_from, train_reply
+from tests.reliability import count
 
 A, B = "lora_A.weight", "lora_B.weight"
 GLOBAL = {A: np.zeros((4, 6), np.float32), B: np.zeros((6, 4), np.float32)}
 DECLARED = {n: 500 for n in range(1, 10)}
-REPORT: dict[str, int] = {"bad_inputs_rejected": 0, "invariant_checks_passed": 0}
 
 
 def update(scale: float = 1.0, seed: int = 0) -> dict[str, np.ndarray]:
@@ -151,8 +151,9 @@ def test_bad_reply_is_rejected_with_its_reason_and_the_rest_aggregate_exactly(ca
         assert np.isfinite(got[k]).all() and got[k].shape == GLOBAL[k].shape and got[k].dtype == GLOBAL[k].dtype
         np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-8)
     assert not os.path.exists(MARKER), "a pickled payload ran code"
-    REPORT["bad_inputs_rejected"] += 1
-    REPORT["invariant_checks_passed"] += 3
+    count("bad_inputs_rejected", f"{case} ({'bad-first' if bad_first else 'bad-last'})")
+    for invariant in ("I1-finite", "I2-schema", "I3-exact"):
+        count("invariant_checks_passed", invariant)
 
 
 def test_two_replies_from_one_node_count_once():
@@ -161,7 +162,7 @@ def test_two_replies_from_one_node_count_once():
     arrays, _ = w.aggregate_train(1, [first, second, honest(2)])
     assert w.rejections == [("node-1", "duplicate-node")]
     np.testing.assert_allclose(record_to_state(arrays)[A], expected_mean([first, honest(2)])[A], rtol=1e-5, atol=1e-8)
-    REPORT["bad_inputs_rejected"] += 1
+    count("bad_inputs_rejected", "two-replies-one-node")
 
 
 def test_all_weights_zero_skips_the_round_and_keeps_the_global_adapter():
@@ -169,13 +170,14 @@ def test_all_weights_zero_skips_the_round_and_keeps_the_global_adapter():
     arrays, metrics = w.aggregate_train(1, [weight(n, 0) for n in (1, 2, 3)])
     assert arrays is None and metrics is None  # the loop keeps the previous global adapter
     assert [r for _, r in w.rejections] == ["bad-weight"] * 3
-    REPORT["bad_inputs_rejected"] += 3
+    count("bad_inputs_rejected", "all-weights-zero")
 
 
 def test_weight_above_the_declared_size_is_rejected_and_uniform_policy_ignores_claims():
     w = wrapper()
     w.aggregate_train(1, [honest(1), honest(2, examples=501)])
     assert w.rejections == [("node-2", "bad-weight")]
+    count("bad_inputs_rejected", "weight-above-declared-size")
     u = wrapper(uniform_weights=True)
     replies = [honest(1, examples=10), honest(2, examples=490)]
     arrays, _ = u.aggregate_train(1, replies)

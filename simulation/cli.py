@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--local-steps", type=int, default=0)
     audit = sub.add_parser("audit", help="Verify a run's privacy ledger; exit 1 on any problem.")
     audit.add_argument("run_dir", help="A fedtune run directory.")
+    certs = sub.add_parser("certs", help="Create a CA, the SuperLink's TLS certificate and one key pair per node.")
+    certs.add_argument("out", help="A new directory for the certificates and keys.")
+    certs.add_argument("--nodes", required=True, help="Comma-separated node names, e.g. site-a,site-b.")
+    certs.add_argument("--host", action="append", default=[], help="SuperLink host name or IP (repeatable).")
+    node = sub.add_parser("supernode", help="Check a node's data and keys, then start flower-supernode with ARGS.")
+    node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments.")
     return parser
 
 
@@ -65,6 +71,9 @@ def print_plan(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["supernode"] and not {"-h", "--help"} & set(argv[1:2]):
+        argv = ["supernode", "--", *argv[1:]]  # pass flower-supernode's own options through untouched
     args = build_parser().parse_args(argv)
     try:
         if args.command == "config":
@@ -73,6 +82,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plan":
             print_plan(args)
+            return 0
+        if args.command == "certs":
+            from pathlib import Path
+
+            from common.pki import make_deployment_pki
+
+            nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+            make_deployment_pki(Path(args.out), nodes=nodes, hosts=args.host or ["127.0.0.1", "localhost"])
+            print(f"wrote ca.crt, server.crt/.key and nodes/<name>(.pub) for {nodes} to {args.out}")
+            return 0
+        if args.command == "supernode":
+            from client.node import exec_supernode
+
+            exec_supernode([a for a in args.args if a != "--"])
             return 0
         if args.command == "audit":
             from pathlib import Path

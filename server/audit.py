@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,7 +234,7 @@ def render_table(result: AuditResult) -> None:
         table.add_row(str(r["round"]), r["party"], r["status"], f(r.get("noise_multiplier")), f(r.get("sample_rate")),
                       f(r.get("steps")), f(r.get("clipping_norm")), f(r.get("epsilon")), f(r.get("epsilon_rdp")),
                       f(check), f(r.get("budget") or None))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # full columns in files and CI logs
     console.print(table)
     if result.ok:
         console.print("[green]audit passed[/green]: chain intact, every epsilon re-derived, no overspend")

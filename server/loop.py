@@ -44,13 +44,20 @@ RESUMABLE_CHANGES = {"num-server-rounds", "resume", "run-dir", "round-timeout", 
 
 
 class OrderedGrid:
-    """A Grid whose node list is ordered by stable client id, so seeded sampling repeats."""
+    """One round's view of the Grid: a snapshot of the connected nodes, ordered by client id.
+
+    The order makes seeded sampling repeat across restarts. The snapshot keeps Flower's
+    `sample_nodes` from waiting without a deadline when a node drops out between counting
+    and sampling (it waits while fewer nodes are connected than it chose to sample); fedtune's
+    own wait for min-available-clients, bounded by round-timeout, runs before the snapshot.
+    """
 
     def __init__(self, grid: Grid, client_ids: dict[int, str]) -> None:
-        self._grid, self._ids = grid, client_ids
+        self._grid = grid
+        self._nodes = sorted(grid.get_node_ids(), key=lambda n: (n not in client_ids, client_ids.get(n, ""), n))
 
     def get_node_ids(self) -> list[int]:
-        return sorted(self._grid.get_node_ids(), key=lambda n: (n not in self._ids, self._ids.get(n, ""), n))
+        return list(self._nodes)
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -225,14 +232,19 @@ def discover_clients(grid: Grid, state: ServerState) -> None:
 
 def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> None:
     cfg, start = state.cfg, time.perf_counter()
-    discover_clients(grid, state)
+    try:
+        discover_clients(grid, state)
+    except TimeoutError as err:
+        log(WARNING, "fedtune: %s", err)
+        state.status = "not-enough-clients"
+        return
     random.seed(round_seed(cfg.seed, server_round))  # Flower's sample_nodes uses `random`
     np.random.seed(round_seed(cfg.seed, server_round) % 2**32)  # Flower's DP noise uses numpy's global RNG
     ordered = OrderedGrid(grid, state.clients)
     messages = list(strategy.configure_train(
         server_round, state_to_record(state.arrays), ConfigRecord(cfg.to_run_config()), ordered
     ))
-    population = len(list(grid.get_node_ids()))
+    population = len(ordered.get_node_ids())
     projected = federation_would_exceed(state.ledger, cfg, population=population, sampled=len(messages))
     if projected is not None:
         state.status = "federation-privacy-budget-exhausted"

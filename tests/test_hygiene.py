@@ -1,0 +1,33 @@
+"""Source checks: no unsafe deserialization (RELIABILITY security checks), and the ML code in
+common/ stays framework-free (only the Flower glue module imports flwr)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.conftest import REPO
+
+SOURCES = sorted(p for d in ("server", "client", "common", "simulation") for p in (REPO / d).glob("*.py"))
+UNSAFE = [
+    (r"\bimport pickle\b|\bpickle\.loads?\(", "pickle"),
+    (r"allow_pickle\s*=\s*True", "np.load(allow_pickle=True)"),
+    (r"torch\.load\((?![^)]*weights_only\s*=\s*True)", "torch.load without weights_only=True"),
+    (r"yaml\.load\(", "yaml.load (use yaml.safe_load)"),
+    (r"(?<![.\w])(eval|exec)\(", "eval/exec builtins"),
+]
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
+def test_no_unsafe_deserialization(path):
+    text = path.read_text()
+    for pattern, what in UNSAFE:
+        assert not re.search(pattern, text), f"{path.name}: {what}"
+
+
+def test_common_ml_code_does_not_import_flower():
+    glue = {"records.py"}
+    offenders = [p.name for p in (REPO / "common").glob("*.py")
+                 if p.name not in glue and re.search(r"^\s*(from|import) flwr", p.read_text(), flags=re.M)]
+    assert offenders == []

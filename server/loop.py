@@ -146,10 +146,11 @@ def build_strategy_chain(state: ServerState):
                              declared=state.declared)
 
 
-def find_in_chain(strategy, attr: str):
+def strategy_with(strategy, attr: str):
+    """The first strategy in the wrapper chain that has `attr` (e.g. Flower's DP wrapper)."""
     while strategy is not None and not hasattr(strategy, attr):
         strategy = getattr(strategy, "strategy", None)
-    return getattr(strategy, attr, None)
+    return strategy
 
 
 def expected_sample_size(cfg: FedtuneConfig) -> int:
@@ -333,8 +334,8 @@ def record_privacy(state: ServerState, strategy, server_round: int, ok, refused,
     if cfg.dp_client != "off":
         entry = state.ledger.append(federation_entry(
             state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
-            accepted=accepted, clipping_norm=current_clipping_norm(find_in_chain(strategy, "noise_multiplier"), cfg),
-            noise_denominator=find_in_chain(strategy, "num_sampled_clients"),
+            accepted=accepted, clipping_norm=current_clipping_norm(strategy_with(strategy, "noise_multiplier"), cfg),
+            noise_denominator=strategy_with(strategy, "num_sampled_clients").num_sampled_clients,
         ))
         out["epsilon_federation"] = entry["epsilon"]
     return out

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import FedtuneConfig
-from common.dp_train import _noise_only_step  # noqa: F401  (imports Opacus quietly)
+import common.dp_train  # noqa: F401  (imports Opacus without its logging side effect)
 from common.federation_data import federation_labels, train_and_heldout
 from common.model import load_tokenizer, model_for_config
 from common.train import collate, encode

@@ -143,10 +143,6 @@ def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
             p.copy_(torch.from_numpy(np.ascontiguousarray(state[name])))
 
 
-def adapter_num_bytes(state: AdapterState) -> int:
-    return int(sum(a.nbytes for a in state.values()))
-
-
 def save_adapter(model: PeftModel, state: AdapterState, directory: str | os.PathLike) -> None:
     """Save an adapter with PEFT's save_pretrained (loadable by PeftModel.from_pretrained)."""
     set_adapter_state(model, state)

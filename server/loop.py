@@ -99,7 +99,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     except TimeoutError as err:
         end_run(state, "not-enough-clients", str(err))
     if start_round == 0:
-        state.history = [evaluation_row(state, 0, seconds=0.0)]
+        state.history = [evaluation_row(state, 0)]
         commit_round(state, strategy, 0)
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
         run_round(grid, state, strategy, server_round)
@@ -154,7 +154,7 @@ def strategy_with(strategy, attr: str):
 
 
 def expected_sample_size(cfg: FedtuneConfig) -> int:
-    """Clients sampled per round once min-available-clients are connected (for client-level DP noise)."""
+    """Initial sample size for the DP wrapper; run_round sets the real one before each aggregation."""
     return max(int(cfg.min_available_clients * cfg.fraction_train), cfg.min_train_clients)
 
 
@@ -246,6 +246,9 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
         server_round, state_to_record(state.arrays), ConfigRecord(cfg.to_run_config()), ordered
     ))
     population = len(ordered.get_node_ids())
+    dp_wrapper = strategy_with(strategy, "num_sampled_clients")
+    if dp_wrapper is not None:  # Flower's DP noise is z*C/num_sampled_clients: use the real sample size
+        dp_wrapper.num_sampled_clients = max(1, len(messages))
     projected = federation_would_exceed(state.ledger, cfg, population=population, sampled=len(messages))
     if projected is not None:
         state.status = "federation-privacy-budget-exhausted"
@@ -268,7 +271,7 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
         state.status = "all-clients-failed"
     privacy = record_privacy(state, strategy, server_round, ok, refused, failed, population=population,
                              sampled=len(messages), accepted=len(entry["aggregated"]))
-    row = evaluation_row(state, server_round, seconds=0.0)
+    row = evaluation_row(state, server_round)
     row.update(summary)
     row.update({k: len(entry[k]) for k in ("aggregated", "rejected", "failed", "timed_out", "refused")})
     row.update(privacy)
@@ -335,7 +338,7 @@ def record_privacy(state: ServerState, strategy, server_round: int, ok, refused,
         entry = state.ledger.append(federation_entry(
             state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
             accepted=accepted, clipping_norm=current_clipping_norm(strategy_with(strategy, "noise_multiplier"), cfg),
-            noise_denominator=strategy_with(strategy, "num_sampled_clients").num_sampled_clients,
+            noise_denominator=max(1, sampled),
         ))
         out["epsilon_federation"] = entry["epsilon"]
     return out
@@ -356,7 +359,7 @@ def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round:
     return {f"clients_{k.replace('-', '_')}": float(v) for k, v in metrics.items() if k != "num-examples"}
 
 
-def evaluation_row(state: ServerState, server_round: int, *, seconds: float) -> dict:
+def evaluation_row(state: ServerState, server_round: int) -> dict:
     """Evaluate the global adapter on the server's held-out set."""
     cfg = state.cfg
     model = model_for_config(cfg, len(state.labels))

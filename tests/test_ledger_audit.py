@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from common.ledger import Ledger, entry_hash, verify_chain
 from common.privacy import Mechanism, epsilon_pld, epsilon_rdp
 from server.audit import audit_entries, run_audit

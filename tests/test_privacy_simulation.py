@@ -9,7 +9,6 @@ rejected clients follows the stated policy recorded in the ledger. Invariants I1
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest

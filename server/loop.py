@@ -9,6 +9,7 @@ the nodes ordered by that id with a RNG seeded by (seed, round).
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterable
@@ -210,9 +211,11 @@ def discover_clients(grid: Grid, state: ServerState) -> None:
     query = RecordDict({"config": ConfigRecord(cfg.to_run_config())})
     messages = [Message(content=query, message_type=MessageType.QUERY, dst_node_id=n) for n in new]
     summaries = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.round_timeout):
+    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+    sent = sent_to(messages)
+    for reply in replies:
         if reply.has_error():
-            log(WARNING, "fedtune: node %d did not describe itself: %s", reply.metadata.src_node_id, reply.error.reason)
+            log(WARNING, "fedtune: node %d did not describe itself: %s", node_of(reply, sent), reply.error.reason)
             continue
         info = reply.content["client"]
         state.clients[reply.metadata.src_node_id] = str(info["client-id"])
@@ -223,8 +226,10 @@ def discover_clients(grid: Grid, state: ServerState) -> None:
             "val_examples": int(info["val-examples"]),
             "label_histogram": dict(zip(info["label-names"], info["label-counts"])),
         })
-    summaries.sort(key=lambda s: s["client_id"])
-    state.run.write_json("clients.json", summaries)
+    known = state.run.path / "clients.json"  # a node that rejoins under a new node id replaces its entry
+    earlier = {c["client_id"]: c for c in json.loads(known.read_text())} if known.exists() else {}
+    everyone = {**earlier, **{c["client_id"]: c for c in summaries}}
+    state.run.write_json("clients.json", [everyone[c] for c in sorted(everyone)])
     for s in summaries:
         top = sorted(s["label_histogram"].items(), key=lambda kv: -kv[1])[:4]
         log(INFO, "fedtune: client %-14s train %5d  val %4d  top labels %s",
@@ -256,8 +261,10 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
             server_round, projected, cfg.dp_client_epsilon_budget)
         return
     log(INFO, "fedtune: round %d/%d: training on %d clients", server_round, cfg.num_server_rounds, len(messages))
-    replies = sort_replies(grid.send_and_receive(messages, timeout=cfg.round_timeout), state.clients)
-    failed, refused, ok = classify_replies(replies, state.clients)
+    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)  # sets each message's id
+    sent = sent_to(messages)
+    replies = sort_replies(replies, state.clients, sent)
+    failed, refused, ok = classify_replies(replies, state.clients, sent)
     if refused and not ok and not failed:
         state.status = "client-privacy-budgets-exhausted"  # committed below; the loop then stops
     summary = train_summary(ok, sampled=len(messages))
@@ -265,7 +272,7 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     rejected = list(getattr(strategy, "rejections", [])) if ok else []
     if aggregated is not None:
         state.arrays = conform_to_schema(state.initial, record_to_state(aggregated))
-    entry = round_entry(server_round, messages, replies, failed, refused, rejected, state.clients)
+    entry = round_entry(server_round, messages, replies, failed, refused, rejected, state.clients, sent)
     state.rounds.append(entry)
     if entry["sampled"] and not entry["aggregated"] and not entry["refused"]:
         state.status = "all-clients-failed"
@@ -283,11 +290,11 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     log(INFO, "fedtune: %s", summary_line(row, cfg.num_server_rounds))
 
 
-def round_entry(server_round: int, messages, replies, failed, refused, rejected, clients) -> dict:
+def round_entry(server_round: int, messages, replies, failed, refused, rejected, clients, sent) -> dict:
     """Where every sampled client ended up this round; the categories partition the sample (I4)."""
     name = {m.metadata.dst_node_id: clients.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
             for m in messages}
-    replied = {r.metadata.src_node_id for r in replies}
+    replied = {node_of(r, sent) for r in replies}
     rejected_first = {}
     for client_id, reason in rejected:  # a node's duplicate replies are extra; its first verdict counts
         rejected_first.setdefault(client_id, reason)
@@ -308,11 +315,11 @@ def round_entry(server_round: int, messages, replies, failed, refused, rejected,
     return entry
 
 
-def classify_replies(replies: list[Message], clients: dict[int, str]):
+def classify_replies(replies: list[Message], clients: dict[int, str], sent: dict[str, int]):
     """(failed client ids, refused (id, reply), trained replies) of one training round."""
     failed, refused, ok = [], [], []
     for reply in replies:
-        client_id = client_of(reply, clients)
+        client_id = client_of(reply, clients, sent)
         if reply.has_error():
             log(WARNING, "fedtune: client %s failed: %s", client_id, reply.error.reason)
             failed.append(client_id)
@@ -329,7 +336,7 @@ def record_privacy(state: ServerState, strategy, server_round: int, ok, refused,
     """Append this round's ledger entries; returns the round's epsilon figures for the metrics row."""
     cfg, out = state.cfg, {}
     if cfg.dp_sample:
-        trained = [(client_of(r, state.clients), r) for r in ok if "privacy" in r.content.config_records]
+        trained = [(client_of(r, state.clients, {}), r) for r in ok if "privacy" in r.content.config_records]
         entries = [state.ledger.append(e) for e in client_entries(server_round, trained, refused, failed)]
         spent = [e["epsilon"] for e in entries if e["status"] == "trained"]
         if spent:
@@ -351,7 +358,8 @@ def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round:
     messages = list(strategy.configure_evaluate(
         server_round, state_to_record(state.arrays), ConfigRecord(state.cfg.to_run_config()), ordered
     ))
-    replies = sort_replies(grid.send_and_receive(messages, timeout=state.cfg.round_timeout), state.clients)
+    replies = grid.send_and_receive(messages, timeout=state.cfg.round_timeout)
+    replies = sort_replies(replies, state.clients, sent_to(messages))
     ok = [r for r in replies if not r.has_error() and r.content["metrics"]["num-examples"] > 0]
     metrics = strategy.aggregate_evaluate(server_round, ok) if ok else None
     if metrics is None:
@@ -419,13 +427,25 @@ def conform_to_schema(initial: dict, aggregated: dict) -> dict:
     return cast
 
 
-def sort_replies(replies: Iterable[Message], clients: dict[int, str]) -> list[Message]:
+def sort_replies(replies: Iterable[Message], clients: dict[int, str], sent: dict[str, int]) -> list[Message]:
     """Replies in client-id order, so aggregation sums in the same order on every run."""
-    return sorted(replies, key=lambda r: (client_of(r, clients), r.metadata.src_node_id))
+    return sorted(replies, key=lambda r: (client_of(r, clients, sent), r.metadata.src_node_id))
 
 
-def client_of(reply: Message, clients: dict[int, str]) -> str:
-    return clients.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+def sent_to(messages: Iterable[Message]) -> dict[str, int]:
+    """Message id -> the node it was sent to (ids are set when the Grid pushes the messages)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+
+def node_of(reply: Message, sent: dict[str, int]) -> int:
+    """The node a reply answers for. When a node is lost mid-round, the SuperLink itself replies
+    with an error from its own node id, so the sender alone would misattribute the failure."""
+    return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+
+def client_of(reply: Message, clients: dict[int, str], sent: dict[str, int]) -> str:
+    node = node_of(reply, sent)
+    return clients.get(node, f"node-{node}")
 
 
 def round_seed(seed: int, server_round: int) -> int:

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -102,3 +103,26 @@ def processes_of(run_dir) -> list[psutil.Process]:
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return found
+
+
+def test_error_reply_the_superlink_sends_for_a_lost_node_counts_against_that_node():
+    """RELIABILITY fault 'a SuperNode killed mid-round', server side (I4): when a node stops
+    heartbeating, the SuperLink answers its message with an error from the SuperLink's own
+    node id. The round ledger must still name the lost node as failed (found in a deployment
+    run, where it once crashed the ServerApp with an unclosed ledger)."""
+    from flwr.app import Error
+
+    from server.loop import classify_replies, round_entry, sent_to
+    from tests.flower_messages import reply_from, sent_message, train_reply
+
+    clients = {11: "site-0", 12: "site-1", 13: "site-2"}
+    messages = [sent_message(n, f"sent-{n}") for n in clients]
+    sent = sent_to(messages)
+    state = {"w": np.zeros(3, dtype=np.float32)}
+    ok = [train_reply(11, state, reply_to="sent-11"), train_reply(12, state, reply_to="sent-12")]
+    lost = reply_from(1, Error(code=5, reason="node unavailable"), reply_to="sent-13")  # from the SuperLink
+    failed, refused, trained = classify_replies([*ok, lost], clients, sent)
+    assert failed == ["site-2"] and not refused and len(trained) == 2
+    entry = round_entry(1, messages, [*ok, lost], failed, refused, [], clients, sent)
+    assert entry["failed"] == ["site-2"] and entry["timed_out"] == [] and entry["aggregated"] == ["site-0", "site-1"]
+    count("invariant_checks_passed", "I4-ledger-closes")

@@ -2,21 +2,24 @@
 with TLS, SuperNode authentication and a persistent database (no mocks).
 
 RELIABILITY security checks: a SuperNode without TLS, or trusting the wrong CA, cannot
-connect; an unregistered node key is refused. Invariants I1, I2, I4, I5 after every round.
-Every process started here is stopped, also on failure. (A SuperNode killed mid-round is
-not covered yet: in this session such a run stalled in round 1; see issue 4.)
+connect; an unregistered node key is refused. RELIABILITY faults: a SuperNode killed
+mid-round; a node that restarts and rejoins under TLS + authentication; local training
+longer than the heartbeat interval. Invariants I1, I2, I4, I5 after every round.
+Every process started here is stopped, also on failure.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.config import FedtuneConfig
@@ -30,6 +33,8 @@ from tests.reliability import count
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 SITES = ["site-0", "site-1", "site-2"]
+SMALL_RUN = ["local-steps=2", "max-train-examples=480", "max-heldout-examples=60", "max-length=32",
+             'partitioner="iid"', "fraction-evaluate=0.0"]
 
 
 def free_port() -> int:
@@ -44,6 +49,7 @@ class Federation:
     def __init__(self, root: Path) -> None:
         self.root, self.procs, self.port = root, {}, free_port()
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FEDTUNE_TEST_RUN": str(root)}
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -67,15 +73,68 @@ class Federation:
         except json.JSONDecodeError:
             return -1
 
+    def start_superlink(self) -> None:
+        """Certificates, the CLI's connection config, a SuperLink with TLS + node auth + database."""
+        pki = self.root / "pki"
+        home = self.root / "flwr-home"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{pki / "ca.crt"}"\n')
+        self.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(pki / "ca.crt"),
+                                 "--ssl-certfile", str(pki / "server.crt"), "--ssl-keyfile", str(pki / "server.key"),
+                                 "--enable-supernode-auth", "--database", str(self.root / "state.db"),
+                                 "--disable-runtime-dependency-installation",  # else `uv sync` per run
+                                 "--host", "127.0.0.1", "--port", str(self.port)])
+        wait_for(lambda: self.flwr("supernode", "list", "test").returncode == 0, 60, "the SuperLink")
+
+    def register(self, sites: list[str]) -> None:
+        for site in sites:
+            registered = self.flwr("supernode", "register", str(self.root / "pki" / "nodes" / f"{site}.pub"), "test")
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+
+    def submit(self, app: Path, config: list[str]) -> int:
+        submit = self.flwr("run", str(app), "test", "--run-config", " ".join(config), "--format", "json",
+                           timeout=120)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        return int(json.loads(submit.stdout)["run-id"])
+
+    def server_log(self, run_id: int) -> str:
+        """The ServerApp's own log, as `flwr log` shows it to the user."""
+        try:
+            shown = self.flwr("log", str(run_id), "test", "--show", timeout=60)
+        except subprocess.TimeoutExpired:
+            return "(flwr log timed out)"
+        return shown.stdout[-6000:] + shown.stderr[-2000:]
+
+    def wait_for_run(self, run: Path, run_id: int, timeout: float) -> None:
+        try:
+            wait_for(lambda: (run / "status.json").exists(), timeout, "the run to finish")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; ServerApp log:\n{self.server_log(run_id)}") from None
+
+    def serverapps(self) -> list[psutil.Process]:
+        """This federation's live ServerApp processes (found by the environment they inherit)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if ("flwr-serverapp" in " ".join(proc.info.get("cmdline") or [])
+                        and proc.environ().get("FEDTUNE_TEST_RUN") == str(self.root)):
+                    found.append(proc)
+            except psutil.Error:
+                pass
+        return found
+
     def stop(self) -> None:
         for proc in self.procs.values():
             kill_group(proc.pid)
         kill_matching(str(self.root))
 
 
-def start_node(fed: Federation, name: str, *, ca: Path, key: str | None, insecure: bool = False) -> None:
+def start_node(fed: Federation, name: str, *, ca: Path, key: str | None, insecure: bool = False,
+               retries: int = 3) -> None:
     args = [sys.executable, "-m", "simulation.cli", "supernode", "--superlink", f"127.0.0.1:{fed.port}",
-            "--port", str(free_port()), "--max-retries", "3", "--max-wait-time", "30",
+            "--port", str(free_port()), "--max-retries", str(retries), "--max-wait-time", str(10 * retries),
             "--node-config", f'data-path="{fed.root / (name + ".jsonl")}" client-id="{name}"']
     args += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
     if key:
@@ -110,20 +169,9 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
         (tmp_path / "other-ca").mkdir()
         make_ca(tmp_path / "other-ca", name="someone else's CA")
         write_client_files(tmp_path, [*SITES, "intruder", "plain", "wrong-ca"])
-        home = tmp_path / "flwr-home"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{fed.port}"\n'
-            f'root-certificates = "{tmp_path / "pki" / "ca.crt"}"\n')
         pki = tmp_path / "pki"
-        fed.start("superlink", [str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(pki / "ca.crt"),
-                                "--ssl-certfile", str(pki / "server.crt"), "--ssl-keyfile", str(pki / "server.key"),
-                                "--enable-supernode-auth", "--database", str(tmp_path / "state.db"),
-                                "--host", "127.0.0.1", "--port", str(fed.port)])
-        wait_for(lambda: fed.flwr("supernode", "list", "test").returncode == 0, 60, "the SuperLink")
-        for site in SITES:
-            registered = fed.flwr("supernode", "register", str(pki / "nodes" / f"{site}.pub"), "test")
-            assert registered.returncode == 0, registered.stdout + registered.stderr
+        fed.start_superlink()
+        fed.register(SITES)
         for site in SITES:
             start_node(fed, site, ca=pki / "ca.crt", key=site)
         start_node(fed, "intruder", ca=pki / "ca.crt", key="intruder")  # valid TLS, unregistered key
@@ -132,14 +180,11 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
         wait_for(lambda: fed.online() == 3, 90, "3 SuperNodes online")
 
         run = tmp_path / "run"
-        config = " ".join(["num-server-rounds=2", "local-steps=2", "max-train-examples=480",
-                           "max-heldout-examples=60", "max-length=32", 'partitioner="iid"', "fraction-evaluate=0.0",
-                           "min-available-clients=3", "min-train-clients=3", "round-timeout=240.0",
-                           f'run-dir="{run}"'])
+        config = [*SMALL_RUN, "num-server-rounds=2", "min-available-clients=3", "min-train-clients=3",
+                  "round-timeout=240.0", f'run-dir="{run}"']
         start = time.monotonic()
-        submit = fed.flwr("run", ".", "test", "--run-config", config, timeout=120)
-        assert submit.returncode == 0, submit.stdout + submit.stderr
-        wait_for(lambda: (run / "status.json").exists(), 600, "the run to finish")
+        run_id = fed.submit(REPO, config)
+        fed.wait_for_run(run, run_id, 600)
         wall = time.monotonic() - start
 
         assert json.loads((run / "status.json").read_text())["status"] == "completed"
@@ -160,6 +205,140 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
         count("bad_inputs_rejected", "unregistered-node-key")
         count("bad_inputs_rejected", "supernode-without-tls")
         count("bad_inputs_rejected", "supernode-trusting-wrong-ca")
-        print(f"deployment test: run wall time {wall:.0f}s")
+
+        # Fewer nodes than the minimum: a bounded wait, then a named status (RELIABILITY fault).
+        short = tmp_path / "short"
+        start = time.monotonic()
+        run_id = fed.submit(REPO, [*SMALL_RUN, "num-server-rounds=2", "min-available-clients=4",
+                                   "round-timeout=15.0", f'run-dir="{short}"'])
+        fed.wait_for_run(short, run_id, 180)
+        waited = time.monotonic() - start
+        status = json.loads((short / "status.json").read_text())
+        assert status["status"] == "not-enough-clients" and status["rounds_completed"] == 0, status
+        assert "expected at least 4 connected clients" in fed.server_log(run_id)
+        count("faults_survived", "fewer-nodes-than-minimum")
+        print(f"deployment test: run wall time {wall:.0f}s; not-enough-clients after {waited:.0f}s")
+    finally:
+        fed.stop()
+
+
+def fault_injecting_app(root: Path) -> Path:
+    """A copy of the project whose ClientApp is simulation.faults:app (fedtune's ClientApp plus
+    the fault mod); the production app is never changed for a test."""
+    app = root / "faults-app"
+    for part in ("common", "client", "server", "simulation"):
+        shutil.copytree(REPO / part, app / part, ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'clientapp = "client.app:app"' in pyproject
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "client.app:app"',
+                                                          'clientapp = "simulation.faults:app"'))
+    return app
+
+
+def rounds_done(run: Path) -> int:
+    path = run / "rounds.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def clientapp_running(fed: Federation, name: str) -> bool:
+    """Whether the SuperNode `name` has a ClientApp process working on a message right now."""
+    try:
+        node = psutil.Process(fed.procs[name].pid)
+        return any("clientapp" in " ".join(p.cmdline()) for p in node.children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+def test_killed_node_fails_its_round_and_rejoins_while_a_slow_node_outlasts_heartbeats(tmp_path):
+    """Round 1: site-2 is SIGKILLed while training (with its ClientApp) and site-0 stays busy for
+    70 s, more than twice Flower's 30 s heartbeat interval. The round completes with site-0 and
+    site-1 and counts site-2 failed; site-2 restarts with the same key, rejoins, and is sampled
+    in rounds 2 and 3 (min-available-clients=3 makes round 2 wait for it, bounded)."""
+    fed = Federation(tmp_path)
+    fed.env["FEDTUNE_FAULTS"] = json.dumps({"site-0": {"kind": "hang", "seconds": 70, "rounds": [1]}})
+    try:
+        make_deployment_pki(tmp_path / "pki", nodes=SITES, hosts=["127.0.0.1", "localhost"])
+        write_client_files(tmp_path, SITES)
+        pki = tmp_path / "pki"
+        fed.start_superlink()
+        fed.register(SITES)
+        for site in SITES:
+            start_node(fed, site, ca=pki / "ca.crt", key=site)
+        wait_for(lambda: fed.online() == 3, 90, "3 SuperNodes online")
+
+        run = tmp_path / "run"
+        config = [*SMALL_RUN, "num-server-rounds=3", "min-available-clients=3", "min-train-clients=3",
+                  "round-timeout=200.0", f'run-dir="{run}"']
+        start = time.monotonic()
+        run_id = fed.submit(fault_injecting_app(tmp_path), config)
+        round0 = lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1
+        wait_for(lambda: round0() and clientapp_running(fed, "site-2"), 300, "site-2 training in round 1")
+        assert rounds_done(run) == 0
+        kill_group(fed.procs["site-2"].pid)
+        killed_at = time.monotonic()
+        try:
+            wait_for(lambda: rounds_done(run) >= 1, 300, "round 1 to end")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; ServerApp log:\n{fed.server_log(run_id)}") from None
+        round1_s = time.monotonic() - killed_at
+        start_node(fed, "site-2", ca=pki / "ca.crt", key="site-2")  # same key: a restart, not a new member
+        fed.wait_for_run(run, run_id, 600)
+        wall = time.monotonic() - start
+
+        assert json.loads((run / "status.json").read_text())["status"] == "completed", fed.server_log(run_id)
+        check_run_invariants(run, 3)
+        rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+        assert rounds[0]["aggregated"] == ["site-0", "site-1"]  # the slow node was waited for, not dropped
+        assert rounds[0]["failed"] + rounds[0]["timed_out"] == ["site-2"]
+        assert rounds[1]["aggregated"] == SITES and rounds[2]["aggregated"] == SITES  # rejoined, sampled again
+        count("faults_survived", "supernode-killed-mid-round")
+        count("faults_survived", "supernode-restarted-and-rejoined")
+        count("faults_survived", "local-training-longer-than-heartbeat")
+        print(f"deployment fault test: wall {wall:.0f}s, round 1 ended {round1_s:.0f}s after the kill; "
+              f"round 1 ledger {rounds[0]}")
+    finally:
+        fed.stop()
+
+
+def test_superlink_restart_keeps_registrations_and_the_run_resumes(tmp_path):
+    """RELIABILITY fault 'a SuperLink restart with a persistent database': the SuperLink (and the
+    ServerApp it runs) is SIGKILLed after round 1. Restarted on the same database, it still knows
+    the registered node keys, the SuperNodes reconnect on their own, and the run resubmitted with
+    resume=true continues from round 1: no round is run twice, I1, I2, I4, I5 hold."""
+    fed = Federation(tmp_path)
+    sites = SITES[:2]
+    try:
+        make_deployment_pki(tmp_path / "pki", nodes=sites, hosts=["127.0.0.1", "localhost"])
+        write_client_files(tmp_path, sites)
+        pki = tmp_path / "pki"
+        fed.start_superlink()
+        fed.register(sites)
+        for site in sites:
+            start_node(fed, site, ca=pki / "ca.crt", key=site, retries=60)
+        wait_for(lambda: fed.online() == 2, 90, "2 SuperNodes online")
+        run = tmp_path / "run"
+        config = [*SMALL_RUN, "num-server-rounds=3", "min-available-clients=2", "round-timeout=120.0",
+                  f'run-dir="{run}"']
+        run_id = fed.submit(REPO, config)
+        wait_for(lambda: rounds_done(run) >= 1, 300, "round 1")
+        kill_group(fed.procs["superlink"].pid)  # the SuperLink's machine goes down, its ServerApp with it
+        for proc in fed.serverapps():  # (the ServerApp runs in a session of its own)
+            proc.kill()
+        wait_for(lambda: not fed.serverapps(), 30, "the ServerApp to be gone")
+        done_before = rounds_done(run)
+        assert not (run / "status.json").exists() and done_before < 3
+
+        fed.start_superlink()  # same port, same database
+        wait_for(lambda: fed.online() == 2, 180, "the SuperNodes to reconnect to the restarted SuperLink")
+        resumed_id = fed.submit(REPO, [*config, "resume=true"])
+        fed.wait_for_run(run, resumed_id, 600)
+
+        assert json.loads((run / "status.json").read_text())["status"] == "completed", fed.server_log(resumed_id)
+        check_run_invariants(run, 3)
+        rounds = [json.loads(line)["round"] for line in (run / "rounds.jsonl").read_text().splitlines()]
+        assert rounds == [1, 2, 3]  # nothing lost, nothing run twice
+        assert f"resumed from round-{done_before:04d}.safetensors (round {done_before})" in fed.server_log(resumed_id)
+        count("faults_survived", "superlink-restart-with-database")
+        print(f"superlink restart: killed after {done_before} round(s); runs {run_id} then {resumed_id}")
     finally:
         fed.stop()

@@ -105,6 +105,7 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path):
     cfg = " ".join([*SMALL, "num-server-rounds=1", "fraction-evaluate=0.0", f'run-dir="{tmp_path / "run"}"'])
     bin_dir = os.path.dirname(sys.executable)  # flwr starts flower-superlink from PATH
     env = {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # use this venv; no `uv sync` of torch
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     flwr = os.path.join(bin_dir, "flwr")
     try:

@@ -1,5 +1,5 @@
 """Held-out accuracy when one client of ten attacks: FedAvg alone, with validation, and each
-robust aggregator (with validation).
+robust aggregator with and without validation.
 
     python bench/attack.py [--rounds 3] [--out bench/results/attack]
 
@@ -28,11 +28,18 @@ DEFENCES = {
     "bulyan + validation": ["strategy=bulyan", "num-malicious-clients=1"],
     "fedmedian + validation": ["strategy=fedmedian"],
     "trimmed mean + validation": ["strategy=fedtrimmedavg", "trimmed-beta=0.2"],
+    # The robust aggregators on their own: what they bound when nothing is rejected first.
+    "krum (no validation)": ["strategy=krum", "num-malicious-clients=1", "validate-updates=false"],
+    "multikrum (no validation)": ["strategy=multikrum", "num-malicious-clients=1", "multikrum-select=5",
+                                  "validate-updates=false"],
+    "bulyan (no validation)": ["strategy=bulyan", "num-malicious-clients=1", "validate-updates=false"],
+    "fedmedian (no validation)": ["strategy=fedmedian", "validate-updates=false"],
+    "trimmed mean (no validation)": ["strategy=fedtrimmedavg", "trimmed-beta=0.2", "validate-updates=false"],
 }
 
 
 def run(name: str, defence: list[str], attack: dict | None, args, out: Path) -> dict:
-    run_dir = out / f"{name.split()[0]}-{'val' if 'validation' in name and 'no' not in name else 'raw'}-{args.current}"
+    run_dir = out / f"{name.split()[0]}-{'raw' if 'no validation' in name else 'val'}-{args.current}"
     config = ["partitioner=iid", f"num-server-rounds={args.rounds}", "local-steps=8", "fraction-evaluate=0.0",
               "min-available-clients=10", "min-train-clients=10", f'run-dir="{run_dir}"', *defence]
     cmd = [sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", "10",
@@ -59,6 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "attack"))
     parser.add_argument("--attacks", default="none,scale-100x,sign-flip")
+    parser.add_argument("--only", default="", help="comma-separated words; run only defences whose name has one")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +74,8 @@ def main() -> None:
     for attack in args.attacks.split(","):
         args.current = attack
         for name, defence in DEFENCES.items():
+            if args.only and not any(word in name for word in args.only.split(",")):
+                continue
             if attack == "none" and name != "fedavg (no validation)":
                 continue
             results.append(run(name, defence, ATTACKS[attack], args, out))

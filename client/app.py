@@ -27,7 +27,8 @@ from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
 from common.records import TRAIN_METRICS, record_to_state, state_to_record
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
-from common.train import encode, evaluate, train
+from common.lm import encode_for_task
+from common.train import evaluate, train
 
 TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM)  # added by Flower and its DP wrappers
 PROGRESS_EVERY = 10
@@ -105,8 +106,7 @@ class Session:
     tokenizer: object
 
     def encode(self, split: TextDataset):
-        return encode(split, self.tokenizer, self.labels, max_length=self.cfg.max_length,
-                      where=f"client {self.data.client_id}")
+        return encode_for_task(self.cfg, split, self.tokenizer, self.labels, where=f"client {self.data.client_id}")
 
 
 def open_session(msg: Message, context: Context) -> Session:
@@ -164,12 +164,9 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     result = evaluate(s.model, s.encode(s.data.val), pad_id=s.tokenizer.pad_token_id,
                       batch_size=s.cfg.eval_batch_size, num_labels=len(s.labels))
     has_data = result["examples"] > 0  # NaN metrics would poison the weighted average
-    metrics = MetricRecord({
-        "num-examples": result["examples"],
-        "val-loss": result["loss"] if has_data else 0.0,
-        "val-accuracy": result["accuracy"] if has_data else 0.0,
-        "val-macro-f1": result["macro_f1"] if has_data else 0.0,
-    })
+    names = ("loss", "perplexity") if s.cfg.task == "causal-lm" else ("loss", "accuracy", "macro_f1")
+    metrics = MetricRecord({"num-examples": result["examples"],
+                            **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in names}})
     return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}),
                    reply_to=msg)
 

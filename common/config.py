@@ -22,6 +22,10 @@ WeightPolicy = Literal["examples", "uniform"]
 Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
 DataFormat = Literal["auto", "csv", "tsv", "jsonl", "parquet"]
 ClientDP = Literal["off", "server-fixed", "client-fixed", "server-adaptive"]
+Task = Literal["classification", "causal-lm"]
+PromptTemplate = Literal["auto", "alpaca", "plain"]
+LoadIn = Literal["none", "8bit", "4bit"]
+ComputeDtype = Literal["float32", "bfloat16"]
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -60,12 +64,15 @@ class FedtuneConfig:
     weight_policy: WeightPolicy = _f("examples", "Aggregation weight: the client's examples (capped by what it declared when it joined) or uniform.")
     max_client_weight: float = _f(0.0, "Cap on any client's aggregation weight (0 = only the declared-size cap).")
     # Model and LoRA
-    model: str = _f(DEFAULT_MODEL, "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only).")
+    task: Task = _f("classification", "classification (sequence classification head) or causal-lm (instruction tuning, loss on response tokens).")
+    model: str = _f(DEFAULT_MODEL, "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only); causal-lm needs a causal LM (GPT-2, Llama, Qwen, Mistral, ...).")
     max_length: int = _f(64, "Maximum tokens per example; longer texts are truncated.")
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
     lora_target_modules: str = _f("", "Comma-separated module names to adapt; empty = the architecture's default.")
+    load_in: LoadIn = _f("none", "causal-lm: quantize the frozen base model to 8 or 4 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
+    compute_dtype: ComputeDtype = _f("float32", "causal-lm: dtype of the base model's weights; bfloat16 needs a CUDA GPU.")
     # Data
     data: str = _f(DEFAULT_DATA, "Training data: 'packaged:chatterbot', a CSV/TSV/JSONL/Parquet path, or 'hf:<dataset>' (online only).")
     heldout_data: str = _f("", "Server's held-out data (same forms as `data`); empty = split from `data`.")
@@ -82,6 +89,14 @@ class FedtuneConfig:
     shards_per_client: int = _f(2, "Shards partitioner: label-sorted shards given to each client.")
     partition_column: str = _f("", "Natural partitioner: column whose values define the clients ('category' for chatterbot).")
     local_val_fraction: float = _f(0.1, "Fraction of each client's data kept as its local validation slice.")
+    instruction_column: str = _f("instruction", "causal-lm: column holding the instruction (prompt).")
+    input_column: str = _f("input", "causal-lm: optional column with extra input for the instruction (absent or empty = none).")
+    response_column: str = _f("response", "causal-lm: column holding the response the model learns to produce.")
+    group_column: str = _f("", "causal-lm: optional column grouping examples (used by non-IID partitioners); 'category' for chatterbot.")
+    prompt_template: PromptTemplate = _f("auto", "causal-lm: auto (the tokenizer's chat template when it has one, else alpaca), alpaca or plain.")
+    packing: bool = _f(False, "causal-lm: concatenate examples into full max-length blocks (each keeps its own loss mask).")
+    max_new_tokens: int = _f(32, "causal-lm: tokens generated for each sample prompt after every round.")
+    sample_prompts: str = _f("", "causal-lm: '|'-separated prompts to generate from after every round; empty = the first 3 held-out instructions.")
     # Local training
     local_epochs: int = _f(1, "Local epochs per round (ignored when local-steps > 0).")
     local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local-epochs.")
@@ -149,6 +164,13 @@ class FedtuneConfig:
             )
         if self.partitioner == "natural" and not self.partition_column:
             raise ConfigError("partition-column: expected a column name when partitioner = 'natural', got ''")
+        _check_min("max_new_tokens", self.max_new_tokens, 1)
+        if self.task == "classification":
+            lm_only = {"load_in": "none", "compute_dtype": "float32", "packing": False}
+            for name, default in lm_only.items():
+                if getattr(self, name) != default:
+                    raise ConfigError(f"{name.replace('_', '-')}: only used with task = 'causal-lm', got "
+                                      f"{getattr(self, name)!r} with task = 'classification'")
         if self.resume and not self.run_dir:
             raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
 

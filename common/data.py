@@ -106,6 +106,86 @@ def load_chatterbot() -> TextDataset:
     Exact duplicates within a category are kept once; texts that occur under two
     categories are dropped, since no classifier can get them right.
     """
+    seen: dict[str, str] = {}
+    ambiguous: set[str] = set()
+    for category, conversation in _chatterbot_conversations():
+        for utterance in conversation:
+            if not isinstance(utterance, str) or not utterance.strip():
+                continue
+            text = " ".join(utterance.split())
+            if seen.setdefault(text, category) != category:
+                ambiguous.add(text)
+    items = [(t, c) for t, c in seen.items() if t not in ambiguous]
+    return TextDataset(
+        texts=[t for t, _ in items], labels=[c for _, c in items],
+        columns={"category": [c for _, c in items]}, source=PACKAGED_CHATTERBOT,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def load_instructions(
+    source: str, *, data_format: str = "auto", instruction_column: str = "instruction",
+    input_column: str = "input", response_column: str = "response", group_column: str = "",
+    column_names: str = "",
+) -> TextDataset:
+    """Instruction data for causal-LM tuning: `texts` hold the instructions, `columns` the
+    optional "input" and the "response"; `labels` hold each example's group (the value of
+    `group_column`, or "all"), which only the non-IID partitioners use."""
+    if source == PACKAGED_CHATTERBOT:
+        return load_chatterbot_pairs()
+    if source.startswith(HF_PREFIX):
+        rows, where = _hf_rows(source[len(HF_PREFIX):]), source
+    else:
+        file = Path(source).expanduser()
+        if not file.is_file():
+            raise DataError(f"data: expected an existing CSV/TSV/JSONL/Parquet file, got {source!r} (not found)")
+        rows, where = _read_rows(file, data_format, column_names), str(file)
+    if not rows:
+        raise DataError(f"{where}: expected at least one row, found none")
+    found = list(rows[0].keys())
+    required = [instruction_column, response_column] + ([group_column] if group_column else [])
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise DataError(
+            f"{where}: expected columns {required} (instruction, response{', group' if group_column else ''}), "
+            f"found columns {found}; set instruction-column/response-column/group-column"
+        )
+    instructions, inputs, responses, groups, bad = [], [], [], [], []
+    for line, row in enumerate(rows, start=1):
+        instruction, response = row.get(instruction_column), row.get(response_column)
+        if instruction is None or response is None or not str(instruction).strip() or not str(response).strip():
+            bad.append(line)
+            continue
+        instructions.append(str(instruction))
+        responses.append(str(response))
+        extra = row.get(input_column)
+        inputs.append("" if extra is None else str(extra))
+        groups.append(_label_str(row[group_column]) if group_column else "all")
+    if bad:
+        raise DataError(f"{where}: expected an instruction and a response in every row, rows {bad[:10]} have an empty one")
+    return TextDataset(texts=instructions, labels=groups, columns={"input": inputs, "response": responses},
+                       source=where)
+
+
+def load_chatterbot_pairs() -> TextDataset:
+    """chatterbot-corpus as instruction data: every utterance and the reply that follows it in
+    a conversation, grouped by the file's category (a natural non-IID split)."""
+    instructions, responses, groups = [], [], []
+    seen = set()
+    for category, conversation in _chatterbot_conversations():
+        turns = [" ".join(u.split()) for u in conversation if isinstance(u, str) and u.strip()]
+        for prompt, reply in zip(turns, turns[1:]):
+            if (prompt, reply) not in seen:
+                seen.add((prompt, reply))
+                instructions.append(prompt)
+                responses.append(reply)
+                groups.append(category)
+    return TextDataset(texts=instructions, labels=groups,
+                       columns={"input": [""] * len(groups), "response": responses, "category": list(groups)},
+                       source=PACKAGED_CHATTERBOT)
+
+
+def _chatterbot_conversations():
     import yaml
     import chatterbot_corpus
 
@@ -113,23 +193,31 @@ def load_chatterbot() -> TextDataset:
     files = sorted(folder.glob("*.yml"))
     if not files:
         raise DataError(f"data: expected chatterbot-corpus YAML files in {folder}, found none")
-    seen: dict[str, str] = {}
-    ambiguous: set[str] = set()
     for path in files:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
         category = str(doc["categories"][0]).strip().lower()
         for conversation in doc.get("conversations", []):
-            for utterance in conversation:
-                if not isinstance(utterance, str) or not utterance.strip():
-                    continue
-                text = " ".join(utterance.split())
-                if seen.setdefault(text, category) != category:
-                    ambiguous.add(text)
-    items = [(t, c) for t, c in seen.items() if t not in ambiguous]
-    return TextDataset(
-        texts=[t for t, _ in items], labels=[c for _, c in items],
-        columns={"category": [c for _, c in items]}, source=PACKAGED_CHATTERBOT,
-    )
+            yield category, conversation
+
+
+def _read_rows(file: Path, data_format: str, column_names: str) -> list[dict]:
+    fmt = _detect_format(file) if data_format == "auto" else data_format
+    names = [c.strip() for c in column_names.split(",") if c.strip()] or None
+    if fmt in ("csv", "tsv"):
+        return _read_delimited(file, "\t" if fmt == "tsv" else ",", names)
+    if fmt == "jsonl":
+        return _read_jsonl(file)
+    return _read_parquet(file)
+
+
+def _hf_rows(spec: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data: 'hf:' sources need the `datasets` package: pip install 'fedtune[hub]'") from None
+    name, _, split = spec.partition(":")
+    repo, _, subset = name.partition("@")
+    return datasets.load_dataset(repo, subset or None, split=split or "train").to_list()
 
 
 def load_file(
@@ -140,14 +228,7 @@ def load_file(
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"data: expected an existing CSV/TSV/JSONL/Parquet file, got {path!r} (not found)")
-    fmt = _detect_format(file) if data_format == "auto" else data_format
-    names = [c.strip() for c in column_names.split(",") if c.strip()] or None
-    if fmt in ("csv", "tsv"):
-        rows = _read_delimited(file, "\t" if fmt == "tsv" else ",", names)
-    elif fmt == "jsonl":
-        rows = _read_jsonl(file)
-    else:
-        rows = _read_parquet(file)
+    rows = _read_rows(file, data_format, column_names)
     if not rows:
         raise DataError(f"{path}: expected at least one row, found none")
     found = list(rows[0].keys())

@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 _root_handlers = logging.root.handlers[:]
@@ -33,7 +32,7 @@ logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() 
 
 from common.errors import FedtuneError
 from common.privacy import Mechanism
-from common.train import EncodedData, TrainResult
+from common.train import EncodedData, TrainResult, batch_loss, pad_batch
 
 
 class DPTrainingError(FedtuneError, RuntimeError):
@@ -47,26 +46,23 @@ class _Examples(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):
-        return torch.tensor(self.data.input_ids[i], dtype=torch.long), torch.tensor(int(self.data.labels[i]))
+    def __getitem__(self, i: int):  # tensors: Opacus builds empty batches from their shapes and dtypes
+        return (torch.tensor(self.data.input_ids[i], dtype=torch.long),
+                torch.tensor(self.data.labels[i], dtype=torch.long))
 
 
-def _pad(pad_id: int):
+def _pad(pad_id: int, task: str):
     def collate(items):
-        width = max(len(ids) for ids, _ in items)
-        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (seq, _) in enumerate(items):
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        return ids, mask, torch.stack([label for _, label in items])
+        batch = pad_batch([ids for ids, _ in items], [labels for _, labels in items], pad_id,
+                          token_labels=task == "causal-lm")
+        return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
     return collate
 
 
 def poisson_loader(data: EncodedData, *, batch_size: int, pad_id: int, seed: int) -> DPDataLoader:
     """A Poisson-sampling loader with expected batch size ~ batch_size; its rate is what we account."""
-    base = DataLoader(_Examples(data), batch_size=batch_size, collate_fn=_pad(pad_id))
+    base = DataLoader(_Examples(data), batch_size=batch_size, collate_fn=_pad(pad_id, data.task))
     loader = DPDataLoader.from_data_loader(base, generator=torch.Generator().manual_seed(seed))
     if not isinstance(loader.batch_sampler, UniformWithReplacementSampler):
         raise DPTrainingError(f"DP loader: expected Poisson sampling, got {type(loader.batch_sampler).__name__}")
@@ -99,7 +95,7 @@ def dp_train(
             generator=torch.Generator().manual_seed(seed + 1),
         )
         _check_same_parameters(gsm, optimizer)
-        loss_sum, seen, done = _run_steps(gsm, loader, optimizer, steps, progress)
+        loss_sum, seen, done = _run_steps(gsm, loader, optimizer, steps, progress, data.task)
     finally:
         gsm._close()  # remove Opacus hooks: the cached model is reused by later rounds
     _check_weights_moved(params, before)
@@ -109,7 +105,7 @@ def dp_train(
     return result, mechanism
 
 
-def _run_steps(gsm, loader, optimizer, steps, progress) -> tuple[float, int, int]:
+def _run_steps(gsm, loader, optimizer, steps, progress, task: str) -> tuple[float, int, int]:
     gsm.train()
     done, loss_sum, seen = 0, 0.0, 0
     while done < steps:
@@ -119,7 +115,7 @@ def _run_steps(gsm, loader, optimizer, steps, progress) -> tuple[float, int, int
                 _noise_only_step(optimizer)
                 loss = torch.tensor(float("nan"))
             else:
-                loss = F.cross_entropy(gsm(input_ids=ids, attention_mask=mask).logits, labels)
+                loss = batch_loss(gsm(input_ids=ids, attention_mask=mask).logits, labels, task)
                 loss.backward()
                 optimizer.step()
                 loss_sum += loss.item() * len(labels)

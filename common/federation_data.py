@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import FedtuneConfig
-from common.data import LabelMap, TextDataset, label_histogram, load_source, stratified_split, subsample
+from common.data import LabelMap, TextDataset, label_histogram, load_instructions, load_source, stratified_split, subsample
 from common.errors import DataError
 from common.partition import partition
 
@@ -34,10 +34,22 @@ class ClientData:
         }
 
 
-def _load(cfg: FedtuneConfig, source: str) -> TextDataset:
+def _load(cfg: FedtuneConfig, source: str, overrides: Mapping | None = None) -> TextDataset:
+    """Read one source for the run's task; a deployed node's config may rename its columns."""
+    node = dict(overrides or {})
+    fmt, names = str(node.get("data-format", cfg.data_format)), str(node.get("column-names", cfg.column_names))
+    if cfg.task == "causal-lm":
+        return load_instructions(
+            source, data_format=fmt, column_names=names,
+            instruction_column=str(node.get("instruction-column", cfg.instruction_column)),
+            input_column=str(node.get("input-column", cfg.input_column)),
+            response_column=str(node.get("response-column", cfg.response_column)),
+            group_column=str(node.get("group-column", cfg.group_column)),
+        )
     return load_source(
-        source, data_format=cfg.data_format, text_column=cfg.text_column,
-        label_column=cfg.label_column, column_names=cfg.column_names,
+        source, data_format=fmt, column_names=names,
+        text_column=str(node.get("text-column", cfg.text_column)),
+        label_column=str(node.get("label-column", cfg.label_column)),
     )
 
 
@@ -63,7 +75,7 @@ def federation_labels(cfg: FedtuneConfig) -> LabelMap:
     else:
         pool, heldout = train_and_heldout(cfg)
         labels = LabelMap.from_labels(pool.labels + heldout.labels)
-    if len(labels) < 2:
+    if len(labels) < 2 and cfg.task == "classification":
         raise DataError(f"labels: expected at least 2 classes, got {list(labels.names)}")
     return labels
 
@@ -106,18 +118,14 @@ def partition_summaries(cfg: FedtuneConfig, num_partitions: int) -> list[dict]:
 def deployed_client_data(cfg: FedtuneConfig, node_config: Mapping) -> ClientData:
     """A deployed client's own file, named in its node config (`data-path`)."""
     path = str(node_config["data-path"])
-    local = load_source(
-        path, data_format=str(node_config.get("data-format", "auto")),
-        text_column=str(node_config.get("text-column", cfg.text_column)),
-        label_column=str(node_config.get("label-column", cfg.label_column)),
-        column_names=str(node_config.get("column-names", "")),
-    )
+    local = _load(cfg, path, {"data-format": "auto", "column-names": "", **node_config})
     client_id = str(node_config.get("client-id", path))
     return _split_local(cfg, local, client_id=client_id)
 
 
 def _split_local(cfg: FedtuneConfig, data: TextDataset, *, client_id: str) -> ClientData:
-    federation_labels(cfg).encode(data.labels, where=f"client {client_id}")  # fail early on unknown labels
+    if cfg.task == "classification":
+        federation_labels(cfg).encode(data.labels, where=f"client {client_id}")  # fail early on unknown labels
     if cfg.local_val_fraction == 0.0 or len(data) < 4:
         return ClientData(train=data, val=data.subset([]), client_id=client_id)
     rng = np.random.default_rng(cfg.seed)

@@ -19,14 +19,17 @@ from common.data import LabelMap, TextDataset
 
 # Counts tokenizer passes in this process, so tests can prove tokenization is cached.
 TOKENIZE_COUNT = {"datasets": 0}
+IGNORE_INDEX = -100  # token label that carries no loss (prompt and padding in causal-LM data)
 
 
 @dataclass
 class EncodedData:
-    """Token ids (unpadded) and class indices of one data set."""
+    """Token ids (unpadded) and targets of one data set: class indices (classification) or,
+    for task = "causal-lm", one label per token (-100 where no loss is taken)."""
 
     input_ids: list[list[int]]
-    labels: np.ndarray
+    labels: np.ndarray | list[list[int]]
+    task: str = "classification"
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -43,15 +46,42 @@ def encode(data: TextDataset, tokenizer, label_map: LabelMap, *, max_length: int
 
 
 def collate(data: EncodedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad the selected examples to the longest of them."""
-    seqs = [data.input_ids[i] for i in indices]
+    """Pad the selected examples to the longest of them (token labels with -100)."""
+    return pad_batch([data.input_ids[i] for i in indices], [data.labels[i] for i in indices], pad_id,
+                     token_labels=data.task == "causal-lm")
+
+
+def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> dict[str, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
     for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(data.labels[list(indices)])}
+        if token_labels:
+            targets[row, : len(seq)] = torch.as_tensor(labels[row], dtype=torch.long)
+    if not token_labels:
+        targets = torch.stack([torch.as_tensor(label, dtype=torch.long) for label in labels])
+    return {"input_ids": ids, "attention_mask": mask, "labels": targets}
+
+
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean loss over the batch's examples. For a causal LM, each example's loss is the mean
+    next-token cross-entropy over its labelled (response) tokens; averaging per example, not
+    per token, keeps each example's weight equal, which per-sample DP clipping assumes."""
+    if task != "causal-lm":
+        return F.cross_entropy(logits, labels)
+    nll, counts = token_nll(logits, labels)
+    return (nll / counts.clamp(min=1)).mean()
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example summed next-token NLL over labelled tokens, and how many tokens that is."""
+    shifted, targets = logits[:, :-1, :], labels[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
 def batch_order(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -93,7 +123,7 @@ def train(
         for batch_idx in batch_order(len(data), batch_size, rng):
             batch = collate(data, batch_idx, pad_id)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss = F.cross_entropy(out.logits, batch["labels"])
+            loss = batch_loss(out.logits, batch["labels"], data.task)
             objective = loss if anchor is None else loss + proximal_term(params, anchor, mu=proximal_mu)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -117,8 +147,11 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int, num_labels: int) -> dict:
-    """Loss, accuracy and macro-F1 over `data` (batches sorted by length for speed)."""
+    """Loss, accuracy and macro-F1 over `data` (batches sorted by length for speed); for a
+    causal LM, loss and perplexity per response token."""
     model.eval()
+    if data.task == "causal-lm":
+        return evaluate_lm(model, data, pad_id=pad_id, batch_size=batch_size)
     if len(data) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0}
     order = np.argsort([len(s) for s in data.input_ids], kind="stable")
@@ -148,3 +181,20 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
         denom = 2 * tp + fp + fn
         scores.append(0.0 if denom == 0 else 2 * tp / denom)
     return float(np.mean(scores))
+
+
+@torch.no_grad()
+def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int) -> dict:
+    """Token-level mean NLL over all labelled (response) tokens, and its exponential."""
+    if len(data) == 0:
+        return {"loss": float("nan"), "perplexity": float("nan"), "examples": 0, "tokens": 0}
+    order = np.argsort([len(s) for s in data.input_ids], kind="stable")
+    nll_sum, tokens = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = collate(data, order[i : i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, counts = token_nll(logits.float(), batch["labels"])
+        nll_sum += nll.sum().item()
+        tokens += int(counts.sum().item())
+    loss = nll_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "examples": len(data), "tokens": tokens}

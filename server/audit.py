@@ -199,7 +199,10 @@ def plot_accuracy(run_dir: Path, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    acc = {m["round"]: m["heldout_accuracy"] for m in map(json.loads, metrics.read_text().splitlines())}
+    history = [json.loads(line) for line in metrics.read_text().splitlines()]
+    key, label = ("heldout_accuracy", "held-out accuracy") if "heldout_accuracy" in history[0] else \
+        ("heldout_loss", "held-out loss")  # a causal-LM run
+    acc = {m["round"]: m[key] for m in history}
     eps_by_round: dict[int, float] = {}
     for r in rows:
         if r.get("epsilon") is not None and not math.isnan(r["epsilon"]):
@@ -210,9 +213,9 @@ def plot_accuracy(run_dir: Path, rows: list[dict]) -> None:
         pts = [(0.0, acc[0]), *pts]
     ax.plot(*zip(*pts), marker="o")
     ax.set_xlabel("largest cumulative epsilon in the round")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    ax.set_title("Held-out accuracy against privacy spent")
+    ax.set_title(f"{label.capitalize()} against privacy spent")
     fig.tight_layout()
     fig.savefig(run_dir / "audit-accuracy.png", dpi=110)
     plt.close(fig)

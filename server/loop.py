@@ -30,8 +30,9 @@ from common.model import (
     check_adapter_state, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
     set_adapter_state,
 )
+from common.lm import encode_for_task, generate, sample_prompts
 from common.records import record_to_state, state_to_record
-from common.train import encode, evaluate
+from common.train import evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.privacy import (
     client_entries, current_clipping_norm, federation_entry, federation_would_exceed, wrap_client_dp,
@@ -86,7 +87,8 @@ class ServerState:
 def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     """Run (or resume) a whole federated fine-tuning run; returns the per-round rows."""
     labels = federation_labels(cfg)
-    cfg = cfg.replace(labels=labels.to_spec())
+    if cfg.task == "classification":  # one label order for every client (causal-lm labels are only groups)
+        cfg = cfg.replace(labels=labels.to_spec())
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)
     model = model_for_config(cfg, len(labels))
@@ -373,15 +375,30 @@ def evaluation_row(state: ServerState, server_round: int) -> dict:
     model = model_for_config(cfg, len(state.labels))
     tokenizer = load_tokenizer(cfg.model)
     set_adapter_state(model, state.arrays)
-    heldout = encode(heldout_set(cfg), tokenizer, state.labels, max_length=cfg.max_length, where="held-out set")
+    heldout = encode_for_task(cfg, heldout_set(cfg), tokenizer, state.labels, where="held-out set")
     res = evaluate(model, heldout, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
                    num_labels=len(state.labels))
-    row = {"round": server_round, "heldout_loss": res["loss"], "heldout_accuracy": res["accuracy"],
-           "heldout_macro_f1": res["macro_f1"], "heldout_examples": res["examples"]}
+    names = ("loss", "perplexity") if cfg.task == "causal-lm" else ("loss", "accuracy", "macro_f1")
+    row = {"round": server_round, **{f"heldout_{n}": res[n] for n in names}, "heldout_examples": res["examples"]}
+    if cfg.task == "causal-lm":
+        write_samples(state, model, tokenizer, server_round)
     if server_round == 0:
-        log(INFO, "fedtune: round 0 (before training): held-out accuracy %.4f macro-F1 %.4f loss %.4f",
-            res["accuracy"], res["macro_f1"], res["loss"])
+        log(INFO, "fedtune: round 0 (before training): held-out %s",
+            " ".join(f"{n} {res[n]:.4f}" for n in names))
     return row
+
+
+def write_samples(state: ServerState, model, tokenizer, server_round: int) -> None:
+    """Generate from the fixed sample prompts with the global adapter; append to samples.jsonl."""
+    cfg = state.cfg
+    prompts = sample_prompts(cfg.sample_prompts, heldout_set(cfg))
+    outputs = generate(model, tokenizer, prompts, template=cfg.prompt_template, max_new_tokens=cfg.max_new_tokens,
+                       max_length=cfg.max_length)
+    path = state.run.path / "samples.jsonl"
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["round"] < server_round] \
+        if path.exists() else []  # a resumed run rewrites the rounds after its checkpoint
+    rows = [json.dumps({"round": server_round, "prompt": p, "response": o}) for p, o in zip(prompts, outputs)]
+    path.write_text("".join(line + "\n" for line in kept + rows))
 
 
 def train_summary(replies: list[Message], *, sampled: int) -> dict:
@@ -454,8 +471,11 @@ def round_seed(seed: int, server_round: int) -> int:
 
 def summary_line(row: dict, num_rounds: int) -> str:
     text = (f"round {row['round']}/{num_rounds} | clients {row.get('aggregated', 0)}/{row.get('clients_sampled', 0)}"
-            f" | train loss {row.get('train_loss', float('nan')):.4f}"
-            f" | held-out acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}")
+            f" | train loss {row.get('train_loss', float('nan')):.4f}")
+    if "heldout_perplexity" in row:
+        text += f" | held-out loss {row['heldout_loss']:.4f} perplexity {row['heldout_perplexity']:.2f}"
+    else:
+        text += f" | held-out acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}"
     if "epsilon_client_max" in row:
         text += f" | client eps max {row['epsilon_client_max']:.3f}"
     if "epsilon_federation" in row:

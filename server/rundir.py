@@ -59,6 +59,14 @@ class RunDir:
 
         rounds = [r["round"] for r in rows]
         fig, ax = plt.subplots(figsize=(7, 4))
+        if "heldout_perplexity" in rows[0]:  # causal LM
+            ax.plot(rounds, [r["heldout_loss"] for r in rows], marker="o", label="held-out loss (per token)")
+            ax.set_xlabel("round")
+            ax.set_ylabel("loss")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            ax.set_title("fedtune: global adapter on the held-out set")
+            return self._save(fig, plt)
         ax.plot(rounds, [r["heldout_accuracy"] for r in rows], marker="o", label="held-out accuracy")
         ax.plot(rounds, [r["heldout_macro_f1"] for r in rows], marker="s", label="held-out macro-F1")
         ax.set_xlabel("round")
@@ -71,6 +79,9 @@ class RunDir:
         handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], loc="center right")
         ax.set_title("fedtune: global adapter on the held-out set")
+        return self._save(fig, plt)
+
+    def _save(self, fig, plt) -> Path:
         fig.tight_layout()
         out = self.path / "metrics.png"
         fig.savefig(out, dpi=110)

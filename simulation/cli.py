@@ -4,6 +4,7 @@
     fedtune config                                           list every config key and default
     fedtune plan --target-epsilon 3 --rounds 10 ...          noise needed for a privacy target
     fedtune audit RUN_DIR                                    check a run's privacy ledger
+    fedtune export RUN_DIR OUT [--merged]                    save the adapter, or the merged model
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("out", help="A new directory for the certificates and keys.")
     certs.add_argument("--nodes", required=True, help="Comma-separated node names, e.g. site-a,site-b.")
     certs.add_argument("--host", action="append", default=[], help="SuperLink host name or IP (repeatable).")
+    export = sub.add_parser("export", help="Save a run's global adapter, alone or merged into the base model.")
+    export.add_argument("run_dir", help="A fedtune run directory.")
+    export.add_argument("out", help="Output directory.")
+    export.add_argument("--merged", action="store_true",
+                        help="Merge the adapter into the base model (a plain transformers model directory).")
     node = sub.add_parser("supernode", help="Check a node's data and keys, then start flower-supernode with ARGS.")
     node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments.")
     return parser
@@ -96,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             from client.node import exec_supernode
 
             exec_supernode([a for a in args.args if a != "--"])
+            return 0
+        if args.command == "export":
+            from server.export import export_run
+
+            out, server_round = export_run(args.run_dir, args.out, merged=args.merged)
+            kind = "merged model" if args.merged else "adapter"
+            print(f"wrote the {kind} of round {server_round} to {out}")
             return 0
         if args.command == "audit":
             from pathlib import Path

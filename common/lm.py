@@ -1,0 +1,191 @@
+"""Causal language models for instruction tuning: loading with LoRA, prompts, loss masks,
+packing, generation and export (no Flower here).
+
+An example is an instruction (plus optional input) and a response. The prompt is written
+with the tokenizer's chat template when it has one (prompt-template = auto), else with the
+Alpaca layout; the response follows it and ends with the EOS token. Token labels are -100 on
+the prompt and on padding, so the loss covers only the response.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from common.data import TextDataset
+from common.errors import ConfigError, DataError
+from common.model import LOAD_COUNT, load_tokenizer, resolve_model_path
+from common.train import IGNORE_INDEX as IGNORE
+from common.train import TOKENIZE_COUNT, EncodedData, encode
+ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def check_causal_lm(model: str) -> None:
+    """Refuse, before loading weights, a model that is not a causal LM (e.g. the packaged BERT)."""
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures):
+        raise ConfigError(
+            f"model: task = 'causal-lm' expects a causal language model (an architecture ending in "
+            f"{' or '.join(CAUSAL_SUFFIXES)}, e.g. GPT-2, Llama, Qwen, Mistral), got {model!r} with "
+            f"architectures {architectures}"
+        )
+
+
+def check_hardware(load_in: str, compute_dtype: str) -> None:
+    """8/4-bit bases and bfloat16 are for GPUs: say so clearly rather than fail deep in a library."""
+    wanted = [f"load-in = {load_in!r}"] if load_in != "none" else []
+    wanted += [f"compute-dtype = {compute_dtype!r}"] if compute_dtype != "float32" else []
+    if not wanted:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"{' and '.join(wanted)}: expected a CUDA GPU, but torch sees none (torch.cuda.is_available() is "
+            f"False); on a CPU use load-in = 'none' and compute-dtype = 'float32'"
+        )
+    raise ConfigError(
+        f"{' and '.join(wanted)}: not supported yet: fedtune trains on the CPU only in this version "
+        f"(GPU placement and bitsandbytes quantization are open work, see issue 7)"
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def load_lora_causal_lm(
+    model: str, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...], seed: int,
+    load_in: str = "none", compute_dtype: str = "float32",
+) -> PeftModel:
+    """The base causal LM, loaded once per process, wrapped with a LoRA adapter.
+
+    LoRA targets PEFT's default modules for the architecture (c_attn for GPT-2, q_proj and
+    v_proj for Llama, Qwen and Mistral) unless `target_modules` names others.
+    """
+    check_hardware(load_in, compute_dtype)
+    check_causal_lm(model)
+    LOAD_COUNT["base_model"] += 1
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = load_tokenizer(model).pad_token_id
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules) or None)
+    try:
+        return get_peft_model(base, config)
+    except ValueError as err:
+        raise ConfigError(
+            f"lora-target-modules: {err} (model type {base.config.model_type!r}; name its attention "
+            "projections, e.g. 'q_proj,v_proj' or 'c_attn')"
+        ) from err
+
+
+def prompt_text(tokenizer, template: str, instruction: str, extra: str = "") -> str:
+    """The prompt for one example, ending where the response begins."""
+    if template == "auto" and getattr(tokenizer, "chat_template", None):
+        content = instruction if not extra else f"{instruction}\n\n{extra}"
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    if template == "plain":
+        return f"{instruction}\n{extra}\n" if extra else f"{instruction}\n"
+    return ALPACA.format(with_input=", paired with an input that provides further context" if extra else "",
+                         instruction=instruction, input_block=f"### Input:\n{extra}\n\n" if extra else "")
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eos_id(tokenizer) -> int:
+    token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if token is None:
+        raise ConfigError(f"model: expected a tokenizer with an EOS (or SEP) token, {tokenizer.name_or_path!r} has none")
+    return token
+
+
+def encode_example(tokenizer, template: str, instruction: str, extra: str, response: str,
+                   max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example; the prompt is cut from the left if the response
+    would otherwise keep fewer than a quarter of max_length tokens."""
+    prompt = _ids(tokenizer, prompt_text(tokenizer, template, instruction, extra))
+    answer = _ids(tokenizer, response) + [eos_id(tokenizer)]
+    keep_answer = min(len(answer), max(max_length - len(prompt), max_length // 4, 1))
+    keep_prompt = min(len(prompt), max_length - keep_answer)
+    prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt else []
+    answer = answer[:keep_answer]
+    return prompt + answer, [IGNORE] * len(prompt) + answer
+
+
+def encode_lm(data: TextDataset, tokenizer, *, template: str, max_length: int, packing: bool) -> EncodedData:
+    """Tokenize once per (data set, tokenizer, template, max_length, packing); kept on the data set."""
+    key = ("encoded-lm", tokenizer.name_or_path, template, max_length, packing)
+    if key not in data.cache:
+        if "response" not in data.columns:
+            raise DataError(f"{data.source}: expected instruction data (a response column) for task = 'causal-lm'")
+        TOKENIZE_COUNT["datasets"] += 1
+        pairs = [encode_example(tokenizer, template, instruction, extra, response, max_length)
+                 for instruction, extra, response in zip(data.texts, data.columns["input"], data.columns["response"])]
+        ids, labels = [p[0] for p in pairs], [p[1] for p in pairs]
+        if packing:
+            ids, labels = pack(ids, labels, max_length)
+        data.cache[key] = EncodedData(input_ids=ids, labels=labels, task="causal-lm")
+    return data.cache[key]
+
+
+def pack(ids: list[list[int]], labels: list[list[int]], block: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Concatenate examples and cut the stream into blocks of `block` tokens (the last may be
+    shorter). Each token keeps its label, so prompts stay masked; attention spans example
+    boundaries within a block, as in the usual naive packing."""
+    flat_ids = [t for seq in ids for t in seq]
+    flat_labels = [t for seq in labels for t in seq]
+    # The first token of each block has no predecessor in it: that label is never used.
+    blocks = range(0, len(flat_ids), block)
+    return [flat_ids[i:i + block] for i in blocks], [flat_labels[i:i + block] for i in blocks]
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, prompts: list[str], *, template: str, max_new_tokens: int,
+             max_length: int) -> list[str]:
+    """Greedy continuations of each prompt (one at a time, so no left-padding is needed)."""
+    model.eval()
+    eos = eos_id(tokenizer)
+    outputs = []
+    for text in prompts:
+        prompt = _ids(tokenizer, prompt_text(tokenizer, template, text))[-max(1, max_length - max_new_tokens):]
+        ids = torch.tensor([prompt], dtype=torch.long)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        outputs.append(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip())
+    return outputs
+
+
+def export_model(peft_model: PeftModel, tokenizer, out: str | Path, *, merged: bool) -> Path:
+    """Save the adapter alone (PEFT format), or the base with the adapter merged into it as a
+    standard transformers model directory; the tokenizer goes alongside either way."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if merged:
+        peft_model.merge_and_unload().save_pretrained(str(out))
+    else:
+        peft_model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def sample_prompts(spec: str, heldout: TextDataset) -> list[str]:
+    prompts = [p.strip() for p in spec.split("|") if p.strip()]
+    return prompts or list(dict.fromkeys(heldout.texts))[:3]
+
+
+
+def encode_for_task(cfg, data: TextDataset, tokenizer, labels, *, where: str) -> EncodedData:
+    """Encode a data set the way the run's task trains on it."""
+    if cfg.task == "causal-lm":
+        return encode_lm(data, tokenizer, template=cfg.prompt_template, max_length=cfg.max_length,
+                         packing=cfg.packing)
+    return encode(data, tokenizer, labels, max_length=cfg.max_length, where=where)

@@ -146,6 +146,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
+            group_by_length=cfg.group_by_length,
         )
     metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
     content = RecordDict({

@@ -84,7 +84,7 @@ def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad
         model, encoded, pad_id=pad_id, steps=decision.planned.steps, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         noise_multiplier=decision.planned.noise_multiplier, clipping_norm=cfg.dp_clipping_norm,
-        seed=seed, progress=progress,
+        seed=seed, progress=progress, physical_batch_size=cfg.dp_physical_batch_size,
     )
     if not math.isclose(mechanism.sample_rate, decision.planned.sample_rate):
         raise RuntimeError(

@@ -76,9 +76,16 @@ def poisson_loader(data: EncodedData, *, batch_size: int, pad_id: int, seed: int
 def dp_train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, noise_multiplier: float, clipping_norm: float, seed: int,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float], None] | None = None, physical_batch_size: int = 0,
 ) -> tuple[TrainResult, Mechanism]:
-    """`steps` DP-SGD steps (per-sample clipping to `clipping_norm`, Gaussian noise)."""
+    """`steps` DP-SGD steps (per-sample clipping to `clipping_norm`, Gaussian noise).
+
+    A Poisson batch cannot be regrouped by length without changing what is accounted, but it
+    can be computed in pieces: with `physical_batch_size` > 0 each logical batch is sorted by
+    length and run in chunks of that many examples, each padded only to its own longest
+    member. Per-sample gradients are clipped and summed across the chunks and noised once per
+    logical batch (Opacus' skip-step accumulation), so the released update is the same.
+    """
     if len(data) == 0:
         raise DPTrainingError("DP training: expected at least one example, got none")
     start = time.perf_counter()
@@ -95,37 +102,60 @@ def dp_train(
             generator=torch.Generator().manual_seed(seed + 1),
         )
         _check_same_parameters(gsm, optimizer)
-        loss_sum, seen, done = _run_steps(gsm, loader, optimizer, steps, progress, data.task)
+        stats = _run_steps(gsm, loader, optimizer, steps, progress, data.task, physical_batch_size)
     finally:
         gsm._close()  # remove Opacus hooks: the cached model is reused by later rounds
     _check_weights_moved(params, before)
-    mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=done, sample_rate=loader.sample_rate)
-    result = TrainResult(loss=loss_sum / max(seen, 1), steps=done, examples=seen,
-                         seconds=time.perf_counter() - start)
+    mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=stats["done"], sample_rate=loader.sample_rate)
+    result = TrainResult(loss=stats["loss_sum"] / max(stats["seen"], 1), steps=stats["done"], examples=stats["seen"],
+                         seconds=time.perf_counter() - start,
+                         padding_efficiency=stats["real"] / max(stats["processed"], 1))
     return result, mechanism
 
 
-def _run_steps(gsm, loader, optimizer, steps, progress, task: str) -> tuple[float, int, int]:
+def _run_steps(gsm, loader, optimizer, steps, progress, task: str, physical: int) -> dict:
     gsm.train()
-    done, loss_sum, seen = 0, 0.0, 0
-    while done < steps:
+    stats = {"done": 0, "loss_sum": 0.0, "seen": 0, "real": 0, "processed": 0}
+    while stats["done"] < steps:
         for ids, mask, labels in loader:
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 _noise_only_step(optimizer)
-                loss = torch.tensor(float("nan"))
+                loss = float("nan")
             else:
-                loss = batch_loss(gsm(input_ids=ids, attention_mask=mask).logits, labels, task)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * len(labels)
-                seen += len(labels)
-            done += 1
+                loss = _logical_step(gsm, optimizer, ids, mask, labels, task, physical, stats)
+                stats["loss_sum"] += loss * len(labels)
+                stats["seen"] += len(labels)
+            stats["done"] += 1
             if progress is not None:
-                progress(done, steps, loss.item())
-            if done >= steps:
+                progress(stats["done"], steps, loss)
+            if stats["done"] >= steps:
                 break
-    return loss_sum, seen, done
+    return stats
+
+
+def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, physical: int, stats: dict) -> float:
+    """One DP-SGD step on a logical (Poisson) batch, in length-sorted physical chunks."""
+    lengths = mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    chunks = order.split(physical) if physical > 0 else [order]
+    loss_sum = 0.0
+    for i, chunk in enumerate(chunks):
+        width = int(lengths[chunk].max())
+        chunk_labels = labels[chunk, :width] if task == "causal-lm" else labels[chunk]
+        loss = batch_loss(gsm(input_ids=ids[chunk, :width], attention_mask=mask[chunk, :width]).logits,
+                          chunk_labels, task)
+        loss.backward()
+        last = i == len(chunks) - 1
+        if not last:
+            optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only; noise once, at the end
+        optimizer.step()
+        if not last:
+            optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum (the step was skipped)
+        loss_sum += loss.item() * len(chunk)
+        stats["real"] += int(lengths[chunk].sum())
+        stats["processed"] += len(chunk) * width
+    return loss_sum / len(order)
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:

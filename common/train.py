@@ -84,10 +84,34 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
-def batch_order(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """One shuffled epoch of batch index arrays."""
+GROUP_SPAN = 50  # length grouping sorts within windows of this many batches
+
+
+def batch_order(lengths: list[int], batch_size: int, rng: np.random.Generator, *,
+                group_by_length: bool = True) -> list[np.ndarray]:
+    """One shuffled epoch of batch index arrays.
+
+    With `group_by_length`, the shuffled examples are sorted by length within windows of
+    GROUP_SPAN batches and the batches are shuffled again, so each batch holds examples of
+    similar length (little padding) while batch composition and order stay random.
+    """
+    n = len(lengths)
     order = rng.permutation(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if group_by_length:
+        span = batch_size * GROUP_SPAN
+        order = np.concatenate([w[np.argsort([-lengths[i] for i in w], kind="stable")]
+                                for w in (order[i : i + span] for i in range(0, n, span))])
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def padding_efficiency(lengths: list[int], batches: list[np.ndarray]) -> float:
+    """Real tokens over processed tokens (every batch padded to its longest member)."""
+    real = sum(lengths[i] for b in batches for i in b)
+    processed = sum(len(b) * max(lengths[i] for i in b) for b in batches if len(b))
+    return real / processed if processed else 1.0
 
 
 @dataclass
@@ -96,12 +120,14 @@ class TrainResult:
     steps: int
     examples: int
     seconds: float
+    padding_efficiency: float = float("nan")  # real tokens / processed tokens
 
 
 def train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
     proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
+    group_by_length: bool = True,
 ) -> TrainResult:
     """Train the adapter with AdamW for `steps` steps, or `epochs` epochs when steps == 0.
 
@@ -117,10 +143,11 @@ def train(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)
+    lengths = [len(s) for s in data.input_ids]
     model.train()
-    done, loss_sum, seen = 0, 0.0, 0
+    done, loss_sum, seen, real_tokens, processed_tokens = 0, 0.0, 0, 0, 0
     while done < total:
-        for batch_idx in batch_order(len(data), batch_size, rng):
+        for batch_idx in batch_order(lengths, batch_size, rng, group_by_length=group_by_length):
             batch = collate(data, batch_idx, pad_id)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             loss = batch_loss(out.logits, batch["labels"], data.task)
@@ -133,11 +160,14 @@ def train(
             done += 1
             loss_sum += loss.item() * len(batch_idx)
             seen += len(batch_idx)
+            real_tokens += int(batch["attention_mask"].sum())
+            processed_tokens += batch["attention_mask"].numel()
             if progress is not None:
                 progress(done, total, loss.item())
             if done >= total:
                 break
-    return TrainResult(loss=loss_sum / seen, steps=done, examples=seen, seconds=time.perf_counter() - start)
+    return TrainResult(loss=loss_sum / seen, steps=done, examples=seen, seconds=time.perf_counter() - start,
+                       padding_efficiency=real_tokens / max(processed_tokens, 1))
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:

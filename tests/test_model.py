@@ -176,3 +176,21 @@ def test_macro_f1_matches_scikit_learn():
 def test_bad_model_names_are_clear_errors(name, message):
     with pytest.raises(ConfigError, match=message):
         resolve_model_path(name)
+
+
+def test_length_grouped_batches_cover_each_example_once_and_pad_less():
+    """Issue 6 regression check (counts, not timings): grouped batches are a permutation of
+    the data, stay randomly ordered, and reach >= 0.85 padding efficiency where random
+    batches of the same skewed lengths do not."""
+    import numpy as np
+
+    from common.train import batch_order, padding_efficiency
+
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.lognormal(3.0, 0.6, size=4000).clip(3, 64)]
+    grouped = batch_order(lengths, 32, np.random.default_rng(1))
+    plain = batch_order(lengths, 32, np.random.default_rng(1), group_by_length=False)
+    assert sorted(int(i) for b in grouped for i in b) == list(range(4000))
+    assert padding_efficiency(lengths, grouped) >= 0.85 > padding_efficiency(lengths, plain)
+    firsts = [max(lengths[i] for i in b) for b in grouped[:20]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # not one long sorted sweep

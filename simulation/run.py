@@ -57,7 +57,8 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
     _, threads = plan_resources(num_clients)
     if cfg.num_threads == 0:
         cfg = cfg.replace(num_threads=threads)
-    cfg = cfg.replace(labels=federation_labels(cfg).to_spec())
+    if cfg.task == "classification":  # causal-lm "labels" are only partition groups
+        cfg = cfg.replace(labels=federation_labels(cfg).to_spec())
     partition_summaries(cfg, num_clients)  # raises on empty partitions or unknown labels
     return cfg
 

@@ -1,0 +1,508 @@
+"""fedtune's benchmark suite: speed, padding, traffic, scale and accuracy, side by side.
+
+    python bench/suite.py                 quick suite (a few minutes on 2 cores)
+    python bench/suite.py --full          full suite (hours on 2 cores)
+    python bench/suite.py --only padding,traffic
+
+Each run writes results.json, results.md and PNG plots into bench/results/<suite>-<time>/
+(or --out), with the machine, library versions and every setting recorded. Figures that
+compare two things are measured in the same run and reported as ratios, since shared
+machines are noisy. SST-2 and AG News are read from ../shared/data when present; without
+them the data-dependent parts fall back to the packaged chatterbot corpus and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common.config import FedtuneConfig, parse_run_config  # noqa: E402
+from common.data import TextDataset  # noqa: E402
+from common.federation_data import federation_labels, heldout_set, simulated_client_data, train_and_heldout  # noqa: E402
+from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state  # noqa: E402
+from common.records import state_to_record  # noqa: E402
+from common.train import batch_order, encode, evaluate, padding_efficiency, train  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data"
+SST2 = {"data": str(SHARED / "sst2" / "train.tsv"), "heldout-data": str(SHARED / "sst2" / "dev.tsv"),
+        "text-column": "sentence"}
+AGNEWS = {"data": str(SHARED / "ag_news" / "train.csv"), "heldout-data": str(SHARED / "ag_news" / "dev.csv"),
+          "column-names": "text,label"}
+
+QUICK = {
+    "padding": {"examples": 20000, "batch_size": 32, "dp_steps": 300, "physical": 8},
+    "throughput": {"examples": 4000, "steps": 20, "batch_size": 32},
+    "overhead": {"clients": 10, "rounds": 3, "local_steps": 8, "batch_size": 16, "max_train_examples": 0},
+    "scale": {"clients": [10, 50, 100], "sampled": 10, "rounds": 2, "local_steps": 3},
+    "accuracy": {"datasets": ["ag_news"], "max_train_examples": 2000, "passes": 2, "clients": 10,
+                 "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"]},
+}
+FULL = {
+    "padding": {"examples": 0, "batch_size": 32, "dp_steps": 2000, "physical": 8},
+    "throughput": {"examples": 20000, "steps": 60, "batch_size": 32},
+    "overhead": {"clients": 10, "rounds": 3, "local_steps": 30, "batch_size": 32, "max_train_examples": 20000},
+    "scale": {"clients": [10, 50, 100], "sampled": 10, "rounds": 3, "local_steps": 10},
+    "accuracy": {"datasets": ["sst2", "ag_news"], "max_train_examples": 0, "passes": 3, "clients": 10,
+                 "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"]},
+}
+TARGETS = {"overhead_ratio": 1.15, "padding_efficiency": 0.85, "dp_step_ratio": 1.25, "traffic_fraction": 0.005,
+           "scale_peak_gb": 4.0, "iid_gap_points": 1.0, "sst2_accuracy": 0.88}
+
+
+def data_overrides(name: str) -> tuple[dict, str]:
+    """Run-config overrides for a benchmark data set, or the packaged corpus when it is absent."""
+    table = {"sst2": SST2, "ag_news": AGNEWS}
+    chosen = table[name]
+    if Path(chosen["data"]).is_file():
+        return dict(chosen), name
+    print(f"bench: {chosen['data']} not found; using the packaged chatterbot corpus instead of {name}")
+    return {}, "chatterbot"
+
+
+def config_from(overrides: dict) -> FedtuneConfig:
+    cfg = parse_run_config(overrides)
+    return cfg.replace(labels=federation_labels(cfg).to_spec())
+
+
+def machine() -> dict:
+    import flwr
+    import opacus
+    import peft
+    import transformers
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                         "opacus": opacus.__version__, "flwr": flwr.__version__}}
+
+
+# ---- 2. padding efficiency ---------------------------------------------------------------
+
+def bench_padding(p: dict, out: Path) -> dict:
+    overrides, source = data_overrides("sst2")
+    cfg = config_from({**overrides, "max-train-examples": p["examples"], "max-length": 128})
+    labels = federation_labels(cfg)
+    data = encode(train_and_heldout(cfg)[0], load_tokenizer(cfg.model), labels, max_length=cfg.max_length, where="bench")
+    lengths = [len(s) for s in data.input_ids]
+    rng = np.random.default_rng(0)
+    random_batches = batch_order(lengths, p["batch_size"], rng, group_by_length=False)
+    grouped = batch_order(lengths, p["batch_size"], rng)
+    # DP: Poisson batches at rate batch/n; the whole batch padded once, or length-sorted chunks.
+    q = p["batch_size"] / len(lengths)
+    poisson = [np.flatnonzero(rng.random(len(lengths)) < q) for _ in range(p["dp_steps"])]
+    poisson = [b for b in poisson if len(b)]
+    chunked = [c for b in poisson for c in np.array_split(b[np.argsort([-lengths[i] for i in b])],
+                                                           max(1, -(-len(b) // p["physical"])))]
+    result = {"data": source, "examples": len(lengths), "batch_size": p["batch_size"],
+              "random_batches": padding_efficiency(lengths, random_batches),
+              "length_grouped": padding_efficiency(lengths, grouped),
+              "dp_poisson_whole": padding_efficiency(lengths, poisson),
+              "dp_poisson_chunks": padding_efficiency(lengths, chunked), "dp_physical_batch": p["physical"]}
+    _plot_bars(out / "padding.png", "padding efficiency (real / processed tokens)",
+               {k: result[k] for k in ("random_batches", "length_grouped", "dp_poisson_whole", "dp_poisson_chunks")},
+               target=TARGETS["padding_efficiency"])
+    return result
+
+
+# ---- 3. throughput, with and without DP -------------------------------------------------
+
+def bench_throughput(p: dict, out: Path) -> dict:
+    from common.dp_train import dp_train
+
+    overrides, source = data_overrides("sst2")
+    cfg = config_from({**overrides, "max-train-examples": p["examples"]})
+    labels = federation_labels(cfg)
+    tok = load_tokenizer(cfg.model)
+    model = model_for_config(cfg, len(labels))
+    data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=cfg.max_length, where="bench")
+    initial = get_adapter_state(model)
+    common = dict(pad_id=tok.pad_token_id, steps=p["steps"], batch_size=p["batch_size"], learning_rate=1e-3,
+                  weight_decay=0.0, seed=0)
+    runs = {}
+    train(model, data, epochs=1, max_grad_norm=1.0, **{**common, "steps": 3})  # warm-up
+    for name, grouped in (("non_dp_random", False), ("non_dp_grouped", True)):
+        set_adapter_state(model, initial)
+        r = train(model, data, epochs=1, max_grad_norm=1.0, group_by_length=grouped, **common)
+        runs[name] = {"samples_per_s": r.examples / r.seconds, "step_s": r.seconds / r.steps,
+                      "padding_efficiency": r.padding_efficiency}
+    for name, physical in (("dp_whole", 0), ("dp_chunks", 8)):
+        set_adapter_state(model, initial)
+        r, _ = dp_train(model, data, noise_multiplier=1.0, clipping_norm=1.0, physical_batch_size=physical, **common)
+        runs[name] = {"samples_per_s": r.examples / r.seconds, "step_s": r.seconds / r.steps,
+                      "padding_efficiency": r.padding_efficiency}
+    set_adapter_state(model, initial)
+    result = {"data": source, "threads": torch.get_num_threads(), **{k: v for k, v in p.items()}, "runs": runs,
+              "dp_step_ratio_same_padding": runs["dp_whole"]["step_s"] / runs["non_dp_random"]["step_s"],
+              "dp_step_ratio_best": runs["dp_chunks"]["step_s"] / runs["non_dp_grouped"]["step_s"]}
+    _plot_bars(out / "throughput.png", "training samples per second (one client)",
+               {k: v["samples_per_s"] for k, v in runs.items()})
+    return result
+
+
+# ---- 4. traffic --------------------------------------------------------------------------
+
+def bench_traffic(out: Path, overhead: dict | None) -> dict:
+    """Bytes per client per round (the adapter, down and up) against the full model's size."""
+    cfg = config_from({})
+    labels = federation_labels(cfg)
+    model = model_for_config(cfg, len(labels))
+    state = get_adapter_state(model)
+    record = state_to_record(state)
+    adapter_bytes = sum(len(a.data) for a in record.values())
+    full_bytes = sum(t.numel() * t.element_size() for t in model.base_model.model.state_dict().values())
+    fp16 = {k: v.astype(np.float16) for k, v in state.items()}
+    fp16_bytes = sum(len(a.data) for a in state_to_record(fp16).values())
+    result = {"model": cfg.model, "adapter_tensors": len(state), "adapter_parameters": int(sum(v.size for v in state.values())),
+              "download_bytes_per_round": adapter_bytes, "upload_bytes_per_round": adapter_bytes,
+              "full_model_bytes": full_bytes, "adapter_over_full_model": adapter_bytes / full_bytes,
+              "fp16_bytes": fp16_bytes, "fp16_saving": 1 - fp16_bytes / adapter_bytes}
+    run_dir = (overhead or {}).get("run_dir")
+    if run_dir and (Path(run_dir) / "checkpoints").is_dir():
+        result["fp16_accuracy_effect"] = fp16_effect(Path(run_dir))
+    return result
+
+
+def fp16_effect(run_dir: Path) -> dict:
+    """Held-out accuracy of a trained global adapter as sent (fp32) and rounded to fp16."""
+    from server.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    cfg = parse_run_config(ckpt.meta["config"])
+    labels = federation_labels(cfg)
+    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")
+    scores = {}
+    for name, state in (("fp32", ckpt.adapter),
+                        ("fp16", {k: v.astype(np.float16).astype(v.dtype) for k, v in ckpt.adapter.items()})):
+        set_adapter_state(model, state)
+        res = evaluate(model, heldout, pad_id=tok.pad_token_id, batch_size=64, num_labels=len(labels))
+        scores[name] = {"accuracy": res["accuracy"], "macro_f1": res["macro_f1"]}
+    return {"round": ckpt.server_round, **scores,
+            "accuracy_change_points": 100 * (scores["fp16"]["accuracy"] - scores["fp32"]["accuracy"])}
+
+
+# ---- 1. framework overhead ---------------------------------------------------------------
+
+def overhead_overrides(p: dict, run_dir: Path) -> dict:
+    overrides, _ = data_overrides("sst2") if p["max_train_examples"] else ({}, "chatterbot")
+    return {**overrides, "partitioner": "iid", "num-server-rounds": p["rounds"], "local-steps": p["local_steps"],
+            "batch-size": p["batch_size"], "fraction-evaluate": 0.0, "max-train-examples": p["max_train_examples"],
+            "min-available-clients": p["clients"], "min-train-clients": p["clients"], "run-dir": str(run_dir)}
+
+
+def bench_overhead(p: dict, out: Path) -> dict:
+    """fedtune simulate against a plain PyTorch loop doing the same local steps, batches and
+    held-out evaluations over the same partitions; both timed as fresh processes."""
+    run_dir = out / "overhead-run"
+    overrides = overhead_overrides(p, run_dir)
+    args = [x for k, v in overrides.items() for x in ("-c", f"{k}={v}")]
+    start = time.perf_counter()
+    fed = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(p["clients"]),
+                          *args], cwd=REPO, capture_output=True, text=True)
+    fedtune_s = time.perf_counter() - start
+    if fed.returncode != 0:
+        raise RuntimeError(f"fedtune simulate failed:\n{fed.stdout[-3000:]}{fed.stderr[-3000:]}")
+    start = time.perf_counter()
+    loop = subprocess.run([sys.executable, __file__, "--plain-loop", json.dumps({**p, "overrides": overrides})],
+                          cwd=REPO, capture_output=True, text=True)
+    loop_s = time.perf_counter() - start
+    if loop.returncode != 0:
+        raise RuntimeError(f"plain loop failed:\n{loop.stderr[-3000:]}")
+    plain = json.loads(loop.stdout.strip().splitlines()[-1])
+    fed_rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {**{k: v for k, v in p.items()}, "fedtune_wall_s": fedtune_s, "plain_loop_wall_s": loop_s,
+            "ratio": fedtune_s / loop_s, "fedtune_round_s": [r.get("seconds") for r in fed_rows[1:]],
+            "fedtune_final_accuracy": fed_rows[-1]["heldout_accuracy"], "plain_final_accuracy": plain["accuracy"],
+            "run_dir": str(run_dir)}
+
+
+def plain_loop(spec: dict) -> None:
+    """The baseline: one process, the same partitions, local steps, FedAvg and evaluations."""
+    from client.app import client_seed
+
+    cfg = config_from({k: v for k, v in spec["overrides"].items() if k != "run-dir"})
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    labels = federation_labels(cfg)
+    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")
+    clients = [simulated_client_data(cfg, i, spec["clients"]) for i in range(spec["clients"])]
+    encoded = [encode(c.train, tok, labels, max_length=cfg.max_length, where=c.client_id) for c in clients]
+    global_state = get_adapter_state(model)
+    res = evaluate(model, heldout, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, num_labels=len(labels))
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        states, weights = [], []
+        for c, data in zip(clients, encoded):
+            set_adapter_state(model, global_state)
+            train(model, data, pad_id=tok.pad_token_id, epochs=1, steps=cfg.local_steps, batch_size=cfg.batch_size,
+                  learning_rate=cfg.learning_rate, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm,
+                  seed=client_seed(cfg.seed, server_round, c.client_id))
+            states.append(get_adapter_state(model))
+            weights.append(len(data))
+        total = sum(weights)
+        global_state = {k: sum(w * s[k] for w, s in zip(weights, states)) / total for k in global_state}
+        set_adapter_state(model, {k: v.astype(np.float32) for k, v in global_state.items()})
+        res = evaluate(model, heldout, pad_id=tok.pad_token_id, batch_size=cfg.eval_batch_size, num_labels=len(labels))
+    print(json.dumps({"accuracy": res["accuracy"]}))
+
+
+# ---- 5. scale ----------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak summed RSS of a process and all its descendants, sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                procs = [root, *root.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def bench_scale(p: dict, out: Path) -> dict:
+    rows = []
+    for n in p["clients"]:
+        run_dir = out / f"scale-{n}"
+        overrides = {"partitioner": "iid", "num-server-rounds": p["rounds"], "local-steps": p["local_steps"],
+                     "fraction-train": p["sampled"] / n, "min-train-clients": p["sampled"], "min-available-clients": n,
+                     "fraction-evaluate": 0.0, "run-dir": str(run_dir)}
+        args = [x for k, v in overrides.items() for x in ("-c", f"{k}={v}")]
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(n), *args],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        meter = PeakMemory(proc.pid)
+        _, err = proc.communicate()
+        peak = meter.stop()
+        if proc.returncode != 0:
+            raise RuntimeError(f"scale run with {n} clients failed:\n{err[-3000:]}")
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        round_s = [r["seconds"] for r in metrics[1:]]
+        rows.append({"clients": n, "sampled": p["sampled"], "round_s": round_s, "mean_round_s": float(np.mean(round_s)),
+                     "sampled_per_round": [r["clients_sampled"] for r in metrics[1:]],
+                     "peak_rss_gb": peak / 2**30, "wall_s": time.perf_counter() - start})
+    base = rows[0]["mean_round_s"]
+    for r in rows:
+        r["round_time_vs_smallest"] = r["mean_round_s"] / base
+    _plot_scale(out / "scale.png", rows)
+    return {"runs": rows}
+
+
+# ---- 6. accuracy -------------------------------------------------------------------------
+
+def bench_accuracy(p: dict, out: Path) -> dict:
+    """Centralized LoRA on the union of the client data against federated IID and Dirichlet
+    0.5 / 0.1, with the same number of passes over the data (federated: every client trains
+    one local epoch per round, all clients every round, `passes` rounds)."""
+    results = []
+    for name in p["datasets"]:
+        overrides, source = data_overrides(name)
+        overrides = {**overrides, "max-train-examples": p["max_train_examples"], "batch-size": 32,
+                     "local-epochs": 1, "local-steps": 0, "fraction-evaluate": 0.0}
+        for setting in p["settings"]:
+            start = time.perf_counter()
+            if setting == "centralized":
+                acc = centralized(overrides, p)
+            else:
+                acc = federated(overrides, p, setting, out / f"accuracy-{name}-{setting}")
+            results.append({"data": source, "setting": setting, "accuracy": acc["accuracy"],
+                            "macro_f1": acc["macro_f1"], "wall_s": time.perf_counter() - start})
+            print(f"bench: accuracy {source} {setting}: {acc['accuracy']:.4f}", flush=True)
+    return {"passes": p["passes"], "clients": p["clients"], "runs": results}
+
+
+def centralized(overrides: dict, p: dict) -> dict:
+    """Train on the union of what the clients hold (the pool minus their local validation
+    slices), `passes` epochs, then evaluate on the same held-out set."""
+    cfg = config_from({**overrides, "partitioner": "iid"})
+    labels = federation_labels(cfg)
+    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    initial = get_adapter_state(model)
+    parts = [simulated_client_data(cfg, i, p["clients"]).train for i in range(p["clients"])]
+    union = TextDataset(texts=[t for d in parts for t in d.texts], labels=[y for d in parts for y in d.labels])
+    data = encode(union, tok, labels, max_length=cfg.max_length, where="union")
+    train(model, data, pad_id=tok.pad_token_id, epochs=p["passes"], steps=0, batch_size=cfg.batch_size,
+          learning_rate=cfg.learning_rate, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
+    heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")
+    res = evaluate(model, heldout, pad_id=tok.pad_token_id, batch_size=64, num_labels=len(labels))
+    set_adapter_state(model, initial)
+    return res
+
+
+def federated(overrides: dict, p: dict, setting: str, run_dir: Path) -> dict:
+    part = {"iid": {"partitioner": "iid"}}.get(setting) or {"partitioner": "dirichlet",
+                                                            "dirichlet-alpha": float(setting.split("-")[1])}
+    config = {**overrides, **part, "num-server-rounds": p["passes"], "min-available-clients": p["clients"],
+              "min-train-clients": p["clients"], "run-dir": str(run_dir)}
+    args = [x for k, v in config.items() for x in ("-c", f"{k}={v}")]
+    done = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(p["clients"]),
+                           *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"federated {setting} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"accuracy": last["heldout_accuracy"], "macro_f1": last["heldout_macro_f1"]}
+
+
+# ---- report ------------------------------------------------------------------------------
+
+def _plot_bars(path: Path, title: str, values: dict, target: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(list(values), list(values.values()), color="steelblue")
+    if target is not None:
+        ax.axhline(target, color="red", ls="--", label=f"target {target}")
+        ax.legend()
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_scale(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [r["clients"] for r in rows]
+    ax.plot(xs, [r["mean_round_s"] for r in rows], marker="o", label="mean round time (s)")
+    ax.set_xlabel("simulated clients (10 sampled per round)")
+    ax.set_ylabel("seconds")
+    mem = ax.twinx()
+    mem.plot(xs, [r["peak_rss_gb"] for r in rows], marker="s", color="grey", label="peak RSS (GB)")
+    mem.axhline(TARGETS["scale_peak_gb"], color="red", ls="--")
+    mem.set_ylabel("GB")
+    fig.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# fedtune benchmark ({results['suite']} suite, {results['started']})", "",
+             f"Machine: {results['machine']['platform']}, {results['machine']['affinity']} cores, "
+             f"{results['machine']['memory_gb']} GB, GPU: {results['machine']['gpu']}; versions "
+             + ", ".join(f"{k} {v}" for k, v in results["machine"]["versions"].items()), "",
+             "| measurement | value | target | verdict |", "|---|---|---|---|"]
+    r = results
+    if "overhead" in r:
+        o = r["overhead"]
+        lines.append(f"| framework overhead: fedtune / plain loop wall time ({o['clients']} clients, {o['rounds']} rounds) "
+                     f"| {o['ratio']:.2f} ({o['fedtune_wall_s']:.0f} s / {o['plain_loop_wall_s']:.0f} s) "
+                     f"| <= {TARGETS['overhead_ratio']} | {verdict(o['ratio'] <= TARGETS['overhead_ratio'])} |")
+    if "padding" in r:
+        p = r["padding"]
+        lines.append(f"| padding efficiency, random batches ({p['data']}) | {p['random_batches']:.3f} | | |")
+        lines.append(f"| padding efficiency, length-grouped batches | {p['length_grouped']:.3f} | >= 0.85 "
+                     f"| {verdict(p['length_grouped'] >= TARGETS['padding_efficiency'])} |")
+        lines.append(f"| padding efficiency, DP Poisson batch in one piece | {p['dp_poisson_whole']:.3f} | | |")
+        lines.append(f"| padding efficiency, DP Poisson batch in length-sorted chunks of {p['dp_physical_batch']} "
+                     f"| {p['dp_poisson_chunks']:.3f} | | |")
+    if "throughput" in r:
+        t = r["throughput"]
+        for name, run in t["runs"].items():
+            lines.append(f"| throughput {name} (samples/s, one client, {t['threads']} threads) | {run['samples_per_s']:.1f} | | |")
+        lines.append(f"| DP / non-DP step time, same (random) batches | {t['dp_step_ratio_same_padding']:.2f} | <= 1.25 "
+                     f"| {verdict(t['dp_step_ratio_same_padding'] <= TARGETS['dp_step_ratio'])} |")
+        lines.append(f"| DP (chunks) / non-DP (grouped) step time | {t['dp_step_ratio_best']:.2f} | | |")
+    if "traffic" in r:
+        tr = r["traffic"]
+        lines.append(f"| traffic per client per round, down / up (bytes) | {tr['download_bytes_per_round']:,} / "
+                     f"{tr['upload_bytes_per_round']:,} | | |")
+        lines.append(f"| adapter / full model size | {tr['adapter_over_full_model']:.4f} | <= 0.005 "
+                     f"| {verdict(tr['adapter_over_full_model'] <= TARGETS['traffic_fraction'])} |")
+        lines.append(f"| fp16 adapters: bytes saved | {tr['fp16_saving']:.0%} | | |")
+        if "fp16_accuracy_effect" in tr:
+            e = tr["fp16_accuracy_effect"]
+            lines.append(f"| fp16 adapters: held-out accuracy fp32 -> fp16 | {e['fp32']['accuracy']:.4f} -> "
+                         f"{e['fp16']['accuracy']:.4f} ({e['accuracy_change_points']:+.2f} points) | | |")
+    if "scale" in r:
+        for s in r["scale"]["runs"]:
+            lines.append(f"| scale: {s['clients']} clients, {s['sampled']} sampled: mean round s / peak RSS GB "
+                         f"| {s['mean_round_s']:.1f} s ({s['round_time_vs_smallest']:.2f}x) / {s['peak_rss_gb']:.2f} "
+                         f"| peak < 4 GB | {verdict(s['peak_rss_gb'] < TARGETS['scale_peak_gb'])} |")
+    if "accuracy" in r:
+        a = r["accuracy"]
+        by = {(x["data"], x["setting"]): x for x in a["runs"]}
+        for x in a["runs"]:
+            lines.append(f"| accuracy {x['data']} {x['setting']} ({a['passes']} passes) | {x['accuracy']:.4f} "
+                         f"(macro-F1 {x['macro_f1']:.4f}) | | |")
+        for data in sorted({x["data"] for x in a["runs"]}):
+            if (data, "centralized") in by and (data, "iid") in by:
+                gap = 100 * (by[(data, "centralized")]["accuracy"] - by[(data, "iid")]["accuracy"])
+                lines.append(f"| {data}: centralized - federated IID (points) | {gap:.2f} | <= 1 "
+                             f"| {verdict(gap <= TARGETS['iid_gap_points'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--full", action="store_true", help="Run the full suite (hours on 2 cores).")
+    parser.add_argument("--only", default="", help="Comma-separated parts: overhead,padding,throughput,traffic,scale,accuracy")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--plain-loop", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_loop:
+        plain_loop(json.loads(args.plain_loop))
+        return
+    params = FULL if args.full else QUICK
+    parts = [x for x in (args.only.split(",") if args.only else
+                         ["overhead", "padding", "throughput", "traffic", "scale"] + (["accuracy"] if args.full else []))]
+    started = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or REPO / "bench" / "results" / f"{'full' if args.full else 'quick'}-{started}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"suite": "full" if args.full else "quick", "started": started, "machine": machine(),
+               "params": {k: params[k] for k in parts if k in params}, "targets": TARGETS}
+    for part in parts:
+        t0 = time.perf_counter()
+        print(f"bench: {part} ...", flush=True)
+        if part == "traffic":
+            results[part] = bench_traffic(out, results.get("overhead"))
+        else:
+            results[part] = globals()[f"bench_{part}"](params[part], out)
+        results[part]["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        (out / "results.md").write_text(markdown(results))
+    print((out / "results.md").read_text())
+    print(f"bench: results in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -173,6 +173,9 @@ class FedtuneConfig:
                 if getattr(self, name) != default:
                     raise ConfigError(f"{name.replace('_', '-')}: only used with task = 'causal-lm', got "
                                       f"{getattr(self, name)!r} with task = 'classification'")
+        if self.packing and self.dp_sample:
+            raise ConfigError("packing: expected false with dp-sample = true (a packed block mixes examples and an "
+                              "example can span two blocks, so the per-example guarantee would not hold), got true")
         if self.resume and not self.run_dir:
             raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
 

@@ -125,6 +125,8 @@ def test_refusals_name_what_was_expected(tiny_gpt2):
             model_for_config(lm_config(tiny_gpt2, **changes), 0)
     with pytest.raises(ConfigError, match="only used with task = 'causal-lm'"):
         FedtuneConfig(load_in="4bit")
+    with pytest.raises(ConfigError, match="packing: expected false with dp-sample"):
+        lm_config(tiny_gpt2, packing=True, dp_sample=True, dp_noise_multiplier=1.0)
 
 
 def test_instruction_files_and_the_packaged_pairs(tmp_path):

@@ -4,7 +4,9 @@ with TLS, SuperNode authentication and a persistent database (no mocks).
 RELIABILITY security checks: a SuperNode without TLS, or trusting the wrong CA, cannot
 connect; an unregistered node key is refused. RELIABILITY faults: a SuperNode killed
 mid-round; a node that restarts and rejoins under TLS + authentication; local training
-longer than the heartbeat interval. Invariants I1, I2, I4, I5 after every round.
+longer than the heartbeat interval; fewer nodes than the minimum; a SuperLink restart with a
+persistent database. Where the machine allows (root, iproute2), the main test runs each
+SuperNode in a network namespace of its own. Invariants I1, I2, I4, I5 after every round.
 Every process started here is stopped, also on failure.
 """
 
@@ -43,6 +45,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Namespaces:
+    """One network namespace per SuperNode, joined to this host by a veth pair with its own
+    /24, so a node's traffic to the SuperLink really crosses an interface. Needs root and
+    iproute2; `available()` says whether this machine allows it."""
+
+    def __init__(self, names: list[str]) -> None:
+        tag = os.getpid() % 200
+        self.links = {n: {"ns": f"ft{tag}-{i}", "host_if": f"fth{tag}x{i}", "node_if": f"ftn{tag}x{i}",
+                          "host_ip": f"10.{tag}.{i}.1", "node_ip": f"10.{tag}.{i}.2"} for i, n in enumerate(names)}
+
+    @staticmethod
+    def available() -> bool:
+        if os.geteuid() != 0 or shutil.which("ip") is None:
+            return False
+        probe = f"ftprobe{os.getpid()}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+        if made:
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+        return made
+
+    def create(self) -> None:
+        for link in self.links.values():
+            ns, h, n = link["ns"], link["host_if"], link["node_if"]
+            for cmd in (["ip", "netns", "add", ns], ["ip", "link", "add", h, "type", "veth", "peer", "name", n],
+                        ["ip", "link", "set", n, "netns", ns], ["ip", "addr", "add", f"{link['host_ip']}/24", "dev", h],
+                        ["ip", "link", "set", h, "up"], ["ip", "-n", ns, "addr", "add", f"{link['node_ip']}/24", "dev", n],
+                        ["ip", "-n", ns, "link", "set", n, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]):
+                subprocess.run(cmd, check=True, capture_output=True)
+
+    def bytes_through(self, name: str) -> tuple[int, int]:
+        """(received, sent) bytes on the host end of `name`'s link."""
+        stats = Path("/sys/class/net") / self.links[name]["host_if"] / "statistics"
+        return int((stats / "rx_bytes").read_text()), int((stats / "tx_bytes").read_text())
+
+    def delete(self) -> None:
+        for link in self.links.values():  # deleting the namespace deletes its veth pair too
+            subprocess.run(["ip", "netns", "del", link["ns"]], capture_output=True)
+            subprocess.run(["ip", "link", "del", link["host_if"]], capture_output=True)
+
+
 class Federation:
     """Processes of one test federation; `stop()` kills every one of them."""
 
@@ -73,7 +115,7 @@ class Federation:
         except json.JSONDecodeError:
             return -1
 
-    def start_superlink(self) -> None:
+    def start_superlink(self, host: str = "127.0.0.1") -> None:
         """Certificates, the CLI's connection config, a SuperLink with TLS + node auth + database."""
         pki = self.root / "pki"
         home = self.root / "flwr-home"
@@ -85,7 +127,7 @@ class Federation:
                                  "--ssl-certfile", str(pki / "server.crt"), "--ssl-keyfile", str(pki / "server.key"),
                                  "--enable-supernode-auth", "--database", str(self.root / "state.db"),
                                  "--disable-runtime-dependency-installation",  # else `uv sync` per run
-                                 "--host", "127.0.0.1", "--port", str(self.port)])
+                                 "--host", host, "--port", str(self.port)])
         wait_for(lambda: self.flwr("supernode", "list", "test").returncode == 0, 60, "the SuperLink")
 
     def register(self, sites: list[str]) -> None:
@@ -132,15 +174,17 @@ class Federation:
 
 
 def start_node(fed: Federation, name: str, *, ca: Path, key: str | None, insecure: bool = False,
-               retries: int = 3) -> None:
-    args = [sys.executable, "-m", "simulation.cli", "supernode", "--superlink", f"127.0.0.1:{fed.port}",
+               retries: int = 3, netns: dict | None = None) -> None:
+    """A SuperNode through `fedtune supernode`; inside `netns` (a Namespaces link) when given."""
+    superlink = netns["host_ip"] if netns else "127.0.0.1"
+    args = [sys.executable, "-m", "simulation.cli", "supernode", "--superlink", f"{superlink}:{fed.port}",
             "--port", str(free_port()), "--max-retries", str(retries), "--max-wait-time", str(10 * retries),
             "--node-config", f'data-path="{fed.root / (name + ".jsonl")}" client-id="{name}"']
     args += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
     if key:
         args += ["--auth-supernode-private-key", str(fed.root / "pki" / "nodes" / key),
                  "--auth-supernode-public-key", str(fed.root / "pki" / "nodes" / f"{key}.pub")]
-    fed.start(name, args)
+    fed.start(name, ["ip", "netns", "exec", netns["ns"], *args] if netns else args)
 
 
 def write_client_files(root: Path, names: list[str]) -> None:
@@ -163,17 +207,23 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
+    """The three sites run in network namespaces of their own, each dialing the SuperLink
+    over its veth link, where the machine allows it (root and iproute2); else on loopback."""
     fed = Federation(tmp_path)
+    nets = Namespaces(SITES) if Namespaces.available() else None
     try:
-        make_deployment_pki(tmp_path / "pki", nodes=[*SITES, "intruder"], hosts=["127.0.0.1", "localhost"])
+        if nets:
+            nets.create()
+        hosts = ["127.0.0.1", "localhost", *([v["host_ip"] for v in nets.links.values()] if nets else [])]
+        make_deployment_pki(tmp_path / "pki", nodes=[*SITES, "intruder"], hosts=hosts)
         (tmp_path / "other-ca").mkdir()
         make_ca(tmp_path / "other-ca", name="someone else's CA")
         write_client_files(tmp_path, [*SITES, "intruder", "plain", "wrong-ca"])
         pki = tmp_path / "pki"
-        fed.start_superlink()
+        fed.start_superlink(host="0.0.0.0" if nets else "127.0.0.1")
         fed.register(SITES)
         for site in SITES:
-            start_node(fed, site, ca=pki / "ca.crt", key=site)
+            start_node(fed, site, ca=pki / "ca.crt", key=site, netns=nets.links[site] if nets else None)
         start_node(fed, "intruder", ca=pki / "ca.crt", key="intruder")  # valid TLS, unregistered key
         start_node(fed, "plain", ca=pki / "ca.crt", key="site-0", insecure=True)  # no TLS
         start_node(fed, "wrong-ca", ca=tmp_path / "other-ca" / "ca.crt", key="site-1")  # trusts another CA
@@ -217,9 +267,18 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
         assert status["status"] == "not-enough-clients" and status["rounds_completed"] == 0, status
         assert "expected at least 4 connected clients" in fed.server_log(run_id)
         count("faults_survived", "fewer-nodes-than-minimum")
-        print(f"deployment test: run wall time {wall:.0f}s; not-enough-clients after {waited:.0f}s")
+        if nets:  # each site's adapters crossed its own link, both ways (~330 kB per adapter)
+            adapter_bytes = 300_000
+            for site in SITES:
+                received, sent = nets.bytes_through(site)
+                assert received > 2 * adapter_bytes and sent > 2 * adapter_bytes, (site, received, sent)
+            assert all(v["node_ip"] in fed.log("superlink") for v in nets.links.values())
+        where = "own network namespaces" if nets else "loopback (no network namespaces here)"
+        print(f"deployment test ({where}): run wall time {wall:.0f}s; not-enough-clients after {waited:.0f}s")
     finally:
         fed.stop()
+        if nets:
+            nets.delete()
 
 
 def fault_injecting_app(root: Path) -> Path:

@@ -225,7 +225,7 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
         for site in SITES:
             start_node(fed, site, ca=pki / "ca.crt", key=site, netns=nets.links[site] if nets else None)
         start_node(fed, "intruder", ca=pki / "ca.crt", key="intruder")  # valid TLS, unregistered key
-        start_node(fed, "plain", ca=pki / "ca.crt", key="site-0", insecure=True)  # no TLS
+        start_node(fed, "plain", ca=pki / "ca.crt", key=None, insecure=True)  # no TLS (Flower refuses --insecure with a key)
         start_node(fed, "wrong-ca", ca=tmp_path / "other-ca" / "ca.crt", key="site-1")  # trusts another CA
         wait_for(lambda: fed.online() == 3, 90, "3 SuperNodes online")
 
@@ -252,6 +252,11 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
             assert fed.procs[name].poll() is not None or "client-id" not in fed.log(name)
         (tmp_path / "refusals.txt").write_text("\n".join(f"== {n}\n{fed.log(n)[-1500:]}"
                                                          for n in ("intruder", "plain", "wrong-ca")))
+        # What each refusal looks like to the user.
+        assert "ApiError:2004" in fed.log("superlink")
+        assert "Failed to activate SuperNode" in fed.log("intruder") or fed.procs["intruder"].poll() is None
+        assert "CERTIFICATE_VERIFY_FAILED" in fed.log("wrong-ca")
+        assert "Connection attempt failed" in fed.log("plain")
         count("bad_inputs_rejected", "unregistered-node-key")
         count("bad_inputs_rejected", "supernode-without-tls")
         count("bad_inputs_rejected", "supernode-trusting-wrong-ca")

@@ -105,7 +105,7 @@ class FedtuneConfig:
     learning_rate: float = _f(5e-3, "AdamW learning rate on the adapter.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    group_by_length: bool = _f(True, "Batch examples of similar length together (less padding); batches stay random.")
+    group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
     num_threads: int = _f(0, "Torch threads per client process; 0 = fit the machine.")
     # Differential privacy

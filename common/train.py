@@ -127,7 +127,7 @@ def train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
     proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
-    group_by_length: bool = True,
+    group_by_length: bool = False,
 ) -> TrainResult:
     """Train the adapter with AdamW for `steps` steps, or `epochs` epochs when steps == 0.
 

@@ -286,6 +286,18 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
             nets.delete()
 
 
+def bring_up(fed: Federation, sites: list[str], *, retries: int = 3) -> None:
+    """Keys and data for `sites`, a SuperLink with TLS + auth + database, the sites registered
+    and started on loopback, all online."""
+    make_deployment_pki(fed.root / "pki", nodes=sites, hosts=["127.0.0.1", "localhost"])
+    write_client_files(fed.root, sites)
+    fed.start_superlink()
+    fed.register(sites)
+    for site in sites:
+        start_node(fed, site, ca=fed.root / "pki" / "ca.crt", key=site, retries=retries)
+    wait_for(lambda: fed.online() == len(sites), 90, f"{len(sites)} SuperNodes online")
+
+
 def fault_injecting_app(root: Path) -> Path:
     """A copy of the project whose ClientApp is simulation.faults:app (fedtune's ClientApp plus
     the fault mod); the production app is never changed for a test."""
@@ -321,14 +333,8 @@ def test_killed_node_fails_its_round_and_rejoins_while_a_slow_node_outlasts_hear
     fed = Federation(tmp_path)
     fed.env["FEDTUNE_FAULTS"] = json.dumps({"site-0": {"kind": "hang", "seconds": 70, "rounds": [1]}})
     try:
-        make_deployment_pki(tmp_path / "pki", nodes=SITES, hosts=["127.0.0.1", "localhost"])
-        write_client_files(tmp_path, SITES)
+        bring_up(fed, SITES)
         pki = tmp_path / "pki"
-        fed.start_superlink()
-        fed.register(SITES)
-        for site in SITES:
-            start_node(fed, site, ca=pki / "ca.crt", key=site)
-        wait_for(lambda: fed.online() == 3, 90, "3 SuperNodes online")
 
         run = tmp_path / "run"
         config = [*SMALL_RUN, "num-server-rounds=3", "min-available-clients=3", "min-train-clients=3",
@@ -372,14 +378,7 @@ def test_superlink_restart_keeps_registrations_and_the_run_resumes(tmp_path):
     fed = Federation(tmp_path)
     sites = SITES[:2]
     try:
-        make_deployment_pki(tmp_path / "pki", nodes=sites, hosts=["127.0.0.1", "localhost"])
-        write_client_files(tmp_path, sites)
-        pki = tmp_path / "pki"
-        fed.start_superlink()
-        fed.register(sites)
-        for site in sites:
-            start_node(fed, site, ca=pki / "ca.crt", key=site, retries=60)
-        wait_for(lambda: fed.online() == 2, 90, "2 SuperNodes online")
+        bring_up(fed, sites, retries=60)  # retries: the nodes outlive the SuperLink's restart
         run = tmp_path / "run"
         config = [*SMALL_RUN, "num-server-rounds=3", "min-available-clients=2", "round-timeout=120.0",
                   f'run-dir="{run}"']

@@ -384,7 +384,7 @@ def evaluation_row(state: ServerState, server_round: int) -> dict:
         write_samples(state, model, tokenizer, server_round)
     if server_round == 0:
         log(INFO, "fedtune: round 0 (before training): held-out %s",
-            " ".join(f"{n} {res[n]:.4f}" for n in names))
+            " ".join(f"{n.replace('macro_f1', 'macro-F1')} {res[n]:.4f}" for n in names))
     return row
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftModel, TaskType
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.data import TextDataset
 from common.errors import ConfigError, DataError
-from common.model import LOAD_COUNT, load_tokenizer, resolve_model_path
+from common.model import LOAD_COUNT, resolve_model_path, with_lora
 from common.train import IGNORE_INDEX as IGNORE
 from common.train import TOKENIZE_COUNT, EncodedData, encode
 ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
@@ -72,17 +72,8 @@ def load_lora_causal_lm(
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = load_tokenizer(model).pad_token_id
-    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(target_modules) or None)
-    try:
-        return get_peft_model(base, config)
-    except ValueError as err:
-        raise ConfigError(
-            f"lora-target-modules: {err} (model type {base.config.model_type!r}; name its attention "
-            "projections, e.g. 'q_proj,v_proj' or 'c_attn')"
-        ) from err
+    return with_lora(base, model, task_type=TaskType.CAUSAL_LM, r=r, alpha=alpha, dropout=dropout,
+                     target_modules=target_modules)
 
 
 def prompt_text(tokenizer, template: str, instruction: str, extra: str = "") -> str:

@@ -58,15 +58,22 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_lora_config(*, r: int, alpha: float, dropout: float, target_modules: list[str]) -> LoraConfig:
-    """LoRA on the attention projections (PEFT's per-architecture default) unless named."""
-    return LoraConfig(
-        task_type=TaskType.SEQ_CLS,  # PEFT then trains and saves the classifier head too
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules or None,
-    )
+def with_lora(base, model: str, *, task_type: TaskType, r: int, alpha: float, dropout: float,
+              target_modules: tuple[str, ...]) -> PeftModel:
+    """Wrap a freshly loaded base model with LoRA: PEFT's per-architecture default targets
+    (the attention projections) unless `target_modules` names others. With SEQ_CLS, PEFT
+    trains and saves the classification head too."""
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = load_tokenizer(model).pad_token_id
+    config = LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules) or None)
+    try:
+        return get_peft_model(base, config)
+    except ValueError as err:
+        raise ConfigError(
+            f"lora-target-modules: {err} (model type {base.config.model_type!r}; name its attention "
+            "projections, e.g. 'query,value', 'q_proj,v_proj' or 'c_attn')"
+        ) from err
 
 
 @functools.lru_cache(maxsize=2)
@@ -86,15 +93,8 @@ def load_lora_model(
     base = AutoModelForSequenceClassification.from_pretrained(
         resolve_model_path(model), num_labels=num_labels, dtype=torch.float32,
     )
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = load_tokenizer(model).pad_token_id
-    try:
-        peft_model = get_peft_model(
-            base, build_lora_config(r=r, alpha=alpha, dropout=dropout, target_modules=list(target_modules))
-        )
-    except ValueError as err:
-        raise ConfigError(f"lora-target-modules: {err}") from err
-    return peft_model
+    return with_lora(base, model, task_type=TaskType.SEQ_CLS, r=r, alpha=alpha, dropout=dropout,
+                     target_modules=target_modules)
 
 
 def model_for_config(cfg, num_labels: int) -> PeftModel:

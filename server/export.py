@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common.config import parse_run_config
 from common.data import LabelMap
-from common.errors import CheckpointError
+from common.errors import CheckpointError, ConfigError
 from common.lm import export_model, load_lora_causal_lm
 from common.model import load_lora_model, load_tokenizer, set_adapter_state
 from server.checkpoint import latest_checkpoint, load_checkpoint
@@ -23,7 +23,10 @@ from server.checkpoint import latest_checkpoint, load_checkpoint
 
 def export_run(run_dir: str | Path, out: str | Path, *, merged: bool) -> tuple[Path, int]:
     """Write the export; returns its directory and the round it comes from."""
-    run_dir = Path(run_dir)
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"export: expected a new or empty output directory, got {str(out)!r} which holds "
+                          "files; refusing to overwrite them")
     path = latest_checkpoint(run_dir / "checkpoints")
     if path is None:
         raise CheckpointError(f"export: expected checkpoints in {run_dir / 'checkpoints'}, found none")

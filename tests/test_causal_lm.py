@@ -191,6 +191,8 @@ def test_three_clients_two_rounds_lower_heldout_loss_and_export_round_trips(tiny
     for flag, name in (("--merged", "merged"), (None, "adapter")):
         done = fedtune("export", str(run), str(tmp_path / name), *([flag] if flag else []), timeout=120)
         assert done.returncode == 0, done.stdout[-2000:]
+    again = fedtune("export", str(run), str(tmp_path / "merged"), "--merged", timeout=120)
+    assert again.returncode == 2 and "refusing to overwrite" in again.stdout  # nothing of the first export lost
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2),
                                              tmp_path / "adapter").eval()

@@ -36,7 +36,7 @@ from common.data import TextDataset  # noqa: E402
 from common.federation_data import federation_labels, heldout_set, simulated_client_data, train_and_heldout  # noqa: E402
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state  # noqa: E402
 from common.records import state_to_record  # noqa: E402
-from common.train import batch_order, encode, evaluate, padding_efficiency, train  # noqa: E402
+from common.train import batch_order, encode, evaluate, padding_efficiency, round_schedule, train  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 SST2 = {"data": str(SHARED / "sst2" / "train.tsv"), "heldout-data": str(SHARED / "sst2" / "dev.tsv"),
@@ -44,21 +44,30 @@ SST2 = {"data": str(SHARED / "sst2" / "train.tsv"), "heldout-data": str(SHARED /
 AGNEWS = {"data": str(SHARED / "ag_news" / "train.csv"), "heldout-data": str(SHARED / "ag_news" / "dev.csv"),
           "column-names": "text,label"}
 
+# Accuracy runs, tuned on SST-2 probes (centralized, 18k examples, 1 epoch): learning rate
+# 5e-3 plateaus at 0.77 on query/value and diverges with more LoRA targets; 1e-3 on
+# query/key/value with a cosine decay over all passes reaches the high 80s. Both sides of each
+# comparison use the same settings and passes. Length grouping: these labels do not follow length.
+# AG News (450 examples a client) uses batch 8 so a round is more than a handful of steps.
+TUNED = {"learning-rate": 1e-3, "lr-schedule": "cosine", "lora-target-modules": "query,key,value",
+         "group-by-length": True}
+
 QUICK = {
     "padding": {"examples": 20000, "batch_size": 32, "dp_steps": 300, "physical": 8},
     "throughput": {"examples": 4000, "steps": 20, "batch_size": 32},
     "overhead": {"clients": 10, "rounds": 3, "local_steps": 8, "batch_size": 16, "max_train_examples": 0},
     "scale": {"clients": [10, 50, 100], "sampled": 10, "rounds": 2, "local_steps": 3},
-    "accuracy": {"datasets": ["ag_news"], "max_train_examples": 2000, "passes": 2, "clients": 10,
-                 "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"]},
+    "accuracy": {"clients": 10, "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"],
+                 "datasets": {"ag_news": {**TUNED, "passes": 2, "batch-size": 8, "max-train-examples": 2000}}},
 }
 FULL = {
     "padding": {"examples": 0, "batch_size": 32, "dp_steps": 2000, "physical": 8},
     "throughput": {"examples": 20000, "steps": 60, "batch_size": 32},
     "overhead": {"clients": 10, "rounds": 3, "local_steps": 30, "batch_size": 32, "max_train_examples": 20000},
     "scale": {"clients": [10, 50, 100], "sampled": 10, "rounds": 3, "local_steps": 10},
-    "accuracy": {"datasets": ["sst2", "ag_news"], "max_train_examples": 0, "passes": 3, "clients": 10,
-                 "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"]},
+    "accuracy": {"clients": 10, "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"],
+                 "datasets": {"sst2": {**TUNED, "passes": 2, "batch-size": 32},
+                              "ag_news": {**TUNED, "passes": 6, "batch-size": 8}}},
 }
 TARGETS = {"overhead_ratio": 1.15, "padding_efficiency": 0.85, "dp_step_ratio": 1.25, "traffic_fraction": 0.005,
            "scale_peak_gb": 4.0, "iid_gap_points": 1.0, "sst2_accuracy": 0.88}
@@ -320,49 +329,63 @@ def bench_scale(p: dict, out: Path) -> dict:
 def bench_accuracy(p: dict, out: Path) -> dict:
     """Centralized LoRA on the union of the client data against federated IID and Dirichlet
     0.5 / 0.1, with the same number of passes over the data (federated: every client trains
-    one local epoch per round, all clients every round, `passes` rounds)."""
-    results = []
-    for name in p["datasets"]:
+    one local epoch per round, all clients every round, `passes` rounds; centralized:
+    `passes` epochs) and the same learning-rate schedule over those passes."""
+    results, adapters = [], {}
+    for name, spec in p["datasets"].items():
         overrides, source = data_overrides(name)
-        overrides = {**overrides, "max-train-examples": p["max_train_examples"], "batch-size": 32,
-                     "local-epochs": 1, "local-steps": 0, "fraction-evaluate": 0.0}
+        passes = spec["passes"]
+        overrides = {**overrides, "local-epochs": 1, "local-steps": 0, "fraction-evaluate": 0.0,
+                     **{k: v for k, v in spec.items() if k != "passes"}}
+        adapters[source] = adapter_fraction(config_from(overrides))
         for setting in p["settings"]:
             start = time.perf_counter()
             if setting == "centralized":
-                acc = centralized(overrides, p)
+                acc = centralized(overrides, passes, p["clients"])
             else:
-                acc = federated(overrides, p, setting, out / f"accuracy-{name}-{setting}")
-            results.append({"data": source, "setting": setting, "accuracy": acc["accuracy"],
+                acc = federated(overrides, passes, p["clients"], setting, out / f"accuracy-{name}-{setting}")
+            results.append({"data": source, "setting": setting, "passes": passes, "accuracy": acc["accuracy"],
                             "macro_f1": acc["macro_f1"], "wall_s": time.perf_counter() - start})
             print(f"bench: accuracy {source} {setting}: {acc['accuracy']:.4f}", flush=True)
-    return {"passes": p["passes"], "clients": p["clients"], "runs": results}
+    return {"clients": p["clients"], "runs": results, "adapter_over_full_model": adapters}
 
 
-def centralized(overrides: dict, p: dict) -> dict:
+def adapter_fraction(cfg: FedtuneConfig) -> float:
+    """Bytes of the adapter this configuration sends over the full model's bytes."""
+    model = model_for_config(cfg, len(federation_labels(cfg)))
+    adapter = sum(t.numel() * t.element_size() for t in get_adapter_state(model).values())
+    full = sum(t.numel() * t.element_size() for t in model.base_model.model.state_dict().values())
+    return adapter / full
+
+
+def centralized(overrides: dict, passes: int, clients: int) -> dict:
     """Train on the union of what the clients hold (the pool minus their local validation
     slices), `passes` epochs, then evaluate on the same held-out set."""
     cfg = config_from({**overrides, "partitioner": "iid"})
     labels = federation_labels(cfg)
     model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
     initial = get_adapter_state(model)
-    parts = [simulated_client_data(cfg, i, p["clients"]).train for i in range(p["clients"])]
+    parts = [simulated_client_data(cfg, i, clients).train for i in range(clients)]
     union = TextDataset(texts=[t for d in parts for t in d.texts], labels=[y for d in parts for y in d.labels])
     data = encode(union, tok, labels, max_length=cfg.max_length, where="union")
-    train(model, data, pad_id=tok.pad_token_id, epochs=p["passes"], steps=0, batch_size=cfg.batch_size,
-          learning_rate=cfg.learning_rate, weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
+    # The federated schedule over `passes` rounds, as one curve over `passes` epochs.
+    schedule = round_schedule(cfg.replace(num_server_rounds=1), 1)
+    train(model, data, pad_id=tok.pad_token_id, epochs=passes, steps=0, batch_size=cfg.batch_size,
+          learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+          seed=cfg.seed, group_by_length=cfg.group_by_length, lr_at=schedule)
     heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")
     res = evaluate(model, heldout, pad_id=tok.pad_token_id, batch_size=64, num_labels=len(labels))
     set_adapter_state(model, initial)
     return res
 
 
-def federated(overrides: dict, p: dict, setting: str, run_dir: Path) -> dict:
+def federated(overrides: dict, passes: int, clients: int, setting: str, run_dir: Path) -> dict:
     part = {"iid": {"partitioner": "iid"}}.get(setting) or {"partitioner": "dirichlet",
                                                             "dirichlet-alpha": float(setting.split("-")[1])}
-    config = {**overrides, **part, "num-server-rounds": p["passes"], "min-available-clients": p["clients"],
-              "min-train-clients": p["clients"], "run-dir": str(run_dir)}
-    args = [x for k, v in config.items() for x in ("-c", f"{k}={v}")]
-    done = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(p["clients"]),
+    config = {**overrides, **part, "num-server-rounds": passes, "min-available-clients": clients,
+              "min-train-clients": clients, "run-dir": str(run_dir)}
+    args = [x for k, v in config.items() for x in ("-c", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
+    done = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(clients),
                            *args], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"federated {setting} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -462,8 +485,13 @@ def markdown(results: dict) -> str:
         a = r["accuracy"]
         by = {(x["data"], x["setting"]): x for x in a["runs"]}
         for x in a["runs"]:
-            lines.append(f"| accuracy {x['data']} {x['setting']} ({a['passes']} passes) | {x['accuracy']:.4f} "
-                         f"(macro-F1 {x['macro_f1']:.4f}) | | |")
+            sst2_target = x["data"] == "sst2" and r["suite"] == "full" and x["setting"] in ("centralized", "iid")
+            lines.append(f"| accuracy {x['data']} {x['setting']} ({x['passes']} passes) | {x['accuracy']:.4f} "
+                         f"(macro-F1 {x['macro_f1']:.4f}) | {'>= 0.88' if sst2_target else ''} "
+                         f"| {verdict(x['accuracy'] >= TARGETS['sst2_accuracy']) if sst2_target else ''} |")
+        for data, fraction in a.get("adapter_over_full_model", {}).items():
+            lines.append(f"| {data}: adapter / full model size in these runs | {fraction:.4f} | <= 0.005 "
+                         f"| {verdict(fraction <= TARGETS['traffic_fraction'])} |")
         for data in sorted({x["data"] for x in a["runs"]}):
             if (data, "centralized") in by and (data, "iid") in by:
                 gap = 100 * (by[(data, "centralized")]["accuracy"] - by[(data, "iid")]["accuracy"])
@@ -476,6 +504,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="Run the full suite (hours on 2 cores).")
     parser.add_argument("--only", default="", help="Comma-separated parts: overhead,padding,throughput,traffic,scale,accuracy")
+    parser.add_argument("--data", default="", help="Accuracy: comma-separated data sets (default: all of the suite's)")
     parser.add_argument("--out", default="")
     parser.add_argument("--plain-loop", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -485,6 +514,13 @@ def main() -> None:
     params = FULL if args.full else QUICK
     parts = [x for x in (args.only.split(",") if args.only else
                          ["overhead", "padding", "throughput", "traffic", "scale"] + (["accuracy"] if args.full else []))]
+    if args.data:
+        chosen = args.data.split(",")
+        unknown = sorted(set(chosen) - set(params["accuracy"]["datasets"]))
+        if unknown:
+            parser.error(f"--data: expected some of {sorted(params['accuracy']['datasets'])}, got {unknown}")
+        params = {**params, "accuracy": {**params["accuracy"], "datasets": {
+            k: v for k, v in params["accuracy"]["datasets"].items() if k in chosen}}}
     started = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or REPO / "bench" / "results" / f"{'full' if args.full else 'quick'}-{started}")
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from common.federation_data import ClientData, deployed_client_data, simulated_c
 from common.records import TRAIN_METRICS, record_to_state, state_to_record
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
 from common.lm import encode_for_task
-from common.train import evaluate, train
+from common.train import evaluate, round_schedule, train
 
 TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM)  # added by Flower and its DP wrappers
 PROGRESS_EVERY = 10
@@ -146,7 +146,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
-            group_by_length=cfg.group_by_length,
+            group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
         )
     metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
     content = RecordDict({

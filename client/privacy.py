@@ -16,6 +16,7 @@ from common.budget import PrivacyRecord, data_fingerprint, privacy_dir
 from common.config import FedtuneConfig
 from common.dp_train import dp_train
 from common.privacy import Mechanism, calibrate_noise
+from common.train import round_schedule
 
 BUDGET_EXHAUSTED = "budget-exhausted"
 TRAINED = "trained"
@@ -85,6 +86,7 @@ def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         noise_multiplier=decision.planned.noise_multiplier, clipping_norm=cfg.dp_clipping_norm,
         seed=seed, progress=progress, physical_batch_size=cfg.dp_physical_batch_size,
+        lr_at=round_schedule(cfg, server_round),
     )
     if not math.isclose(mechanism.sample_rate, decision.planned.sample_rate):
         raise RuntimeError(

@@ -26,6 +26,7 @@ Task = Literal["classification", "causal-lm"]
 PromptTemplate = Literal["auto", "alpaca", "plain"]
 LoadIn = Literal["none", "8bit", "4bit"]
 ComputeDtype = Literal["float32", "bfloat16"]
+LRSchedule = Literal["constant", "cosine"]
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -51,6 +52,7 @@ class FedtuneConfig:
     proximal_mu: float = _f(0.01, "FedProx: weight of the proximal term added to the client loss.")
     server_learning_rate: float = _f(0.01, "FedAdam/FedYogi/FedAdagrad: server learning rate (eta).")
     server_momentum: float = _f(0.9, "FedAvgM: server momentum.")
+    fedavgm_learning_rate: float = _f(1.0, "FedAvgM: server learning rate on the averaged update (with server-momentum = 0: FedAvg with a server step size).")
     beta_1: float = _f(0.9, "FedAdam/FedYogi: first moment decay.")
     beta_2: float = _f(0.99, "FedAdam/FedYogi: second moment decay.")
     tau: float = _f(1e-3, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon) term.")
@@ -102,7 +104,9 @@ class FedtuneConfig:
     local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local-epochs.")
     batch_size: int = _f(16, "Local training batch size.")
     eval_batch_size: int = _f(64, "Evaluation batch size.")
-    learning_rate: float = _f(5e-3, "AdamW learning rate on the adapter.")
+    learning_rate: float = _f(5e-3, "AdamW learning rate on the adapter (the peak, with lr-schedule = cosine).")
+    lr_schedule: LRSchedule = _f("constant", "constant, or cosine: decay from learning-rate to min-learning-rate over all rounds' local steps.")
+    min_learning_rate: float = _f(0.0, "lr-schedule = cosine: the learning rate reached at the end of the last round.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
@@ -137,9 +141,9 @@ class FedtuneConfig:
                      "max_heldout_examples", "num_threads", "shards_per_client"):
             _check_min(name, getattr(self, name), 0)
         for name in ("round_timeout", "lora_alpha", "learning_rate", "dirichlet_alpha",
-                     "server_learning_rate", "tau"):
+                     "server_learning_rate", "fedavgm_learning_rate", "tau"):
             _check_positive(name, getattr(self, name))
-        for name in ("proximal_mu", "weight_decay", "max_grad_norm"):
+        for name in ("proximal_mu", "weight_decay", "max_grad_norm", "min_learning_rate"):
             _check_min(name, getattr(self, name), 0.0)
         _check_range("trimmed_beta", self.trimmed_beta, 0.0, 0.5, hi_open=True)
         for name in ("num_malicious_clients", "max_norm_factor", "max_update_norm", "max_client_weight"):
@@ -167,6 +171,9 @@ class FedtuneConfig:
         if self.partitioner == "natural" and not self.partition_column:
             raise ConfigError("partition-column: expected a column name when partitioner = 'natural', got ''")
         _check_min("max_new_tokens", self.max_new_tokens, 1)
+        if self.min_learning_rate > self.learning_rate:
+            raise ConfigError(f"min-learning-rate: expected at most learning-rate ({self.learning_rate}), "
+                              f"got {self.min_learning_rate}")
         if self.task == "classification":
             lm_only = {"load_in": "none", "compute_dtype": "float32", "packing": False}
             for name, default in lm_only.items():

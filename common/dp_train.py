@@ -32,7 +32,7 @@ logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() 
 
 from common.errors import FedtuneError
 from common.privacy import Mechanism
-from common.train import EncodedData, TrainResult, batch_loss, pad_batch
+from common.train import EncodedData, TrainResult, batch_loss, pad_batch, set_learning_rate
 
 
 class DPTrainingError(FedtuneError, RuntimeError):
@@ -77,6 +77,7 @@ def dp_train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, noise_multiplier: float, clipping_norm: float, seed: int,
     progress: Callable[[int, int, float], None] | None = None, physical_batch_size: int = 0,
+    lr_at: Callable[[float], float] | None = None,
 ) -> tuple[TrainResult, Mechanism]:
     """`steps` DP-SGD steps (per-sample clipping to `clipping_norm`, Gaussian noise).
 
@@ -102,7 +103,7 @@ def dp_train(
             generator=torch.Generator().manual_seed(seed + 1),
         )
         _check_same_parameters(gsm, optimizer)
-        stats = _run_steps(gsm, loader, optimizer, steps, progress, data.task, physical_batch_size)
+        stats = _run_steps(gsm, loader, optimizer, steps, progress, data.task, physical_batch_size, lr_at)
     finally:
         gsm._close()  # remove Opacus hooks: the cached model is reused by later rounds
     _check_weights_moved(params, before)
@@ -113,11 +114,13 @@ def dp_train(
     return result, mechanism
 
 
-def _run_steps(gsm, loader, optimizer, steps, progress, task: str, physical: int) -> dict:
+def _run_steps(gsm, loader, optimizer, steps, progress, task: str, physical: int, lr_at=None) -> dict:
     gsm.train()
     stats = {"done": 0, "loss_sum": 0.0, "seen": 0, "real": 0, "processed": 0}
     while stats["done"] < steps:
         for ids, mask, labels in loader:
+            if lr_at is not None:  # the learning rate is post-processing: the guarantee does not change
+                set_learning_rate(optimizer, lr_at(stats["done"] / steps))
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 _noise_only_step(optimizer)

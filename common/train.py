@@ -107,6 +107,31 @@ def batch_order(lengths: list[int], batch_size: int, rng: np.random.Generator, *
     return batches
 
 
+def cosine_lr(peak: float, floor: float, progress: float) -> float:
+    """Cosine decay from `peak` at progress 0 to `floor` at progress 1 (SGDR without restarts,
+    Loshchilov & Hutter 2017)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def round_schedule(cfg, server_round: int) -> Callable[[float], float] | None:
+    """The learning rate over one round's local steps (None = constant learning-rate).
+
+    With lr-schedule = cosine the decay spans all rounds: round t covers progress
+    [(t-1)/R, t/R), so every client of a round starts from the same rate, and a resumed run
+    continues the same curve (it depends only on the round number).
+    """
+    if cfg.lr_schedule == "constant":
+        return None
+    rounds = cfg.num_server_rounds
+    return lambda f: cosine_lr(cfg.learning_rate, cfg.min_learning_rate, (server_round - 1 + f) / rounds)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def padding_efficiency(lengths: list[int], batches: list[np.ndarray]) -> float:
     """Real tokens over processed tokens (every batch padded to its longest member)."""
     real = sum(lengths[i] for b in batches for i in b)
@@ -127,9 +152,12 @@ def train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
     proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
-    group_by_length: bool = False,
+    group_by_length: bool = False, lr_at: Callable[[float], float] | None = None,
 ) -> TrainResult:
     """Train the adapter with AdamW for `steps` steps, or `epochs` epochs when steps == 0.
+
+    `lr_at` maps the fraction of this call's steps done (0 <= f < 1) to the learning rate of
+    the next step; without it the rate stays at `learning_rate`.
 
     With proximal_mu > 0 the FedProx term mu/2 * ||w - w_global||^2 over the trainable
     weights is added to the loss (Li et al. 2020, https://arxiv.org/abs/1812.06127).
@@ -148,6 +176,8 @@ def train(
     done, loss_sum, seen, real_tokens, processed_tokens = 0, 0.0, 0, 0, 0
     while done < total:
         for batch_idx in batch_order(lengths, batch_size, rng, group_by_length=group_by_length):
+            if lr_at is not None:
+                set_learning_rate(optimizer, lr_at(done / total))
             batch = collate(data, batch_idx, pad_id)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             loss = batch_loss(out.logits, batch["labels"], data.task)

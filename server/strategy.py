@@ -29,7 +29,8 @@ def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
     if cfg.strategy == "fedprox":
         return fl.FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedavgm":
-        return fl.FedAvgM(**common, server_learning_rate=1.0, server_momentum=cfg.server_momentum)
+        return fl.FedAvgM(**common, server_learning_rate=cfg.fedavgm_learning_rate,
+                           server_momentum=cfg.server_momentum)
     if cfg.strategy == "fedadam":
         return fl.FedAdam(**common, **opt, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
     if cfg.strategy == "fedyogi":

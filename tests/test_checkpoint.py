@@ -95,3 +95,18 @@ def test_strategy_state_round_trip(name):
     load_strategy_state(fresh, saved)
     assert strategy_state(fresh).keys() == saved.keys()
     assert all(np.array_equal(strategy_state(fresh)[k], v) for k, v in saved.items())
+
+
+def test_fedavgm_server_learning_rate_scales_the_averaged_update():
+    """With server-momentum 0, FedAvgM is FedAvg whose averaged update is multiplied by
+    fedavgm-learning-rate: the global moves 3x as far as the clients' mean."""
+    from flwr.app import Array, ArrayRecord
+
+    from tests.flower_messages import train_reply
+
+    strategy = build_strategy(FedtuneConfig(strategy="fedavgm", server_momentum=0.0, fedavgm_learning_rate=3.0))
+    old = np.zeros((2, 3), np.float32)
+    strategy.current_arrays = ArrayRecord({"w": Array(old)})
+    clients = [np.full((2, 3), 0.1, np.float32), np.full((2, 3), 0.3, np.float32)]
+    arrays, _ = strategy.aggregate_train(1, [train_reply(n, {"w": w}) for n, w in enumerate(clients, 1)])
+    assert np.allclose(arrays["w"].numpy(), 3.0 * 0.2)

@@ -63,6 +63,9 @@ def test_good_values_are_accepted(raw, expected):
     ({"partitioner": "natural"}, "partition-column"),
     ({"max-grad-norm": -0.1}, ">= 0"),
     ({"model": 3}, "expected a string"),
+    ({"lr-schedule": "linear"}, "expected one of"),
+    ({"min-learning-rate": 0.01, "learning-rate": 0.001}, "at most learning-rate"),
+    ({"min-learning-rate": -1e-4}, ">= 0"),
 ])
 def test_bad_values_are_refused_with_expected_and_got(raw, message):
     with pytest.raises(ConfigError, match=message):

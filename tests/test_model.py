@@ -19,7 +19,7 @@ from common.model import (
     LOAD_COUNT, get_adapter_state, load_tokenizer, model_for_config, resolve_model_path, save_adapter,
     set_adapter_state,
 )
-from common.train import TOKENIZE_COUNT, encode, evaluate, macro_f1, train
+from common.train import TOKENIZE_COUNT, cosine_lr, encode, evaluate, macro_f1, round_schedule, train
 
 CFG = FedtuneConfig(partitioner="iid")
 
@@ -129,6 +129,39 @@ def test_training_is_deterministic_for_a_seed(setup):
         states.append(get_adapter_state(model))
     set_adapter_state(model, initial)
     assert all(np.array_equal(states[0][k], states[1][k]) for k in initial)
+
+
+def test_cosine_schedule_spans_all_rounds_without_jumps():
+    cfg = FedtuneConfig(learning_rate=1e-3, min_learning_rate=1e-5, lr_schedule="cosine", num_server_rounds=4)
+    assert round_schedule(cfg.replace(lr_schedule="constant"), 1) is None
+    rounds = [round_schedule(cfg, t) for t in range(1, 5)]
+    assert rounds[0](0.0) == pytest.approx(1e-3)
+    for this, following in zip(rounds, rounds[1:]):  # a round ends where the next one starts
+        assert this(1.0) == pytest.approx(following(0.0))
+    assert rounds[-1](1.0) == pytest.approx(1e-5)
+    curve = [rounds[t](f) for t in range(4) for f in np.linspace(0, 1, 9)]
+    assert all(a >= b for a, b in zip(curve, curve[1:]))  # never rises
+    assert cosine_lr(1.0, 0.0, 0.5) == pytest.approx(0.5)
+
+
+def test_schedule_sets_each_steps_learning_rate(setup):
+    """train() follows lr_at: a zero rate leaves the adapter where it was, a constant schedule
+    equals no schedule, and a decaying one moves the weights less than the constant peak."""
+    cfg, labels, model, tok = setup
+    data = encode(simulated_client_data(cfg, 1, 3).train.subset(range(32)), tok, labels, max_length=32, where="t")
+    initial = get_adapter_state(model)
+    runs = {}
+    for name, lr_at in (("none", None), ("constant", lambda f: 5e-3), ("zero", lambda f: 0.0),
+                        ("decay", lambda f: cosine_lr(5e-3, 0.0, f))):
+        set_adapter_state(model, initial)
+        train(model, data, pad_id=tok.pad_token_id, epochs=1, steps=4, batch_size=8, learning_rate=5e-3,
+              weight_decay=0.0, max_grad_norm=1.0, seed=7, lr_at=lr_at)
+        runs[name] = get_adapter_state(model)
+    set_adapter_state(model, initial)
+    moved = {n: sum(float(np.sum((s[k] - initial[k]) ** 2)) for k in initial) for n, s in runs.items()}
+    assert moved["zero"] == 0.0
+    assert all(np.array_equal(runs["none"][k], runs["constant"][k]) for k in initial)
+    assert 0.0 < moved["decay"] < moved["constant"]
 
 
 def test_fedprox_term_pulls_towards_the_global_weights(setup):

@@ -237,6 +237,21 @@ def test_a_dp_step_that_changes_nothing_is_an_error(lora):
     set_adapter_state(model, initial)
 
 
+def test_dp_steps_follow_the_learning_rate_schedule(lora):
+    """The schedule reaches DP-SGD's optimizer: the same seed with a zero rate after the first
+    step moves the weights exactly as one step does (the noise draws are the same)."""
+    cfg, model, tok, data = lora
+    initial = get_adapter_state(model)
+    states = {}
+    for name, steps, lr_at in (("one step", 1, None), ("then zero", 3, lambda f: 1e-3 if f == 0 else 0.0)):
+        set_adapter_state(model, initial)
+        dp_train(model, data, pad_id=tok.pad_token_id, steps=steps, batch_size=16, learning_rate=1e-3,
+                 weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=1, lr_at=lr_at)
+        states[name] = get_adapter_state(model)
+    set_adapter_state(model, initial)
+    assert all(np.allclose(states["one step"][k], states["then zero"][k], atol=1e-7) for k in initial)
+
+
 def test_an_empty_poisson_batch_still_takes_a_noisy_step():
     from opacus.optimizers import DPOptimizer
 

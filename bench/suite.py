@@ -345,8 +345,10 @@ def bench_accuracy(p: dict, out: Path) -> dict:
             else:
                 acc = federated(overrides, passes, p["clients"], setting, out / f"accuracy-{name}-{setting}")
             results.append({"data": source, "setting": setting, "passes": passes, "accuracy": acc["accuracy"],
-                            "macro_f1": acc["macro_f1"], "wall_s": time.perf_counter() - start})
+                            "macro_f1": acc["macro_f1"], "wall_s": time.perf_counter() - start,
+                            "run_dir": str(out / f"accuracy-{name}-{setting}")})
             print(f"bench: accuracy {source} {setting}: {acc['accuracy']:.4f}", flush=True)
+    plot_accuracy(out, results)
     return {"clients": p["clients"], "runs": results, "adapter_over_full_model": adapters}
 
 
@@ -434,6 +436,33 @@ def _plot_scale(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def plot_accuracy(out: Path, runs: list[dict]) -> None:
+    """Held-out accuracy per round of each federated setting, centralized as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["data"] for r in runs})
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for r in (r for r in runs if r["data"] == name):
+            if r["setting"] == "centralized":
+                ax.axhline(r["accuracy"], color="black", ls="--", label=f"centralized ({r['passes']} epochs)")
+                continue
+            metrics = Path(r["run_dir"]) / "metrics.jsonl"
+            if metrics.is_file():
+                rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+                ax.plot([x["round"] for x in rows], [x["heldout_accuracy"] for x in rows], marker="o",
+                        label=f"federated {r['setting']}")
+        ax.set_title(f"{name}: held-out accuracy")
+        ax.set_xlabel("round (= passes over the data)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
@@ -486,7 +515,7 @@ def markdown(results: dict) -> str:
         by = {(x["data"], x["setting"]): x for x in a["runs"]}
         for x in a["runs"]:
             sst2_target = x["data"] == "sst2" and r["suite"] == "full" and x["setting"] in ("centralized", "iid")
-            lines.append(f"| accuracy {x['data']} {x['setting']} ({x['passes']} passes) | {x['accuracy']:.4f} "
+            lines.append(f"| accuracy {x['data']} {x['setting']} ({x.get('passes', a.get('passes'))} passes) | {x['accuracy']:.4f} "
                          f"(macro-F1 {x['macro_f1']:.4f}) | {'>= 0.88' if sst2_target else ''} "
                          f"| {verdict(x['accuracy'] >= TARGETS['sst2_accuracy']) if sst2_target else ''} |")
         for data, fraction in a.get("adapter_over_full_model", {}).items():
@@ -500,16 +529,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(out: Path) -> None:
+    results = json.loads((out / "results.json").read_text())
+    if "accuracy" in results:
+        for r in results["accuracy"]["runs"]:  # folders written before run_dir was recorded
+            r.setdefault("run_dir", str(out / f"accuracy-{r['data']}-{r['setting']}"))
+        plot_accuracy(out, results["accuracy"]["runs"])
+    (out / "results.md").write_text(markdown(results))
+    print((out / "results.md").read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="Run the full suite (hours on 2 cores).")
     parser.add_argument("--only", default="", help="Comma-separated parts: overhead,padding,throughput,traffic,scale,accuracy")
     parser.add_argument("--data", default="", help="Accuracy: comma-separated data sets (default: all of the suite's)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--report", default="", help="Redraw results.md and the plots of an earlier results folder")
     parser.add_argument("--plain-loop", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop:
         plain_loop(json.loads(args.plain_loop))
+        return
+    if args.report:
+        report(Path(args.report))
         return
     params = FULL if args.full else QUICK
     parts = [x for x in (args.only.split(",") if args.only else

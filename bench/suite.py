@@ -67,7 +67,7 @@ FULL = {
     "scale": {"clients": [10, 50, 100], "sampled": 10, "rounds": 3, "local_steps": 10},
     "accuracy": {"clients": 10, "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"],
                  "datasets": {"sst2": {**TUNED, "passes": 2, "batch-size": 32},
-                              "ag_news": {**TUNED, "passes": 6, "batch-size": 8}}},
+                              "ag_news": {**TUNED, "passes": 4, "batch-size": 8}}},
 }
 TARGETS = {"overhead_ratio": 1.15, "padding_efficiency": 0.85, "dp_step_ratio": 1.25, "traffic_fraction": 0.005,
            "scale_peak_gb": 4.0, "iid_gap_points": 1.0, "sst2_accuracy": 0.88}

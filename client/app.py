@@ -25,12 +25,12 @@ from common.config import FedtuneConfig, parse_run_config
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
-from common.records import TRAIN_METRICS, record_to_state, state_to_record
-from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
+from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
+from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
 from common.lm import encode_for_task
 from common.train import evaluate, round_schedule, train
 
-TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM)  # added by Flower and its DP wrappers
+TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flower, its DP wrappers and the server
 PROGRESS_EVERY = 10
 
 
@@ -114,9 +114,20 @@ def open_session(msg: Message, context: Context) -> Session:
     set_threads(cfg)
     labels = LabelMap.parse(cfg.labels)
     model = model_for_config(cfg, len(labels))
+    if cfg.lora_freeze_a:
+        check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
     set_adapter_state(model, record_to_state(msg.content["arrays"]))
     return Session(cfg=cfg, server_round=server_round, data=node_data(cfg, context), labels=labels,
                    model=model, tokenizer=load_tokenizer(cfg.model))
+
+
+def check_frozen(server: str, mine: str) -> None:
+    """lora-freeze-a: this node's A matrices must be the server's, or its B would not fit them."""
+    if server != mine:
+        raise ConfigError(
+            f"lora-freeze-a: expected the frozen LoRA A matrices of the server (fingerprint {server or 'missing'}), "
+            f"got {mine} here; server and clients need the same model, lora settings, seed and torch build"
+        )
 
 
 @app.train()

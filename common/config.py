@@ -73,6 +73,7 @@ class FedtuneConfig:
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
     lora_target_modules: str = _f("", "Comma-separated module names to adapt; empty = the architecture's default.")
+    lora_freeze_a: bool = _f(False, "FFA-LoRA: keep the A matrices at their seeded init and train only B (exact averaging; A does not travel).")
     load_in: LoadIn = _f("none", "causal-lm: quantize the frozen base model to 8 or 4 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
     compute_dtype: ComputeDtype = _f("float32", "causal-lm: dtype of the base model's weights; bfloat16 needs a CUDA GPU.")
     # Data

@@ -59,7 +59,7 @@ def check_hardware(load_in: str, compute_dtype: str) -> None:
 @functools.lru_cache(maxsize=2)
 def load_lora_causal_lm(
     model: str, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...], seed: int,
-    load_in: str = "none", compute_dtype: str = "float32",
+    freeze_a: bool = False, load_in: str = "none", compute_dtype: str = "float32",
 ) -> PeftModel:
     """The base causal LM, loaded once per process, wrapped with a LoRA adapter.
 
@@ -73,7 +73,7 @@ def load_lora_causal_lm(
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
     return with_lora(base, model, task_type=TaskType.CAUSAL_LM, r=r, alpha=alpha, dropout=dropout,
-                     target_modules=target_modules)
+                     target_modules=target_modules, freeze_a=freeze_a)
 
 
 def prompt_text(tokenizer, template: str, instruction: str, extra: str = "") -> str:

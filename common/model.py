@@ -8,6 +8,7 @@ server and the clients, and loading it checks keys, shapes and dtypes strictly.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -59,27 +60,38 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
 
 
 def with_lora(base, model: str, *, task_type: TaskType, r: int, alpha: float, dropout: float,
-              target_modules: tuple[str, ...]) -> PeftModel:
+              target_modules: tuple[str, ...], freeze_a: bool = False) -> PeftModel:
     """Wrap a freshly loaded base model with LoRA: PEFT's per-architecture default targets
     (the attention projections) unless `target_modules` names others. With SEQ_CLS, PEFT
-    trains and saves the classification head too."""
+    trains and saves the classification head too.
+
+    With `freeze_a` the A matrices keep their seeded initialization and only B trains
+    (FFA-LoRA, Sun et al. 2024, https://arxiv.org/abs/2403.12313): the update B A is then
+    linear in what travels, so averaging B averages the weight updates exactly, and A never
+    leaves the process (every party builds the same A from the seed; see `frozen_fingerprint`).
+    """
     if base.config.pad_token_id is None:
         base.config.pad_token_id = load_tokenizer(model).pad_token_id
     config = LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules) or None)
     try:
-        return get_peft_model(base, config)
+        peft_model = get_peft_model(base, config)
     except ValueError as err:
         raise ConfigError(
             f"lora-target-modules: {err} (model type {base.config.model_type!r}; name its attention "
             "projections, e.g. 'query,value', 'q_proj,v_proj' or 'c_attn')"
         ) from err
+    if freeze_a:
+        for name, p in peft_model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    return peft_model
 
 
 @functools.lru_cache(maxsize=2)
 def load_lora_model(
     model: str, num_labels: int, *, r: int, alpha: float, dropout: float,
-    target_modules: tuple[str, ...], seed: int,
+    target_modules: tuple[str, ...], seed: int, freeze_a: bool = False,
 ) -> PeftModel:
     """Load the base model once per process and wrap it with a LoRA adapter.
 
@@ -94,7 +106,7 @@ def load_lora_model(
         resolve_model_path(model), num_labels=num_labels, dtype=torch.float32,
     )
     return with_lora(base, model, task_type=TaskType.SEQ_CLS, r=r, alpha=alpha, dropout=dropout,
-                     target_modules=target_modules)
+                     target_modules=target_modules, freeze_a=freeze_a)
 
 
 def model_for_config(cfg, num_labels: int) -> PeftModel:
@@ -104,12 +116,12 @@ def model_for_config(cfg, num_labels: int) -> PeftModel:
 
         return load_lora_causal_lm(
             cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-            target_modules=tuple(cfg.target_modules), seed=cfg.seed, load_in=cfg.load_in,
-            compute_dtype=cfg.compute_dtype,
+            target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
+            load_in=cfg.load_in, compute_dtype=cfg.compute_dtype,
         )
     return load_lora_model(
         cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        target_modules=tuple(cfg.target_modules), seed=cfg.seed,
+        target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
     )
 
 
@@ -120,6 +132,22 @@ def get_adapter_state(model: torch.nn.Module) -> AdapterState:
         for name, p in model.named_parameters()
         if p.requires_grad
     }
+
+
+def frozen_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the frozen LoRA A matrices (FFA-LoRA), by name and bytes.
+
+    With lora-freeze-a the A matrices never travel: the server and every client build them
+    from the seed. The server sends its fingerprint with each message and a client whose A
+    differs (another seed, model or torch build) refuses instead of training a B that does
+    not fit the server's A. '' when no A matrix is frozen.
+    """
+    digest = hashlib.sha256()
+    frozen = [(n, p) for n, p in model.named_parameters() if ".lora_A." in n and not p.requires_grad]
+    for name, p in frozen:
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16] if frozen else ""
 
 
 def check_adapter_state(expected: AdapterState, received: AdapterState) -> None:

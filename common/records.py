@@ -12,6 +12,8 @@ from common.model import AdapterState
 
 # The metrics a training reply carries; the server rejects replies with other or non-finite ones.
 TRAIN_METRICS = ("num-examples", "train-loss", "train-steps", "train-seconds")
+# With lora-freeze-a, the server's fingerprint of the frozen A matrices, beside the run config.
+FROZEN_KEY = "frozen-fingerprint"
 
 
 def state_to_record(state: AdapterState) -> ArrayRecord:

@@ -27,11 +27,11 @@ from common.errors import CheckpointError, FedtuneError
 from common.federation_data import federation_labels, heldout_set
 from common.ledger import Ledger
 from common.model import (
-    check_adapter_state, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
+    check_adapter_state, frozen_fingerprint, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
     set_adapter_state,
 )
 from common.lm import encode_for_task, generate, sample_prompts
-from common.records import record_to_state, state_to_record
+from common.records import FROZEN_KEY, record_to_state, state_to_record
 from common.train import evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.privacy import (
@@ -78,10 +78,18 @@ class ServerState:
     ledger: Ledger = field(default_factory=Ledger)
     rounds: list[dict] = field(default_factory=list)  # the round ledger (I4)
     status: str = "running"
+    frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
 
     @property
     def private(self) -> bool:
         return self.cfg.dp_sample or self.cfg.dp_client != "off"
+
+    def message_config(self) -> ConfigRecord:
+        """The run config every message carries, with the frozen-A fingerprint when there is one."""
+        config = self.cfg.to_run_config()
+        if self.frozen:
+            config[FROZEN_KEY] = self.frozen
+        return ConfigRecord(config)
 
 
 def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
@@ -93,7 +101,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     log(INFO, "fedtune: run directory %s", run.path)
     model = model_for_config(cfg, len(labels))
     initial = get_adapter_state(model)
-    state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial)
+    state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
+                        frozen=frozen_fingerprint(model))
     strategy = build_strategy_chain(state)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
@@ -184,6 +193,11 @@ def restore(state: ServerState, strategy) -> int:
         check_adapter_state(state.initial, ckpt.adapter)
     except FedtuneError as err:
         raise CheckpointError(f"checkpoint {path}: adapter does not fit the model: {err}") from None
+    if ckpt.meta.get("frozen", "") != state.frozen:  # lora-freeze-a: B was trained against this A
+        raise CheckpointError(
+            f"checkpoint {path}: expected the frozen LoRA A matrices it was trained with (fingerprint "
+            f"{ckpt.meta.get('frozen') or 'none'}), got {state.frozen or 'none'} from this model, seed and torch build"
+        )
     state.arrays = ckpt.adapter
     state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]
     load_strategy_state(strategy, ckpt.strategy)
@@ -250,7 +264,7 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     np.random.seed(round_seed(cfg.seed, server_round) % 2**32)  # Flower's DP noise uses numpy's global RNG
     ordered = OrderedGrid(grid, state.clients)
     messages = list(strategy.configure_train(
-        server_round, state_to_record(state.arrays), ConfigRecord(cfg.to_run_config()), ordered
+        server_round, state_to_record(state.arrays), state.message_config(), ordered
     ))
     population = len(ordered.get_node_ids())
     dp_wrapper = strategy_with(strategy, "num_sampled_clients")
@@ -358,7 +372,7 @@ def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round:
     if state.cfg.fraction_evaluate == 0.0:
         return {}
     messages = list(strategy.configure_evaluate(
-        server_round, state_to_record(state.arrays), ConfigRecord(state.cfg.to_run_config()), ordered
+        server_round, state_to_record(state.arrays), state.message_config(), ordered
     ))
     replies = grid.send_and_receive(messages, timeout=state.cfg.round_timeout)
     replies = sort_replies(replies, state.clients, sent_to(messages))
@@ -422,7 +436,7 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     save_checkpoint(run.checkpoints, Checkpoint(
         server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
         meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries,
-              "rounds": state.rounds},
+              "rounds": state.rounds, "frozen": state.frozen},
     ))
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:

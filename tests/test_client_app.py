@@ -1,7 +1,8 @@
 """The ClientApp handlers, called directly with real messages (no federation).
 
 RELIABILITY security checks: only adapter keys leave a client (no base weights), no raw
-text in metrics; deployment path: a node reads its own file named in its node config.
+text in metrics; deployment path: a node reads its own file named in its node config; bad
+input: a server whose frozen LoRA A (lora-freeze-a) differs from the node's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from common.config import FedtuneConfig
 from common.federation_data import federation_labels
 from common.model import get_adapter_state, model_for_config
 from common.records import record_to_state, state_to_record
+from tests.reliability import count
 
 CFG = FedtuneConfig(partitioner="iid", local_steps=2, batch_size=8, max_length=32)
 
@@ -110,3 +112,30 @@ def test_private_client_records_its_spend_before_replying(setup, tmp_path):
     assert len(second["history-steps"]) == 2 and first["epsilon-budget"] == 50.0
     record = next(tmp_path.glob("*.json"))
     assert len(__import__("json").loads(record.read_text())["entries"]) == 2
+
+
+def test_ffa_client_refuses_a_server_whose_frozen_a_differs(setup):
+    """lora-freeze-a: A never travels, so a client checks the server's fingerprint of it and
+    refuses (clear error, nothing trained) when its own A differs; with the same A it trains."""
+    from common.errors import ConfigError
+    from common.model import frozen_fingerprint
+    from common.records import FROZEN_KEY
+
+    cfg, _ = setup
+    cfg = cfg.replace(lora_freeze_a=True)
+    model = model_for_config(cfg, len(cfg.labels.split(",")))
+    initial = get_adapter_state(model)
+    assert not any("lora_A" in k for k in initial)
+    node = context({"partition-id": 0, "num-partitions": 3})
+    msg = message(MessageType.TRAIN, cfg, initial)
+    msg.content["config"][FROZEN_KEY] = "0123456789abcdef"
+    with pytest.raises(ConfigError, match=r"expected the frozen LoRA A matrices of the server \(fingerprint 0123456789abcdef\), got [0-9a-f]{16}"):
+        train_handler(msg, node)
+    msg = message(MessageType.TRAIN, cfg, initial)
+    with pytest.raises(ConfigError, match=r"fingerprint missing"):
+        train_handler(msg, node)
+    count("bad_inputs_rejected", "server-with-another-frozen-lora-a", 2)
+    msg = message(MessageType.TRAIN, cfg, initial)
+    msg.content["config"][FROZEN_KEY] = frozen_fingerprint(model)
+    sent = record_to_state(train_handler(msg, node).content["arrays"])
+    assert set(sent) == set(initial) and any(not np.array_equal(sent[k], initial[k]) for k in initial)

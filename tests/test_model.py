@@ -1,6 +1,7 @@
 """Model, adapter state and local training, with the packaged real weights.
 
-RELIABILITY: I2 schema (keys, shapes, dtypes), only adapter keys leave a client,
+RELIABILITY: I2 schema (keys, shapes, dtypes), only adapter keys leave a client (with
+lora-freeze-a, not even the frozen A matrices),
 bad inputs (wrong shape, dtype, missing/extra/base-model keys, object arrays).
 """
 
@@ -16,8 +17,8 @@ from common.config import FedtuneConfig
 from common.errors import AdapterMismatchError, ConfigError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import (
-    LOAD_COUNT, get_adapter_state, load_tokenizer, model_for_config, resolve_model_path, save_adapter,
-    set_adapter_state,
+    LOAD_COUNT, frozen_fingerprint, get_adapter_state, load_lora_model, load_tokenizer, model_for_config,
+    resolve_model_path, save_adapter, set_adapter_state,
 )
 from common.train import TOKENIZE_COUNT, cosine_lr, encode, evaluate, macro_f1, round_schedule, train
 
@@ -240,3 +241,51 @@ def test_only_the_adapter_travels_and_it_stays_under_half_a_percent_of_the_model
     sent = sum(len(a.data) for a in state_to_record(state).values())
     full = sum(t.numel() * t.element_size() for t in model.base_model.model.state_dict().values())
     assert sent <= 0.005 * full, (sent, full)
+
+
+def _ffa_model(seed: int, freeze_a: bool = True):
+    return load_lora_model.__wrapped__(CFG.model, 3, r=4, alpha=8.0, dropout=0.0, target_modules=(),
+                                       seed=seed, freeze_a=freeze_a)
+
+
+def test_ffa_lora_trains_only_b_and_the_head_and_a_comes_from_the_seed(setup):
+    """lora-freeze-a: A never changes and never travels; the fingerprint names it exactly."""
+    cfg, labels, _, tok = setup
+    model = _ffa_model(seed=3)
+    state = get_adapter_state(model)
+    assert state and not any("lora_A" in k for k in state)
+    assert any("lora_B" in k for k in state) and any("classifier" in k for k in state)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)
+    before = frozen_fingerprint(model)
+    data = encode(simulated_client_data(cfg, 0, 3).train.subset(range(32)), tok, labels, max_length=32, where="t")
+    train(model, data, pad_id=tok.pad_token_id, epochs=1, steps=3, batch_size=8, learning_rate=1e-2,
+          weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "lora_A" in n)
+    assert any(not np.array_equal(v, state[k]) for k, v in get_adapter_state(model).items())  # B trained
+    assert frozen_fingerprint(model) == before and len(before) == 16
+    assert frozen_fingerprint(_ffa_model(seed=3)) == before  # another process builds the same A
+    assert frozen_fingerprint(_ffa_model(seed=4)) != before
+    assert frozen_fingerprint(_ffa_model(seed=3, freeze_a=False)) == ""
+
+
+def test_ffa_lora_averaging_b_averages_the_weight_updates_exactly():
+    """Why FFA-LoRA: with A fixed, the mean of the clients' B gives exactly the mean of their
+    weight updates s*B*A; with A trained too, the mean of the factors is not the mean update."""
+    rng = np.random.default_rng(0)
+
+    def deltas(model):
+        return [m.get_delta_weight("default").detach().clone() for m in model.modules() if hasattr(m, "lora_B")]
+
+    for freeze_a, exact in ((True, True), (False, False)):
+        model = _ffa_model(seed=5, freeze_a=freeze_a)
+        clients = [{k: rng.normal(0, 0.05, v.shape).astype(v.dtype) for k, v in get_adapter_state(model).items()}
+                   for _ in range(3)]
+        per_client = []
+        for state in clients:
+            set_adapter_state(model, state)
+            per_client.append(deltas(model))
+        set_adapter_state(model, {k: np.mean([c[k] for c in clients], axis=0) for k in clients[0]})
+        mean_update = [torch.stack(ds).mean(0) for ds in zip(*per_client)]
+        close = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(deltas(model), mean_update))
+        assert close is exact, freeze_a

@@ -1,7 +1,8 @@
 """End-to-end simulations with the packaged model and corpus (real Flower engine, real weights).
 
 RELIABILITY: I1 finite, I2 schema, I5 durable after every round; fault - server stopped
-and restarted (resume from the last complete round, same final adapter).
+and restarted (resume from the last complete round, same final adapter); bad input - a
+checkpoint trained against another frozen LoRA A.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
@@ -20,6 +22,7 @@ from common.model import resolve_model_path
 from server.checkpoint import load_checkpoint
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune, kill_matching, run_cli
+from tests.reliability import count
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -81,6 +84,43 @@ def test_new_run_refuses_a_run_dir_with_checkpoints_and_resume_refuses_a_changed
                       *sum([["-c", s] for s in SMALL], []))
     assert changed.returncode != 0 and "lora-r: checkpoint 8, now 4" in changed.stdout
     assert len(list((tmp_path / "r" / "checkpoints").glob("*.safetensors"))) == 2  # nothing lost
+
+
+def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path):
+    """lora-freeze-a end to end: only B and the head travel (A never changes), the exported
+    PEFT adapter carries the seeded A so it loads without fedtune, and a checkpoint whose B was
+    trained against another A is refused on resume (a bad checkpoint: clear error, nothing lost)."""
+    from dataclasses import replace
+
+    from server.checkpoint import save_checkpoint
+
+    run = tmp_path / "ffa"
+    ffa = ["lora-freeze-a=true", "strategy=fedavgm", "server-momentum=0.0", "fedavgm-learning-rate=2.0"]
+    simulate(run, "num-server-rounds=1", *ffa)
+    check_run_invariants(run, 1)
+    ckpt = load_checkpoint(run / "checkpoints" / "round-0001.safetensors")
+    assert ckpt.adapter and not any("lora_A" in k for k in ckpt.adapter) and len(ckpt.meta["frozen"]) == 16
+    config = json.loads((run / "config.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(config["model"]),
+                                                              num_labels=len(config["labels"].split(",")))
+    exported = PeftModel.from_pretrained(base, str(run / "adapters" / "final"))
+    from common.model import model_for_config
+    from common.config import parse_run_config
+    ours = model_for_config(parse_run_config(config), len(config["labels"].split(",")))
+    a_ours = {n: p for n, p in ours.named_parameters() if "lora_A" in n}
+    a_exported = {n: p for n, p in exported.named_parameters() if "lora_A" in n}
+    assert a_ours and a_ours.keys() == a_exported.keys()
+    assert all(torch.equal(a_ours[n], a_exported[n]) for n in a_ours)  # the seeded A, untouched by training
+
+    save_checkpoint(run / "checkpoints", replace(ckpt, server_round=2, meta={**ckpt.meta, "frozen": "0" * 16}))
+    again = fedtune("simulate", "--num-clients", "3", "-c", f'run-dir="{run}"', "-c", "resume=true",
+                    "-c", "num-server-rounds=3", *sum([["-c", s] for s in [*SMALL, *ffa]], []), timeout=300)
+    assert again.returncode != 0
+    assert "expected the frozen LoRA A matrices it was trained with (fingerprint 0000000000000000), got " \
+        f"{ckpt.meta['frozen']}" in again.stdout, again.stdout[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.safetensors")) == [
+        "round-0000.safetensors", "round-0001.safetensors", "round-0002.safetensors"]  # nothing lost
+    count("bad_inputs_rejected", "checkpoint-trained-against-another-frozen-lora-a")
 
 
 @pytest.mark.parametrize("args, message", [

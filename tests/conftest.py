@@ -18,11 +18,32 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the default, see pyproject's addopts) each worker gets its share of
+    the cores, and so do the federations it starts (they inherit OMP_NUM_THREADS): two workers
+    with two threads each on two cores run several times slower than one. The controller
+    collects the workers' reliability counts."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))
+    elif config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_ReliabilityFromWorkers())
+
+
+class _ReliabilityFromWorkers:
+    def pytest_testnodedown(self, node, error):
+        import json
+
+        from tests.reliability import merge
+
+        merge(json.loads(node.workeroutput.get("reliability", "{}")))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
     yield
 
 
@@ -32,6 +53,9 @@ def pytest_sessionfinish(session, exitstatus):
 
     from tests.reliability import REPORT, totals
 
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller writes the report
+        session.config.workeroutput["reliability"] = json.dumps(REPORT)
+        return
     out = REPO / "build" / "reliability-report.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"totals": totals(), **REPORT}, indent=1, sort_keys=True))

@@ -12,5 +12,12 @@ def count(kind: str, name: str, n: int = 1) -> None:
     REPORT[kind][name] = REPORT[kind].get(name, 0) + n
 
 
+def merge(other: dict[str, dict[str, int]]) -> None:
+    """Add another process's counts (a pytest-xdist worker's) to this one's."""
+    for kind, items in other.items():
+        for name, n in items.items():
+            count(kind, name, n)
+
+
 def totals() -> dict[str, int]:
     return {kind: sum(items.values()) for kind, items in REPORT.items()}

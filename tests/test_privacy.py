@@ -228,6 +228,25 @@ def test_a_dp_step_changes_the_lora_weights_and_leaves_them_finite(lora):
     set_adapter_state(model, initial)
 
 
+def test_dp_sgd_with_frozen_a_trains_b_and_leaves_a_untouched(lora):
+    """lora-freeze-a under DP-SGD: the private steps move B and the head (the released
+    weights) and leave A exactly the seeded matrix."""
+    from common.model import load_lora_model
+
+    cfg, _, tok, data = lora
+    model = load_lora_model.__wrapped__(cfg.model, len(cfg.labels.split(",")), r=4, alpha=8.0, dropout=0.0,
+                                        target_modules=(), seed=cfg.seed, freeze_a=True)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    initial = get_adapter_state(model)
+    assert frozen and not any("lora_A" in k for k in initial)
+    _, mech = dp_train(model, data, pad_id=tok.pad_token_id, steps=2, batch_size=16, learning_rate=1e-2,
+                       weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=1)
+    after = get_adapter_state(model)
+    assert mech.steps == 2 and all(np.isfinite(v).all() for v in after.values())
+    assert any(not np.array_equal(after[k], initial[k]) for k in initial)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "lora_A" in n)
+
+
 def test_a_dp_step_that_changes_nothing_is_an_error(lora):
     cfg, model, tok, data = lora
     initial = get_adapter_state(model)

@@ -108,6 +108,7 @@ class FedtuneConfig:
     learning_rate: float = _f(5e-3, "AdamW learning rate on the adapter (the peak, with lr-schedule = cosine).")
     lr_schedule: LRSchedule = _f("constant", "constant, or cosine: decay from learning-rate to min-learning-rate over all rounds' local steps.")
     min_learning_rate: float = _f(0.0, "lr-schedule = cosine: the learning rate reached at the end of the last round.")
+    warmup_fraction: float = _f(0.0, "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule over the rest.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
@@ -134,6 +135,7 @@ class FedtuneConfig:
         for name in ("fraction_train", "fraction_evaluate", "heldout_fraction", "local_val_fraction"):
             _check_range(name, getattr(self, name), 0.0, 1.0)
         _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+        _check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, hi_open=True)
         for name in ("num_server_rounds", "lora_r", "batch_size", "eval_batch_size", "max_length"):
             _check_min(name, getattr(self, name), 1)
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):

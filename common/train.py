@@ -114,17 +114,28 @@ def cosine_lr(peak: float, floor: float, progress: float) -> float:
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_then(peak: float, floor: float, warmup: float, cosine: bool, progress: float) -> float:
+    """The rate at `progress` in [0, 1] of a whole run: a linear rise from 0 to `peak` over the
+    first `warmup` of it, then `peak` (constant) or a cosine decay to `floor` over the rest."""
+    if progress < warmup:
+        return peak * progress / warmup
+    if not cosine:
+        return peak
+    return cosine_lr(peak, floor, (progress - warmup) / (1.0 - warmup))
+
+
 def round_schedule(cfg, server_round: int) -> Callable[[float], float] | None:
     """The learning rate over one round's local steps (None = constant learning-rate).
 
-    With lr-schedule = cosine the decay spans all rounds: round t covers progress
+    The schedule (warm-up, then constant or cosine) spans all rounds: round t covers progress
     [(t-1)/R, t/R), so every client of a round starts from the same rate, and a resumed run
     continues the same curve (it depends only on the round number).
     """
-    if cfg.lr_schedule == "constant":
+    if cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0:
         return None
-    rounds = cfg.num_server_rounds
-    return lambda f: cosine_lr(cfg.learning_rate, cfg.min_learning_rate, (server_round - 1 + f) / rounds)
+    rounds, cosine = cfg.num_server_rounds, cfg.lr_schedule == "cosine"
+    return lambda f: warmup_then(cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_fraction, cosine,
+                                 (server_round - 1 + f) / rounds)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

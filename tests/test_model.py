@@ -145,6 +145,26 @@ def test_cosine_schedule_spans_all_rounds_without_jumps():
     assert cosine_lr(1.0, 0.0, 0.5) == pytest.approx(0.5)
 
 
+def test_warmup_rises_linearly_then_follows_the_schedule():
+    """warmup-fraction: 0 at the first step, the peak at the end of the warm-up, then the
+    cosine (or constant) over the rest; continuous across rounds; out-of-range values refused."""
+    cfg = FedtuneConfig(learning_rate=1e-2, min_learning_rate=0.0, lr_schedule="cosine", num_server_rounds=5,
+                        warmup_fraction=0.2)
+    rounds = [round_schedule(cfg, t) for t in range(1, 6)]
+    assert rounds[0](0.0) == 0.0
+    assert rounds[0](0.5) == pytest.approx(5e-3)  # halfway through the warm-up
+    assert rounds[0](1.0) == pytest.approx(1e-2) == rounds[1](0.0)
+    assert rounds[2](1.0) == pytest.approx(5e-3)  # halfway through the decay: progress 0.6
+    assert rounds[-1](1.0) == pytest.approx(0.0, abs=1e-12)
+    for this, following in zip(rounds, rounds[1:]):
+        assert this(1.0) == pytest.approx(following(0.0))
+    flat = [round_schedule(cfg.replace(lr_schedule="constant"), t) for t in range(1, 6)]
+    assert flat[0](0.5) == pytest.approx(5e-3) and flat[1](0.0) == flat[-1](1.0) == pytest.approx(1e-2)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="warmup-fraction"):
+            cfg.replace(warmup_fraction=bad)
+
+
 def test_schedule_sets_each_steps_learning_rate(setup):
     """train() follows lr_at: a zero rate leaves the adapter where it was, a constant schedule
     equals no schedule, and a decaying one moves the weights less than the constant peak."""

@@ -7,8 +7,9 @@
 
 Centralized: `passes` epochs on the union of the 10 clients' training slices, held-out
 accuracy every `--eval-every` steps and at the end. Federated (iid, dirichlet-0.5, ...): the
-suite's federated run (every client, one local epoch per round, `passes` rounds), held-out
-accuracy per round. Prints one RESULT line; nothing is written outside --out.
+suite's federated run (every client, one local epoch per round, `passes` rounds; or
+`--per-round K` clients sampled per round and passes * clients / K rounds, the same passes in
+expectation), held-out accuracy per round. Prints one RESULT line; nothing is written outside --out.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--setting", default="centralized", help="centralized, iid or dirichlet-<alpha>")
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--per-round", type=int, default=0,
+                        help="federated: clients sampled per round (default all); rounds = passes * clients / per-round")
     parser.add_argument("--eval-every", type=int, default=0, help="centralized: held-out accuracy every N steps")
     parser.add_argument("--out", default="", help="federated: run directory (default: a temporary one)")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE")
@@ -81,13 +84,14 @@ def main() -> None:
         result = centralized_curve(overrides, args.passes, args.clients, args.eval_every)
     else:
         run_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fedtune-probe-"))
-        result = suite.federated(overrides, args.passes, args.clients, args.setting, run_dir)
+        result = suite.federated(overrides, args.passes, args.clients, args.setting, run_dir, args.per_round)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         result["per_round"] = [round(r["heldout_accuracy"], 4) for r in rows if r["round"] > 0]
         if not args.out:
             shutil.rmtree(run_dir, ignore_errors=True)
     result["wall_s"] = round(time.perf_counter() - start)
     print("RESULT " + json.dumps({"data": args.data, "setting": args.setting, "passes": args.passes,
+                                  "per_round": args.per_round or args.clients,
                                   "overrides": args.run_config, **result}), flush=True)
 
 

@@ -415,11 +415,20 @@ def centralized(overrides: dict, passes: int, clients: int) -> dict:
     return res
 
 
-def federated(overrides: dict, passes: int, clients: int, setting: str, run_dir: Path) -> dict:
+def federated(overrides: dict, passes: int, clients: int, setting: str, run_dir: Path,
+              per_round: int = 0) -> dict:
+    """`passes` passes over the clients' data: every client one local epoch per round, all of
+    them every round (`passes` rounds), or `per_round` of them sampled per round and
+    `passes * clients / per_round` rounds."""
     part = {"iid": {"partitioner": "iid"}}.get(setting) or {"partitioner": "dirichlet",
                                                             "dirichlet-alpha": float(setting.split("-")[1])}
-    config = {**overrides, **part, "num-server-rounds": passes, "min-available-clients": clients,
-              "min-train-clients": clients, "run-dir": str(run_dir)}
+    per_round = per_round or clients
+    if not 0 < per_round <= clients or (passes * clients) % per_round:
+        raise ValueError(f"per_round must be in 1..{clients} and divide passes * clients = "
+                         f"{passes * clients}, got {per_round}")
+    config = {**overrides, **part, "num-server-rounds": passes * clients // per_round,
+              "fraction-train": per_round / clients, "min-available-clients": clients,
+              "min-train-clients": per_round, "run-dir": str(run_dir)}
     args = [x for k, v in config.items() for x in ("-c", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]
     done = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(clients),
                            *args], cwd=REPO, capture_output=True, text=True)

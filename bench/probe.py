@@ -91,7 +91,7 @@ def main() -> None:
             shutil.rmtree(run_dir, ignore_errors=True)
     result["wall_s"] = round(time.perf_counter() - start)
     print("RESULT " + json.dumps({"data": args.data, "setting": args.setting, "passes": args.passes,
-                                  "per_round": args.per_round or args.clients,
+                                  "clients_per_round": args.per_round or args.clients,
                                   "overrides": args.run_config, **result}), flush=True)
 
 

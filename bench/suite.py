@@ -82,10 +82,11 @@ FULL = {
     "throughput": {"examples": 20000, "steps": 60, "batch_size": 32},
     "overhead": {"clients": 10, "rounds": 3, "local_steps": 30, "batch_size": 32, "max_train_examples": 20000},
     "scale": {"clients": [10, 50, 100], "sampled": 10, "rounds": 3, "local_steps": 10},
-    "accuracy": {"clients": 10, "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1"],
+    "accuracy": {"clients": 10, "settings": ["centralized", "iid", "dirichlet-0.5", "dirichlet-0.1", "iid:2"],
                  "datasets": {"sst2": {**SST2_TUNED, "passes": 3, "batch-size": 32,
-                                       "federated": {"learning-rate": 3e-3}},
-                              "ag_news": {**AG_TUNED, "passes": 4}}},
+                                       "federated": {"learning-rate": 3e-3},
+                                       "settings": {"iid:2": {"learning-rate": 1e-3}}},
+                              "ag_news": {**AG_TUNED, "passes": 4, "settings": {"iid:2": {"learning-rate": 3e-3}}}}},
 }
 TARGETS = {"overhead_ratio": 1.15, "padding_efficiency": 0.85, "dp_step_ratio": 1.25, "traffic_fraction": 0.005,
            "scale_peak_gb": 4.0, "iid_gap_points": 1.0, "sst2_accuracy": 0.88}
@@ -339,6 +340,28 @@ def bench_scale(p: dict, out: Path) -> dict:
 
 # ---- 6. accuracy -------------------------------------------------------------------------
 
+def split_setting(setting: str) -> tuple[str, int]:
+    """"iid" -> ("iid", 0): every client every round; "dirichlet-0.5:2" -> ("dirichlet-0.5", 2):
+    two clients sampled per round (and five times the rounds, for the same passes)."""
+    base, colon, per_round = setting.partition(":")
+    if not colon:
+        return base, 0
+    return base, int(per_round) if per_round.isdigit() and int(per_round) > 0 else -1
+
+
+def unknown_settings(chosen: list[str], clients: int) -> list[str]:
+    """The names in `chosen` that are not centralized, iid or dirichlet-<alpha>, each
+    optionally ":K" with K clients per round dividing `clients`."""
+    def known(setting: str) -> bool:
+        base, per_round = split_setting(setting)
+        if base == "centralized":
+            return per_round == 0
+        alpha = base.removeprefix("dirichlet-")
+        ok_base = base == "iid" or (alpha != base and alpha.replace(".", "", 1).isdigit() and float(alpha) > 0)
+        return ok_base and (per_round == 0 or (per_round > 0 and clients % per_round == 0))
+    return sorted(x for x in chosen if not known(x))
+
+
 def bench_accuracy(p: dict, out: Path) -> dict:
     """Centralized LoRA on the union of the client data against federated IID and Dirichlet
     0.5 / 0.1, with the same number of passes over the data (federated: every client trains
@@ -346,13 +369,15 @@ def bench_accuracy(p: dict, out: Path) -> dict:
     `passes` epochs) and the same learning-rate schedule over those passes. A dataset's spec
     may carry "centralized" and "federated" override dicts: each side at its own tuned
     learning rate (federated averaging of 10 clients takes a tenth of the sequential steps,
-    so it wants a larger rate); each row records the rate it ran at."""
+    so it wants a larger rate); each row records the rate it ran at. A setting "iid:K"
+    samples K clients a round for passes * clients / K rounds (same passes in expectation);
+    its overrides come from the spec's "settings" dict, after "federated"."""
     results, adapters = [], {}
     for name, spec in p["datasets"].items():
         overrides, source = data_overrides(name)
         passes = spec["passes"]
         overrides = {**overrides, "local-epochs": 1, "local-steps": 0, "fraction-evaluate": 0.0,
-                     **{k: v for k, v in spec.items() if k not in ("passes", "centralized", "federated")}}
+                     **{k: v for k, v in spec.items() if k not in ("passes", "centralized", "federated", "settings")}}
         adapters[source] = adapter_fraction(config_from(overrides))
         for setting in p["settings"]:
             start = time.perf_counter()
@@ -360,11 +385,12 @@ def bench_accuracy(p: dict, out: Path) -> dict:
                 run = {**overrides, **spec.get("centralized", {})}
                 acc = centralized(run, passes, p["clients"])
             else:
-                run = {**overrides, **spec.get("federated", {})}
-                acc = federated(run, passes, p["clients"], setting, out / f"accuracy-{name}-{setting}")
+                run = {**overrides, **spec.get("federated", {}), **spec.get("settings", {}).get(setting, {})}
+                base, per_round = split_setting(setting)
+                acc = federated(run, passes, p["clients"], base, out / f"accuracy-{name}-{setting}", per_round)
             results.append({"data": source, "setting": setting, "passes": passes, "accuracy": acc["accuracy"],
                             "macro_f1": acc["macro_f1"], "learning_rate": run.get("learning-rate"),
-                            "wall_s": time.perf_counter() - start,
+                            "clients": p["clients"], "wall_s": time.perf_counter() - start,
                             "run_dir": str(out / f"accuracy-{name}-{setting}")})
             print(f"bench: accuracy {source} {setting}: {acc['accuracy']:.4f}", flush=True)
     plot_accuracy(out, results)
@@ -496,10 +522,12 @@ def plot_accuracy(out: Path, runs: list[dict]) -> None:
             metrics = Path(r["run_dir"]) / "metrics.jsonl"
             if metrics.is_file():
                 rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-                ax.plot([x["round"] for x in rows], [x["heldout_accuracy"] for x in rows], marker="o",
+                per_round = split_setting(r["setting"])[1] or r.get("clients", 10)
+                ax.plot([x["round"] * per_round / r.get("clients", 10) for x in rows],
+                        [x["heldout_accuracy"] for x in rows], marker="o" if per_round == r.get("clients", 10) else ".",
                         label=f"federated {r['setting']}")
         ax.set_title(f"{name}: held-out accuracy")
-        ax.set_xlabel("round (= passes over the data)")
+        ax.set_xlabel("passes over the data (federated 'setting:K': K clients a round)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
@@ -566,10 +594,12 @@ def markdown(results: dict) -> str:
         for data, fraction in a.get("adapter_over_full_model", {}).items():
             lines.append(f"| {data}: adapter / full model size in these runs | {fraction:.2%} | <= 0.5% "
                          f"| {verdict(fraction <= TARGETS['traffic_fraction'])} |")
-        for data in sorted({x["data"] for x in a["runs"]}):
-            if (data, "centralized") in by and (data, "iid") in by:
-                gap = 100 * (by[(data, "centralized")]["accuracy"] - by[(data, "iid")]["accuracy"])
-                lines.append(f"| {data}: centralized - federated IID (points) | {gap:.2f} | <= 1 "
+        for data, setting in sorted(k for k in by if split_setting(k[1])[0] == "iid"):
+            if (data, "centralized") in by:
+                gap = 100 * (by[(data, "centralized")]["accuracy"] - by[(data, setting)]["accuracy"])
+                per_round = split_setting(setting)[1]
+                who = f", {per_round} client{'s' if per_round > 1 else ''} a round" if per_round else ""
+                lines.append(f"| {data}: centralized - federated IID{who} (points) | {gap:.2f} | <= 1 "
                              f"| {verdict(gap <= TARGETS['iid_gap_points'])} |")
     return "\n".join(lines) + "\n"
 
@@ -590,7 +620,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="Comma-separated parts: overhead,padding,throughput,traffic,scale,accuracy")
     parser.add_argument("--data", default="", help="Accuracy: comma-separated data sets (default: all of the suite's)")
     parser.add_argument("--settings", default="", help="Accuracy: comma-separated settings (default: centralized,"
-                        "iid,dirichlet-0.5,dirichlet-0.1)")
+                        "iid,dirichlet-0.5,dirichlet-0.1, and iid:2 in the full suite); ':K' after a federated "
+                        "one samples K clients a round (iid:1, dirichlet-0.5:2)")
     parser.add_argument("--out", default="")
     parser.add_argument("--report", default="", help="Redraw results.md and the plots of an earlier results folder")
     parser.add_argument("--plain-loop", default="", help=argparse.SUPPRESS)
@@ -613,9 +644,10 @@ def main() -> None:
             k: v for k, v in params["accuracy"]["datasets"].items() if k in chosen}}}
     if args.settings:
         chosen = args.settings.split(",")
-        unknown = sorted(set(chosen) - set(params["accuracy"]["settings"]))
+        unknown = unknown_settings(chosen, params["accuracy"]["clients"])
         if unknown:
-            parser.error(f"--settings: expected some of {params['accuracy']['settings']}, got {unknown}")
+            parser.error(f"--settings: expected centralized, iid or dirichlet-<alpha>, a federated one optionally "
+                         f"':K' with K dividing {params['accuracy']['clients']} clients, got {unknown}")
         params = {**params, "accuracy": {**params["accuracy"], "settings": chosen}}
     started = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or REPO / "bench" / "results" / f"{'full' if args.full else 'quick'}-{started}")

@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--out", default="", help="federated: run directory (default: a temporary one)")
     parser.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
+    if args.per_round and not suite.per_round_fits(args.per_round, args.clients):
+        parser.error(f"--per-round: expected a divisor of --clients {args.clients}, got {args.per_round}")
 
     data, _ = suite.data_overrides(args.data)
     overrides = {**data, "local-epochs": 1, "local-steps": 0, "fraction-evaluate": 0.0,

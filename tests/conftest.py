@@ -30,6 +30,22 @@ def pytest_configure(config):
         config.pluginmanager.register(_ReliabilityFromWorkers())
 
 
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (their `minutes` marker), so that under `--dist loadfile` the workers
+    finish together instead of one starting a nine-minute file last. Each file stays whole and
+    in its own order; every worker computes the same order."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    minutes: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        marker = item.get_closest_marker("minutes")
+        minutes[file_of(item)] = max(minutes.get(file_of(item), 0.0), marker.args[0] if marker else 0.0)
+        first.setdefault(file_of(item), i)
+    items.sort(key=lambda item: (-minutes[file_of(item)], first[file_of(item)]))  # stable: files stay in order
+
+
 class _ReliabilityFromWorkers:
     def pytest_testnodedown(self, node, error):
         import json

@@ -26,6 +26,8 @@ from common.train import batch_loss, collate, evaluate
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune
 
+pytestmark = pytest.mark.minutes(3)  # two end-to-end federations; see tests/conftest.py
+
 TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
 
 

@@ -32,7 +32,7 @@ from tests.invariants import check_run_invariants
 from tests.procs import kill_group, kill_matching
 from tests.reliability import count
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.minutes(9)]
 BIN = Path(sys.executable).parent
 SITES = ["site-0", "site-1", "site-2"]
 SMALL_RUN = ["local-steps=2", "max-train-examples=480", "max-heldout-examples=60", "max-length=32",

@@ -22,7 +22,7 @@ from tests.invariants import check_run_invariants
 from tests.procs import run_cli
 from tests.reliability import count
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.minutes(4)]
 
 SMALL = ["max-train-examples=360", "max-heldout-examples=120", "local-steps=4", "batch-size=16", "max-length=32",
          "partitioner=iid", "fraction-evaluate=0.0"]

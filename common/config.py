@@ -113,7 +113,7 @@ class FedtuneConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
-    num_threads: int = _f(0, "Torch threads per client process; 0 = fit the machine.")
+    num_threads: int = _f(0, "Torch threads per client process; 0 = the cores shared by the clients sampled a round.")
     # Differential privacy
     dp_sample: bool = _f(False, "Sample-level DP-SGD (Opacus) on every client: per-sample clipping, Gaussian noise, Poisson sampling.")
     dp_noise_multiplier: float = _f(0.0, "Sample-level noise multiplier; 0 = calibrate it from dp-target-epsilon over the planned rounds.")

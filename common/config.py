@@ -194,6 +194,10 @@ class FedtuneConfig:
         """The client-side budget the server asks for (0 = no limit)."""
         return self.dp_epsilon_budget or self.dp_target_epsilon
 
+    def train_sample_size(self, connected: int) -> int:
+        """Clients sampled for training a round among `connected` (Flower's FedAvg rule)."""
+        return max(int(connected * self.fraction_train), self.min_train_clients)
+
     @property
     def target_modules(self) -> list[str]:
         return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]

@@ -148,7 +148,8 @@ def end_run(state: ServerState, status: str, reason: str) -> None:
 def build_strategy_chain(state: ServerState):
     """Validation outermost, then Flower's client-level DP wrapper, then the aggregation strategy."""
     cfg = state.cfg
-    strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=expected_sample_size(cfg))
+    expected = cfg.train_sample_size(cfg.min_available_clients)  # run_round sets the real one each round
+    strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=expected)
     if not cfg.validate_updates:
         return strategy
     policy = Policy(max_update_norm=cfg.max_update_norm, max_norm_factor=cfg.max_norm_factor,
@@ -163,11 +164,6 @@ def strategy_with(strategy, attr: str):
     while strategy is not None and not hasattr(strategy, attr):
         strategy = getattr(strategy, "strategy", None)
     return strategy
-
-
-def expected_sample_size(cfg: FedtuneConfig) -> int:
-    """Initial sample size for the DP wrapper; run_round sets the real one before each aggregation."""
-    return max(int(cfg.min_available_clients * cfg.fraction_train), cfg.min_train_clients)
 
 
 def fresh_start(state: ServerState) -> int:

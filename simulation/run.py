@@ -37,11 +37,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def clients_per_round(cfg: FedtuneConfig, num_clients: int) -> int:
-    """How many clients the strategy samples for training each round (Flower's FedAvg rule)."""
-    return min(num_clients, max(int(num_clients * cfg.fraction_train), cfg.min_train_clients))
-
-
 def plan_resources(clients_training: int, cpus: int | None = None) -> tuple[int, int]:
     """(parallel clients, torch threads per client) that fit the machine's cores.
 
@@ -63,7 +58,7 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
             f"min-available-clients / min-train-clients: expected at most num-clients={num_clients}, "
             f"got {cfg.min_available_clients} / {cfg.min_train_clients}"
         )
-    _, threads = plan_resources(clients_per_round(cfg, num_clients))
+    _, threads = plan_resources(cfg.train_sample_size(num_clients))
     if cfg.num_threads == 0:
         cfg = cfg.replace(num_threads=threads)
     if cfg.task == "classification":  # causal-lm "labels" are only partition groups
@@ -99,7 +94,7 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
         run_server(grid, cfg)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every client's progress lines
-    parallel, threads = plan_resources(clients_per_round(cfg, num_clients))
+    parallel, threads = plan_resources(cfg.train_sample_size(num_clients))
     backend_config = {
         "client_resources": {"num_cpus": max(1, threads), "num_gpus": 0.0},
         "init_args": {"num_cpus": parallel * max(1, threads), "include_dashboard": False},

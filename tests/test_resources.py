@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from simulation.run import clients_per_round, plan_resources, prepare
+from simulation.run import plan_resources, prepare
 
 
 @pytest.mark.parametrize("num_clients, overrides, expected", [
@@ -21,9 +21,9 @@ from simulation.run import clients_per_round, plan_resources, prepare
     (100, {"fraction-train": 0.1, "min-train-clients": 2}, 10),
     (3, {"fraction-train": 0.5, "min-train-clients": 1}, 1),   # int(1.5), as Flower's FedAvg
 ])
-def test_clients_per_round_follows_flowers_sampling_rule(num_clients, overrides, expected):
+def test_train_sample_size_follows_flowers_sampling_rule(num_clients, overrides, expected):
     cfg = prepare(overrides, num_clients)
-    assert clients_per_round(cfg, num_clients) == expected
+    assert cfg.train_sample_size(num_clients) == expected
 
 
 @pytest.mark.parametrize("training, cpus, expected", [

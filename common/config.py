@@ -27,6 +27,7 @@ PromptTemplate = Literal["auto", "alpaca", "plain"]
 LoadIn = Literal["none", "8bit", "4bit"]
 ComputeDtype = Literal["float32", "bfloat16"]
 LRSchedule = Literal["constant", "cosine"]
+ClientSampling = Literal["random", "balanced"]
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -45,6 +46,7 @@ class FedtuneConfig:
     strategy: Strategy = _f("fedavg", "Aggregation strategy.")
     fraction_train: float = _f(1.0, "Fraction of connected clients sampled for training each round.")
     min_train_clients: int = _f(2, "Minimum number of clients sampled for training.")
+    client_sampling: ClientSampling = _f("random", "random: Flower's uniform sample, drawn afresh each round; balanced: the clients sampled least so far first, ties broken at random, so every client takes part equally often (once every N/K rounds while the N clients stay connected). Not with dp-client, whose accounting rests on uniform sampling.")
     fraction_evaluate: float = _f(1.0, "Fraction of clients asked to evaluate on their local validation slice (0 disables).")
     min_evaluate_clients: int = _f(2, "Minimum number of clients sampled for federated evaluation.")
     min_available_clients: int = _f(2, "Clients that must be connected before a round starts.")
@@ -109,6 +111,7 @@ class FedtuneConfig:
     lr_schedule: LRSchedule = _f("constant", "constant, or cosine: decay from learning-rate to min-learning-rate over all rounds' local steps.")
     min_learning_rate: float = _f(0.0, "lr-schedule = cosine: the learning rate reached at the end of the last round.")
     warmup_fraction: float = _f(0.0, "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule over the rest.")
+    local_warmup_fraction: float = _f(0.0, "Scale each round's rate up linearly from 0 over this fraction of the round's local steps: each round starts a fresh AdamW, whose first steps move every weight by about the full rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
@@ -136,6 +139,7 @@ class FedtuneConfig:
             _check_range(name, getattr(self, name), 0.0, 1.0)
         _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
         _check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, hi_open=True)
+        _check_range("local_warmup_fraction", self.local_warmup_fraction, 0.0, 1.0, hi_open=True)
         for name in ("num_server_rounds", "lora_r", "batch_size", "eval_batch_size", "max_length"):
             _check_min(name, getattr(self, name), 1)
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):
@@ -165,6 +169,9 @@ class FedtuneConfig:
             raise ConfigError(
                 "dp-noise-multiplier / dp-target-epsilon: expected one of them > 0 when dp-sample = true, got both 0"
             )
+        if self.dp_client != "off" and self.client_sampling != "random":
+            raise ConfigError(f"client-sampling: expected 'random' with dp-client = {self.dp_client!r} (the federation's "
+                              f"epsilon counts on amplification by uniform client sampling), got {self.client_sampling!r}")
         if self.dp_client != "off" and not self.validate_updates:
             raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), got false")
         if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:

@@ -38,6 +38,7 @@ from server.privacy import (
     client_entries, current_clipping_norm, federation_entry, federation_would_exceed, wrap_client_dp,
 )
 from server.rundir import RunDir
+from server.sampling import least_sampled, participation, send_to
 from server.strategy import build_strategy, load_strategy_state, strategy_state
 from server.validation import Policy, ValidatedStrategy
 
@@ -262,6 +263,10 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     messages = list(strategy.configure_train(
         server_round, state_to_record(state.arrays), state.message_config(), ordered
     ))
+    if cfg.client_sampling == "balanced":  # the strategy chose how many and what; fedtune chooses who
+        chosen = least_sampled(ordered.get_node_ids(), state.clients, participation(state.rounds), len(messages),
+                               seed=round_seed(cfg.seed, server_round))
+        messages = send_to(messages, chosen)
     population = len(ordered.get_node_ids())
     dp_wrapper = strategy_with(strategy, "num_sampled_clients")
     if dp_wrapper is not None:  # Flower's DP noise is z*C/num_sampled_clients: use the real sample size

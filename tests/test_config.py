@@ -66,6 +66,9 @@ def test_good_values_are_accepted(raw, expected):
     ({"lr-schedule": "linear"}, "expected one of"),
     ({"min-learning-rate": 0.01, "learning-rate": 0.001}, "at most learning-rate"),
     ({"min-learning-rate": -1e-4}, ">= 0"),
+    ({"client-sampling": "cyclic"}, "expected one of"),
+    ({"client-sampling": "balanced", "dp-client": "server-fixed"}, "uniform client sampling"),
+    ({"local-warmup-fraction": 1.0}, r"1.0\)"),
 ])
 def test_bad_values_are_refused_with_expected_and_got(raw, message):
     with pytest.raises(ConfigError, match=message):

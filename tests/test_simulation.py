@@ -76,6 +76,21 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path
     assert [r["heldout_accuracy"] for r in full] == [r["heldout_accuracy"] for r in resumed]
 
 
+def test_balanced_sampling_takes_the_clients_not_yet_trained_even_across_a_restart(tmp_path):
+    """client-sampling = balanced, 2 of 4 clients a round: round 2, run by a restarted server,
+    takes the two clients round 1 did not (the counts come from the checkpointed round ledger;
+    with random sampling this seed draws an overlapping pair)."""
+    run, common = tmp_path / "run", ["client-sampling=balanced", "fraction-train=0.5", "min-train-clients=2",
+                                     "fraction-evaluate=0.0", "local-steps=2"]
+    simulate(run, "num-server-rounds=1", *common, clients=4)
+    out = simulate(run, "num-server-rounds=2", "resume=true", *common, clients=4).stdout
+    assert "resumed from round-0001" in out
+    check_run_invariants(run, 2)
+    ledger = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+    assert [len(entry["aggregated"]) for entry in ledger] == [2, 2]
+    assert sorted(c for entry in ledger for c in entry["sampled"]) == [f"partition-{i}" for i in range(4)]
+
+
 def test_new_run_refuses_a_run_dir_with_checkpoints_and_resume_refuses_a_changed_config(tmp_path):
     simulate(tmp_path / "r", "num-server-rounds=1", "fraction-evaluate=0.0")
     again = fedtune("simulate", "-c", f'run-dir="{tmp_path / "r"}"', *sum([["-c", s] for s in SMALL], []))

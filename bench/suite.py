@@ -372,6 +372,25 @@ def unknown_settings(chosen: list[str], clients: int) -> list[str]:
     return sorted(x for x in chosen if not known(x))
 
 
+def iid_gaps(runs: list[dict]) -> list[dict]:
+    """Centralized minus federated accuracy, in points, for every IID setting of every data set
+    that also has a centralized row: per seed where both sides ran that seed, and on the means
+    over all of each side's seeds (rows written before seeds were recorded count as one seed)."""
+    by: dict[tuple, dict] = {}
+    for r in runs:
+        by.setdefault((r["data"], r["setting"]), {})[r.get("seed")] = r["accuracy"]
+    gaps = []
+    for (data, setting), fed in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        cent = by.get((data, "centralized"))
+        if split_setting(setting)[0] != "iid" or cent is None:
+            continue
+        per_seed = {s: 100 * (cent[s] - fed[s]) for s in sorted(fed, key=str) if s in cent}
+        mean = 100 * (sum(cent.values()) / len(cent) - sum(fed.values()) / len(fed))
+        gaps.append({"data": data, "setting": setting, "gap_points": mean, "per_seed": per_seed,
+                     "seeds": (len(cent), len(fed))})
+    return gaps
+
+
 def bench_accuracy(p: dict, out: Path) -> dict:
     """Centralized LoRA on the union of the client data against federated IID and Dirichlet
     0.5 / 0.1, with the same number of passes over the data (federated: every client trains
@@ -381,8 +400,11 @@ def bench_accuracy(p: dict, out: Path) -> dict:
     learning rate (federated averaging of 10 clients takes a tenth of the sequential steps,
     so it wants a larger rate); each row records the rate it ran at. A setting "iid:K"
     samples K clients a round for passes * clients / K rounds (same passes in expectation);
-    its overrides come from the spec's "settings" dict, after "federated"."""
+    its overrides come from the spec's "settings" dict, after "federated". With several
+    `seeds` every setting runs once per seed (partition, initialization, sampling and batches
+    all follow the seed), and the gap is reported per seed and on the means."""
     results, adapters = [], {}
+    seeds = p.get("seeds") or [None]  # None: the configuration's own seed
     for name, spec in p["datasets"].items():
         overrides, source = data_overrides(name)
         passes = spec["passes"]
@@ -390,19 +412,24 @@ def bench_accuracy(p: dict, out: Path) -> dict:
                      **{k: v for k, v in spec.items() if k not in ("passes", "centralized", "federated", "settings")}}
         adapters[source] = adapter_fraction(config_from(overrides))
         for setting in p["settings"]:
-            start = time.perf_counter()
-            if setting == "centralized":
-                run = {**overrides, **spec.get("centralized", {})}
-                acc = centralized(run, passes, p["clients"])
-            else:
-                run = {**overrides, **spec.get("federated", {}), **spec.get("settings", {}).get(setting, {})}
-                base, per_round = split_setting(setting)
-                acc = federated(run, passes, p["clients"], base, out / f"accuracy-{name}-{setting}", per_round)
-            results.append({"data": source, "setting": setting, "passes": passes, "accuracy": acc["accuracy"],
-                            "macro_f1": acc["macro_f1"], "learning_rate": run.get("learning-rate"),
-                            "clients": p["clients"], "wall_s": time.perf_counter() - start,
-                            "run_dir": str(out / f"accuracy-{name}-{setting}")})
-            print(f"bench: accuracy {source} {setting}: {acc['accuracy']:.4f}", flush=True)
+            for seed in seeds:
+                start = time.perf_counter()
+                pinned = {} if seed is None else {"seed": seed}
+                run_dir = out / f"accuracy-{name}-{setting}{'' if seed is None else f'-seed{seed}'}"
+                if setting == "centralized":
+                    run = {**overrides, **spec.get("centralized", {}), **pinned}
+                    acc = centralized(run, passes, p["clients"])
+                else:
+                    run = {**overrides, **spec.get("federated", {}), **spec.get("settings", {}).get(setting, {}),
+                           **pinned}
+                    base, per_round = split_setting(setting)
+                    acc = federated(run, passes, p["clients"], base, run_dir, per_round)
+                results.append({"data": source, "setting": setting, "passes": passes, "accuracy": acc["accuracy"],
+                                "macro_f1": acc["macro_f1"], "learning_rate": run.get("learning-rate"),
+                                "seed": parse_run_config(run).seed, "clients": p["clients"],
+                                "wall_s": time.perf_counter() - start, "run_dir": str(run_dir)})
+                print(f"bench: accuracy {source} {setting} seed {results[-1]['seed']}: {acc['accuracy']:.4f}",
+                      flush=True)
     plot_accuracy(out, results)
     return {"clients": p["clients"], "runs": results, "adapter_over_full_model": adapters}
 
@@ -526,7 +553,8 @@ def plot_accuracy(out: Path, runs: list[dict]) -> None:
     for ax, name in zip(axes[0], names):
         for r in (r for r in runs if r["data"] == name):
             if r["setting"] == "centralized":
-                ax.axhline(r["accuracy"], color="black", ls="--", label=f"centralized ({r['passes']} epochs)")
+                seed = f", seed {r['seed']}" if r.get("seed") is not None else ""
+                ax.axhline(r["accuracy"], color="black", ls="--", label=f"centralized ({r['passes']} epochs{seed})")
                 continue
             metrics = Path(r["run_dir"]) / "metrics.jsonl"
             if metrics.is_file():
@@ -535,7 +563,7 @@ def plot_accuracy(out: Path, runs: list[dict]) -> None:
                 per_round = split_setting(r["setting"])[1] or clients
                 ax.plot([x["round"] * per_round / clients for x in rows],
                         [x["heldout_accuracy"] for x in rows], marker="o" if per_round == clients else ".",
-                        label=f"federated {r['setting']}")
+                        label=f"federated {r['setting']}" + (f", seed {r['seed']}" if r.get("seed") is not None else ""))
         ax.set_title(f"{name}: held-out accuracy")
         ax.set_xlabel("passes over the data (federated 'setting:K': K clients a round)")
         ax.legend(fontsize=8)
@@ -593,24 +621,27 @@ def markdown(results: dict) -> str:
                          f"| peak < 4 GB | {verdict(s['peak_rss_gb'] < TARGETS['scale_peak_gb'])} |")
     if "accuracy" in r:
         a = r["accuracy"]
-        by = {(x["data"], x["setting"]): x for x in a["runs"]}
+        several = len({x.get("seed") for x in a["runs"]}) > 1
         for x in a["runs"]:
             sst2_target = x["data"] == "sst2" and r["suite"] == "full" and x["setting"] in ("centralized", "iid")
             rate = f", learning rate {x['learning_rate']:g}" if x.get("learning_rate") else ""
-            lines.append(f"| accuracy {x['data']} {x['setting']} ({x.get('passes', a.get('passes'))} passes{rate}) "
+            seed = f", seed {x['seed']}" if several else ""
+            lines.append(f"| accuracy {x['data']} {x['setting']} ({x.get('passes', a.get('passes'))} passes{rate}{seed}) "
                          f"| {x['accuracy']:.4f} "
                          f"(macro-F1 {x['macro_f1']:.4f}) | {'>= 0.88' if sst2_target else ''} "
                          f"| {verdict(x['accuracy'] >= TARGETS['sst2_accuracy']) if sst2_target else ''} |")
         for data, fraction in a.get("adapter_over_full_model", {}).items():
             lines.append(f"| {data}: adapter / full model size in these runs | {fraction:.2%} | <= 0.5% "
                          f"| {verdict(fraction <= TARGETS['traffic_fraction'])} |")
-        for data, setting in sorted(k for k in by if split_setting(k[1])[0] == "iid"):
-            if (data, "centralized") in by:
-                gap = 100 * (by[(data, "centralized")]["accuracy"] - by[(data, setting)]["accuracy"])
-                per_round = split_setting(setting)[1]
-                who = f", {per_round} client{'s' if per_round > 1 else ''} a round" if per_round else ""
-                lines.append(f"| {data}: centralized - federated IID{who} (points) | {gap:.2f} | <= 1 "
-                             f"| {verdict(gap <= TARGETS['iid_gap_points'])} |")
+        for g in iid_gaps(a["runs"]):
+            per_round = split_setting(g["setting"])[1]
+            who = f", {per_round} client{'s' if per_round > 1 else ''} a round" if per_round else ""
+            value = f"{g['gap_points']:.2f}"
+            if max(g["seeds"]) > 1:
+                who += f", means over {g['seeds'][0]} / {g['seeds'][1]} seeds"
+                value += " (per seed: " + ", ".join(f"{s} {v:.2f}" for s, v in g["per_seed"].items()) + ")"
+            lines.append(f"| {g['data']}: centralized - federated IID{who} (points) | {value} | <= 1 "
+                         f"| {verdict(g['gap_points'] <= TARGETS['iid_gap_points'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -632,6 +663,8 @@ def main() -> None:
     parser.add_argument("--settings", default="", help="Accuracy: comma-separated settings (default: centralized,"
                         "iid,dirichlet-0.5,dirichlet-0.1, and iid:2 in the full suite); ':K' after a federated "
                         "one samples K clients a round (iid:1, dirichlet-0.5:2)")
+    parser.add_argument("--seeds", default="", help="Accuracy: comma-separated seeds, every setting once per seed "
+                        "(default: the configuration's seed, one run each)")
     parser.add_argument("--out", default="")
     parser.add_argument("--report", default="", help="Redraw results.md and the plots of an earlier results folder")
     parser.add_argument("--plain-loop", default="", help=argparse.SUPPRESS)
@@ -659,6 +692,14 @@ def main() -> None:
             parser.error(f"--settings: expected centralized, iid or dirichlet-<alpha>, a federated one optionally "
                          f"':K' with K dividing {params['accuracy']['clients']} clients, got {unknown}")
         params = {**params, "accuracy": {**params["accuracy"], "settings": chosen}}
+    if args.seeds:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            parser.error(f"--seeds: expected comma-separated whole numbers, got {args.seeds!r}")
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            parser.error(f"--seeds: expected distinct seeds >= 0, got {args.seeds!r}")
+        params = {**params, "accuracy": {**params["accuracy"], "seeds": seeds}}
     started = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or REPO / "bench" / "results" / f"{'full' if args.full else 'quick'}-{started}")
     out.mkdir(parents=True, exist_ok=True)

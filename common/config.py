@@ -112,6 +112,7 @@ class FedtuneConfig:
     min_learning_rate: float = _f(0.0, "lr-schedule = cosine: the learning rate reached at the end of the last round.")
     warmup_fraction: float = _f(0.0, "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule over the rest.")
     local_warmup_fraction: float = _f(0.0, "Scale each round's rate up linearly from 0 over this fraction of the round's local steps: each round starts a fresh AdamW, whose first steps move every weight by about the full rate.")
+    keep_optimizer_state: bool = _f(False, "Each client keeps its AdamW moments from its last round (in its node's memory, for this run) and continues them when next sampled, instead of starting AdamW afresh every round; a restarted node starts afresh. Not with dp-sample.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
@@ -172,6 +173,9 @@ class FedtuneConfig:
         if self.dp_client != "off" and self.client_sampling != "random":
             raise ConfigError(f"client-sampling: expected 'random' with dp-client = {self.dp_client!r} (the federation's "
                               f"epsilon counts on amplification by uniform client sampling), got {self.client_sampling!r}")
+        if self.keep_optimizer_state and self.dp_sample:
+            raise ConfigError("keep-optimizer-state: expected false with dp-sample = true (Opacus's optimizer state "
+                              "is not carried between rounds), got true")
         if self.dp_client != "off" and not self.validate_updates:
             raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), got false")
         if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:

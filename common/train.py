@@ -165,6 +165,35 @@ class TrainResult:
     examples: int
     seconds: float
     padding_efficiency: float = float("nan")  # real tokens / processed tokens
+    optimizer_state: dict[str, np.ndarray] | None = None  # AdamW's moments at the end (see adam_state)
+
+
+ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """AdamW's per-parameter state as named arrays: "<i>.step" (shape (1,), as Flower's
+    records keep scalars), "<i>.exp_avg", "<i>.exp_avg_sq" for the i-th trainable parameter."""
+    out = {}
+    for i, p in enumerate(params):
+        for slot, value in optimizer.state.get(p, {}).items():
+            out[f"{i}.{slot}"] = np.atleast_1d(value.detach().cpu().numpy()).copy()
+    return out
+
+
+def load_adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], state: dict[str, np.ndarray]) -> None:
+    """Put an `adam_state` back; it must name exactly these parameters, slots and shapes."""
+    expected = {f"{i}.{slot}": ((1,) if slot == "step" else tuple(p.shape))
+                for i, p in enumerate(params) for slot in ADAM_SLOTS}
+    got = {k: tuple(np.shape(v)) for k, v in state.items()}
+    if got != expected:
+        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))[:4]
+        raise ValueError("optimizer state: expected AdamW moments for the "
+                         f"{len(params)} trainable tensors of this adapter, got {len(got)} arrays that differ at "
+                         + ", ".join(f"{k} (expected {expected.get(k, 'none')}, got {got.get(k, 'none')})" for k in wrong))
+    for i, p in enumerate(params):
+        optimizer.state[p] = {"step": torch.tensor(float(state[f"{i}.step"][0]), dtype=torch.float32),
+                              **{slot: torch.tensor(state[f"{i}.{slot}"], dtype=p.dtype) for slot in ADAM_SLOTS[1:]}}
 
 
 def train(
@@ -172,8 +201,12 @@ def train(
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
     proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
     group_by_length: bool = False, lr_at: Callable[[float], float] | None = None,
+    optimizer_state: dict[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """Train the adapter with AdamW for `steps` steps, or `epochs` epochs when steps == 0.
+
+    `optimizer_state` (an earlier call's `TrainResult.optimizer_state`) continues AdamW's
+    moment estimates and step count instead of starting them afresh.
 
     `lr_at` maps the fraction of this call's steps done (0 <= f < 1) to the learning rate of
     the next step; without it the rate stays at `learning_rate`.
@@ -189,6 +222,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        load_adam_state(optimizer, params, optimizer_state)
     total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)
     lengths = [len(s) for s in data.input_ids]
     model.train()
@@ -216,7 +251,8 @@ def train(
             if done >= total:
                 break
     return TrainResult(loss=loss_sum / seen, steps=done, examples=seen, seconds=time.perf_counter() - start,
-                       padding_efficiency=real_tokens / max(processed_tokens, 1))
+                       padding_efficiency=real_tokens / max(processed_tokens, 1),
+                       optimizer_state=adam_state(optimizer, params))
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:

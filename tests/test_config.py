@@ -69,6 +69,7 @@ def test_good_values_are_accepted(raw, expected):
     ({"client-sampling": "cyclic"}, "expected one of"),
     ({"client-sampling": "balanced", "dp-client": "server-fixed"}, "uniform client sampling"),
     ({"local-warmup-fraction": 1.0}, r"1.0\)"),
+    ({"keep-optimizer-state": True, "dp-sample": True, "dp-noise-multiplier": 1.0}, "Opacus"),
 ])
 def test_bad_values_are_refused_with_expected_and_got(raw, message):
     with pytest.raises(ConfigError, match=message):

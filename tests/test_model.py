@@ -132,6 +132,37 @@ def test_training_is_deterministic_for_a_seed(setup):
     assert all(np.array_equal(states[0][k], states[1][k]) for k in initial)
 
 
+def test_kept_optimizer_state_continues_adamw_instead_of_restarting_it(setup):
+    """keep-optimizer-state: a second call given the first's AdamW state continues its step
+    count and moments, so its first step is not the full-rate step a fresh AdamW takes
+    (bias-corrected, every weight moves by about the rate); a state for other tensors is
+    refused, naming what was expected and what arrived."""
+    cfg, labels, model, tok = setup
+    data = encode(simulated_client_data(cfg, 2, 3).train.subset(range(48)), tok, labels, max_length=32, where="t")
+    initial = get_adapter_state(model)
+    kw = dict(pad_id=tok.pad_token_id, epochs=1, batch_size=8, learning_rate=1e-3, weight_decay=0.0,
+              max_grad_norm=1.0)
+    first = train(model, data, steps=12, seed=1, **kw)
+    assert {float(v[0]) for k, v in first.optimizer_state.items() if k.endswith(".step")} == {12.0}
+    middle = get_adapter_state(model)
+    moved = {}
+    for name, state in (("fresh", None), ("kept", first.optimizer_state)):
+        set_adapter_state(model, middle)
+        result = train(model, data, steps=1, seed=2, optimizer_state=state, **kw)
+        after = get_adapter_state(model)
+        moved[name] = np.mean(np.concatenate([np.abs(after[k] - middle[k]).ravel() for k in middle]))
+        assert float(result.optimizer_state["0.step"][0]) == (1.0 if state is None else 13.0)
+    assert moved["fresh"] == pytest.approx(1e-3, rel=0.05)  # a fresh AdamW's first step: about the rate
+    assert moved["kept"] < 0.75 * moved["fresh"]  # measured 0.58
+    wrong = dict(first.optimizer_state)
+    wrong["0.exp_avg"] = wrong["0.exp_avg"][:1]
+    with pytest.raises(ValueError, match=r"optimizer state: expected AdamW moments .* 0\.exp_avg \(expected"):
+        train(model, data, steps=1, seed=2, optimizer_state=wrong, **kw)
+    with pytest.raises(ValueError, match="0.exp_avg_sq"):
+        train(model, data, steps=1, seed=2, optimizer_state={k: v for k, v in wrong.items() if "sq" not in k}, **kw)
+    set_adapter_state(model, initial)
+
+
 def test_cosine_schedule_spans_all_rounds_without_jumps():
     cfg = FedtuneConfig(learning_rate=1e-3, min_learning_rate=1e-5, lr_schedule="cosine", num_server_rounds=4)
     assert round_schedule(cfg.replace(lr_schedule="constant"), 1) is None

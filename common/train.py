@@ -182,16 +182,18 @@ def adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> 
 
 
 def load_adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], state: dict[str, np.ndarray]) -> None:
-    """Put an `adam_state` back; it must name exactly these parameters, slots and shapes."""
+    """Put an `adam_state` back; it must name these parameters' slots with their shapes (a
+    parameter that never had a gradient has no state, so all three of its slots may be absent)."""
+    stepped = {int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()}
     expected = {f"{i}.{slot}": ((1,) if slot == "step" else tuple(p.shape))
-                for i, p in enumerate(params) for slot in ADAM_SLOTS}
+                for i, p in enumerate(params) if i in stepped for slot in ADAM_SLOTS}
     got = {k: tuple(np.shape(v)) for k, v in state.items()}
     if got != expected:
         wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))[:4]
         raise ValueError("optimizer state: expected AdamW moments for the "
                          f"{len(params)} trainable tensors of this adapter, got {len(got)} arrays that differ at "
                          + ", ".join(f"{k} (expected {expected.get(k, 'none')}, got {got.get(k, 'none')})" for k in wrong))
-    for i, p in enumerate(params):
+    for i, p in ((i, p) for i, p in enumerate(params) if i in stepped):
         optimizer.state[p] = {"step": torch.tensor(float(state[f"{i}.step"][0]), dtype=torch.float32),
                               **{slot: torch.tensor(state[f"{i}.{slot}"], dtype=p.dtype) for slot in ADAM_SLOTS[1:]}}
 

@@ -6,7 +6,8 @@ clients, some trained twice and others six times (AG News, seed 1). With `client
 balanced` a round takes the K connected clients with the fewest past rounds, ties broken by
 a per-round seeded shuffle: while the same N clients stay connected and K divides N, every
 client trains exactly once in each block of N/K rounds, like sampling without replacement
-across rounds (cyclic participation, Cho et al. 2023, https://arxiv.org/abs/2302.03109).
+across rounds (cyclic participation; Cho et al. 2023, "On the Convergence of Federated
+Averaging with Cyclic Client Participation").
 
 The counts come from the round ledger (who was sampled in each round), which every
 checkpoint carries, so a resumed run samples as the uninterrupted one would. A client that

@@ -160,6 +160,11 @@ def test_kept_optimizer_state_continues_adamw_instead_of_restarting_it(setup):
         train(model, data, steps=1, seed=2, optimizer_state=wrong, **kw)
     with pytest.raises(ValueError, match="0.exp_avg_sq"):
         train(model, data, steps=1, seed=2, optimizer_state={k: v for k, v in wrong.items() if "sq" not in k}, **kw)
+    with pytest.raises(ValueError, match="999.step"):
+        train(model, data, steps=1, seed=2, optimizer_state={**first.optimizer_state, "999.step": np.ones(1)}, **kw)
+    # a tensor that never had a gradient has no state: the others' still load
+    without_0 = {k: v for k, v in first.optimizer_state.items() if not k.startswith("0.")}
+    assert float(train(model, data, steps=1, seed=2, optimizer_state=without_0, **kw).optimizer_state["1.step"][0]) == 13.0
     set_adapter_state(model, initial)
 
 

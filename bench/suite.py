@@ -659,6 +659,17 @@ def report(out: Path) -> None:
     print((out / "results.md").read_text())
 
 
+def parse_seeds(text: str) -> list[int]:
+    """--seeds "42,1,2" -> [42, 1, 2]; anything else is a ValueError naming what arrived."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated whole numbers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--full", action="store_true", help="Run the full suite (hours on 2 cores).")
@@ -698,12 +709,9 @@ def main() -> None:
         params = {**params, "accuracy": {**params["accuracy"], "settings": chosen}}
     if args.seeds:
         try:
-            seeds = [int(x) for x in args.seeds.split(",")]
-        except ValueError:
-            parser.error(f"--seeds: expected comma-separated whole numbers, got {args.seeds!r}")
-        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            parser.error(f"--seeds: expected distinct seeds >= 0, got {args.seeds!r}")
-        params = {**params, "accuracy": {**params["accuracy"], "seeds": seeds}}
+            params = {**params, "accuracy": {**params["accuracy"], "seeds": parse_seeds(args.seeds)}}
+        except ValueError as err:
+            parser.error(str(err))
     started = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out or REPO / "bench" / "results" / f"{'full' if args.full else 'quick'}-{started}")
     out.mkdir(parents=True, exist_ok=True)

@@ -49,12 +49,18 @@ def test_rows_written_before_seeds_were_recorded_count_as_one_seed():
     assert gap["gap_points"] == pytest.approx(1.5) and gap["seeds"] == (1, 1)
 
 
-@pytest.mark.parametrize("seeds", ["1,x", "1,1", "-3"])
-def test_malformed_seeds_are_refused_before_anything_runs(tmp_path, seeds):
-    """Bad input: --seeds names what it expected and what arrived; no results folder appears."""
+@pytest.mark.parametrize("seeds", ["1,x", "1,1", "-3", ""])
+def test_malformed_seeds_are_refused_naming_what_arrived(seeds):
+    """Bad input: --seeds says what it expected and what arrived."""
+    with pytest.raises(ValueError, match="--seeds: expected") as err:
+        suite.parse_seeds(seeds)
+    assert repr(seeds) in str(err.value)
+    assert suite.parse_seeds("42,1,2") == [42, 1, 2]
+
+
+def test_the_command_line_refuses_them_before_anything_runs(tmp_path):
     out = tmp_path / "results"
-    done = subprocess.run([sys.executable, "bench/suite.py", "--only", "accuracy", "--seeds", seeds,
+    done = subprocess.run([sys.executable, "bench/suite.py", "--only", "accuracy", "--seeds", "1,1",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert "--seeds: expected" in done.stderr and repr(seeds) in done.stderr
+    assert done.returncode == 2 and "--seeds: expected distinct seeds >= 0, got '1,1'" in done.stderr
     assert not out.exists()

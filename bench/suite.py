@@ -384,7 +384,7 @@ def iid_gaps(runs: list[dict]) -> list[dict]:
     for r in runs:
         by.setdefault((r["data"], r["setting"]), {})[r.get("seed")] = r["accuracy"]
     gaps = []
-    for (data, setting), fed in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (data, setting), fed in sorted(by.items()):
         cent = by.get((data, "centralized"))
         if split_setting(setting)[0] != "iid" or cent is None:
             continue

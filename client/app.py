@@ -160,6 +160,7 @@ def train_handler(msg: Message, context: Context) -> Message:
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
             group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round), optimizer_state=kept,
+            keep_optimizer_state=cfg.keep_optimizer_state,
         )
         if cfg.keep_optimizer_state:
             context.state[OPTIMIZER_KEY] = state_to_record(result.optimizer_state)

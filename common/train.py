@@ -203,12 +203,13 @@ def train(
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
     proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
     group_by_length: bool = False, lr_at: Callable[[float], float] | None = None,
-    optimizer_state: dict[str, np.ndarray] | None = None,
+    optimizer_state: dict[str, np.ndarray] | None = None, keep_optimizer_state: bool = False,
 ) -> TrainResult:
     """Train the adapter with AdamW for `steps` steps, or `epochs` epochs when steps == 0.
 
     `optimizer_state` (an earlier call's `TrainResult.optimizer_state`) continues AdamW's
-    moment estimates and step count instead of starting them afresh.
+    moment estimates and step count instead of starting them afresh; with
+    `keep_optimizer_state` the result carries the state this call ends with.
 
     `lr_at` maps the fraction of this call's steps done (0 <= f < 1) to the learning rate of
     the next step; without it the rate stays at `learning_rate`.
@@ -254,7 +255,7 @@ def train(
                 break
     return TrainResult(loss=loss_sum / seen, steps=done, examples=seen, seconds=time.perf_counter() - start,
                        padding_efficiency=real_tokens / max(processed_tokens, 1),
-                       optimizer_state=adam_state(optimizer, params))
+                       optimizer_state=adam_state(optimizer, params) if keep_optimizer_state else None)
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:

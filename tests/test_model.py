@@ -141,7 +141,7 @@ def test_kept_optimizer_state_continues_adamw_instead_of_restarting_it(setup):
     data = encode(simulated_client_data(cfg, 2, 3).train.subset(range(48)), tok, labels, max_length=32, where="t")
     initial = get_adapter_state(model)
     kw = dict(pad_id=tok.pad_token_id, epochs=1, batch_size=8, learning_rate=1e-3, weight_decay=0.0,
-              max_grad_norm=1.0)
+              max_grad_norm=1.0, keep_optimizer_state=True)
     first = train(model, data, steps=12, seed=1, **kw)
     assert {float(v[0]) for k, v in first.optimizer_state.items() if k.endswith(".step")} == {12.0}
     middle = get_adapter_state(model)
@@ -165,6 +165,7 @@ def test_kept_optimizer_state_continues_adamw_instead_of_restarting_it(setup):
     # a tensor that never had a gradient has no state: the others' still load
     without_0 = {k: v for k, v in first.optimizer_state.items() if not k.startswith("0.")}
     assert float(train(model, data, steps=1, seed=2, optimizer_state=without_0, **kw).optimizer_state["1.step"][0]) == 13.0
+    assert train(model, data, steps=1, seed=2, **{**kw, "keep_optimizer_state": False}).optimizer_state is None
     set_adapter_state(model, initial)
 
 

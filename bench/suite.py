@@ -363,6 +363,17 @@ def per_round_fits(per_round: int, clients: int) -> bool:
     return 0 < per_round <= clients and clients % per_round == 0
 
 
+def federated_rounds(passes: int, clients: int, per_round: int, local_epochs: int, local_steps: int = 0) -> int:
+    """Rounds for `passes` passes over the clients' data when `per_round` clients a round each
+    train `local_epochs` epochs: passes * clients / (per_round * local_epochs), which must be whole."""
+    client_epochs = passes * clients
+    if local_steps or local_epochs < 1 or client_epochs % (per_round * local_epochs):
+        raise ValueError(f"local work: expected local-steps 0 and local-epochs dividing the {client_epochs} "
+                         f"client-epochs into {per_round}-client rounds, got local-steps {local_steps}, "
+                         f"local-epochs {local_epochs}")
+    return client_epochs // (per_round * local_epochs)
+
+
 def unknown_settings(chosen: list[str], clients: int) -> list[str]:
     """The names in `chosen` that are not centralized, iid or dirichlet-<alpha>, each
     optionally ":K" with K clients per round dividing `clients`."""
@@ -484,15 +495,17 @@ def centralized(overrides: dict, passes: int, clients: int) -> dict:
 
 def federated(overrides: dict, passes: int, clients: int, setting: str, run_dir: Path,
               per_round: int = 0) -> dict:
-    """`passes` passes over the clients' data: every client one local epoch per round, all of
-    them every round (`passes` rounds), or `per_round` of them sampled per round and
-    `passes * clients / per_round` rounds."""
+    """`passes` passes over the clients' data: every client `local-epochs` (default one) local
+    epochs per round, all of them every round (`passes / local-epochs` rounds), or `per_round`
+    of them sampled per round and `passes * clients / (per_round * local-epochs)` rounds."""
     part = {"iid": {"partitioner": "iid"}}.get(setting) or {"partitioner": "dirichlet",
                                                             "dirichlet-alpha": float(setting.split("-")[1])}
     per_round = per_round or clients
     if not per_round_fits(per_round, clients):
         raise ValueError(f"clients per round: expected a divisor of the {clients} clients, got {per_round}")
-    config = {**overrides, **part, "num-server-rounds": passes * clients // per_round,
+    rounds = federated_rounds(passes, clients, per_round, int(overrides.get("local-epochs", 1)),
+                              int(overrides.get("local-steps", 0)))
+    config = {**overrides, **part, "num-server-rounds": rounds,
               "fraction-train": per_round / clients, "min-available-clients": clients,
               "min-train-clients": per_round, "run-dir": str(run_dir)}
     args = [x for k, v in config.items() for x in ("-c", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]

@@ -64,3 +64,13 @@ def test_the_command_line_refuses_them_before_anything_runs(tmp_path):
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--seeds: expected distinct seeds >= 0, got '1,1'" in done.stderr
     assert not out.exists()
+
+
+def test_federated_rounds_keep_the_passes_whatever_the_local_epochs():
+    """Equal passes on both sides: more local epochs a round means proportionally fewer rounds."""
+    assert suite.federated_rounds(4, 10, 2, 1) == 20
+    assert suite.federated_rounds(4, 10, 2, 2) == 10
+    assert suite.federated_rounds(3, 10, 10, 1) == 3
+    for bad in [dict(local_epochs=3), dict(local_epochs=0), dict(local_epochs=1, local_steps=50)]:
+        with pytest.raises(ValueError, match="local work: expected local-steps 0 and local-epochs dividing"):
+            suite.federated_rounds(4, 10, 2, **bad)

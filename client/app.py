@@ -25,10 +25,10 @@ from common.config import FedtuneConfig, parse_run_config
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
-from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
+from common.records import FROZEN_KEY, MOMENTS_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
 from common.lm import encode_for_task
-from common.train import evaluate, round_schedule, train
+from common.train import evaluate, round_schedule, shareable_moments, train, warm_adam_state
 
 TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flower, its DP wrappers and the server
 PROGRESS_EVERY = 10
@@ -153,14 +153,14 @@ def train_handler(msg: Message, context: Context) -> Message:
                                         seed=seed, run=str(context.run_id), server_round=s.server_round,
                                         progress=progress)
     else:
-        kept = kept_optimizer_state(cfg, context, s.data.client_id, s.server_round)
+        start_from = kept_optimizer_state(cfg, context, s.data.client_id, s.server_round) or shared_moments(msg, s)
         result = train(
             s.model, encoded, pad_id=s.tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
             batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
-            group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round), optimizer_state=kept,
-            keep_optimizer_state=cfg.keep_optimizer_state,
+            group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
+            optimizer_state=start_from, keep_optimizer_state=cfg.keep_optimizer_state or cfg.shared_moments != "none",
         )
         if cfg.keep_optimizer_state:
             context.state[OPTIMIZER_KEY] = state_to_record(result.optimizer_state)
@@ -172,6 +172,8 @@ def train_handler(msg: Message, context: Context) -> Message:
     })
     if privacy is not None:
         content["privacy"] = privacy
+    if cfg.shared_moments != "none":  # never with DP (the config refuses it)
+        content[MOMENTS_KEY] = state_to_record(shareable_moments(result.optimizer_state, cfg.shared_moments))
     return Message(content=content, reply_to=msg)
 
 
@@ -199,6 +201,17 @@ def kept_optimizer_state(cfg: FedtuneConfig, context: Context, client_id: str, s
     state = record_to_state(context.state[OPTIMIZER_KEY])
     log(INFO, "fedtune: [round %d] %s continues its AdamW state from step %d", server_round, client_id,
         int(state["0.step"][0]))
+    return state
+
+
+def shared_moments(msg: Message, s: Session) -> dict | None:
+    """shared-moments: AdamW state warmed from the moments the server averaged over the last
+    round's clients (none in the first round, or before any client has sent some)."""
+    if s.cfg.shared_moments == "none" or MOMENTS_KEY not in msg.content.array_records:
+        return None
+    count = sum(1 for p in s.model.parameters() if p.requires_grad)
+    state = warm_adam_state(record_to_state(msg.content[MOMENTS_KEY]), count)
+    log(INFO, "fedtune: [round %d] %s starts AdamW from the server's shared moments", s.server_round, s.data.client_id)
     return state
 
 

@@ -28,6 +28,8 @@ LoadIn = Literal["none", "8bit", "4bit"]
 ComputeDtype = Literal["float32", "bfloat16"]
 LRSchedule = Literal["constant", "cosine"]
 ClientSampling = Literal["random", "balanced"]
+SharedMoments = Literal["none", "second", "both"]
+ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg")
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -113,6 +115,7 @@ class FedtuneConfig:
     warmup_fraction: float = _f(0.0, "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule over the rest.")
     local_warmup_fraction: float = _f(0.0, "Scale each round's rate up linearly from 0 over this fraction of the round's local steps: each round starts a fresh AdamW, whose first steps move every weight by about the full rate.")
     keep_optimizer_state: bool = _f(False, "Each client keeps its AdamW moments from its last round (in its node's memory, for this run) and continues them when next sampled, instead of starting AdamW afresh every round; a restarted node starts afresh. Not with dp-sample.")
+    shared_moments: SharedMoments = _f("none", "AdamW moments that travel with the global adapter: none (every round's AdamW starts afresh), second (clients send their bias-corrected second moments, the server averages them and sends the average with the next round's adapter) or both (the first moments too). Adds 1x (second) or 2x (both) the adapter's trainable bytes to each message. Not with DP, keep-optimizer-state or a robust strategy.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
@@ -176,6 +179,16 @@ class FedtuneConfig:
         if self.keep_optimizer_state and self.dp_sample:
             raise ConfigError("keep-optimizer-state: expected false with dp-sample = true (Opacus's optimizer state "
                               "is not carried between rounds), got true")
+        if self.shared_moments != "none":
+            clash = ("dp-sample = true (the moments come from unclipped, un-noised gradients and would leave the "
+                     "node outside the guarantee)" if self.dp_sample else
+                     f"dp-client = {self.dp_client!r} (the moments would leave the node outside the guarantee)"
+                     if self.dp_client != "off" else
+                     "keep-optimizer-state = true (two sources for one optimizer state)" if self.keep_optimizer_state
+                     else f"strategy = {self.strategy!r} (its updates are filtered robustly; the moments would be "
+                     "averaged unfiltered)" if self.strategy in ROBUST_STRATEGIES else "")
+            if clash:
+                raise ConfigError(f"shared-moments: expected 'none' with {clash}, got {self.shared_moments!r}")
         if self.dp_client != "off" and not self.validate_updates:
             raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), got false")
         if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:

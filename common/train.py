@@ -198,6 +198,50 @@ def load_adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
                               **{slot: torch.tensor(state[f"{i}.{slot}"], dtype=p.dtype) for slot in ADAM_SLOTS[1:]}}
 
 
+ADAM_BETAS = (0.9, 0.999)  # torch's defaults, named because shared moments undo their bias correction
+# The step count a client resumes at from shared moments: AdamW's bias corrections 1 - beta^t
+# are 1 to within 5e-5 there, so the moments are used as they arrive.
+WARM_STEP = 10_000
+SHARED_SLOTS = {"second": ("exp_avg_sq",), "both": ("exp_avg", "exp_avg_sq")}
+
+
+def shareable_moments(state: dict[str, np.ndarray], which: str) -> dict[str, np.ndarray]:
+    """From an `adam_state`, the moments a client sends for averaging (shared-moments): the
+    second moment v / (1 - beta2^t), and with which == "both" also the first m / (1 - beta1^t),
+    each bias-corrected by its own step count t so that clients that took different numbers of
+    steps send estimates of the same thing. float32, keyed "<i>.exp_avg_sq" / "<i>.exp_avg"."""
+    out = {}
+    for key, value in state.items():
+        index, slot = key.split(".", 1)
+        if slot not in SHARED_SLOTS[which]:
+            continue
+        t = float(state[f"{index}.step"][0])
+        beta = ADAM_BETAS[1] if slot == "exp_avg_sq" else ADAM_BETAS[0]
+        out[key] = (value / (1.0 - beta**t)).astype(np.float32)
+    return out
+
+
+def warm_adam_state(moments: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
+    """An `adam_state` for `count` trainable tensors that continues from shared moments: step
+    WARM_STEP (no bias correction left), the shared second moment, and the shared first moment
+    or zeros where only the second was shared (the first then builds up over AdamW's first ~10
+    steps, a natural warm-up). Every tensor needs its moments; `load_adam_state` checks shapes."""
+    needed = {f"{i}.exp_avg_sq" for i in range(count)}
+    allowed = needed | {f"{i}.exp_avg" for i in range(count)}
+    if not needed <= set(moments) <= allowed:
+        odd = sorted((needed - set(moments)) | (set(moments) - allowed))[:4]
+        raise ValueError(f"shared moments: expected '<i>.exp_avg_sq' (and optionally '<i>.exp_avg') for the {count} "
+                         f"trainable tensors of this adapter, got {len(moments)} arrays; missing or unexpected: "
+                         + ", ".join(odd))
+    state = {}
+    for i in range(count):
+        v = moments[f"{i}.exp_avg_sq"]
+        state[f"{i}.step"] = np.array([WARM_STEP], dtype=np.float32)
+        state[f"{i}.exp_avg"] = moments.get(f"{i}.exp_avg", np.zeros_like(v))
+        state[f"{i}.exp_avg_sq"] = v
+    return state
+
+
 def train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
@@ -224,7 +268,7 @@ def train(
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=ADAM_BETAS, weight_decay=weight_decay)
     if optimizer_state is not None:
         load_adam_state(optimizer, params, optimizer_state)
     total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)

@@ -31,9 +31,10 @@ from common.model import (
     set_adapter_state,
 )
 from common.lm import encode_for_task, generate, sample_prompts
-from common.records import FROZEN_KEY, record_to_state, state_to_record
+from common.records import FROZEN_KEY, MOMENTS_KEY, record_to_state, state_to_record
 from common.train import evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.moments import average_moments, expected_moments, misfit, take_moments
 from server.privacy import (
     client_entries, current_clipping_norm, federation_entry, federation_would_exceed, wrap_client_dp,
 )
@@ -80,6 +81,8 @@ class ServerState:
     rounds: list[dict] = field(default_factory=list)  # the round ledger (I4)
     status: str = "running"
     frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
+    moment_shapes: dict = field(default_factory=dict)  # shared-moments: key -> shape of what clients send
+    moments: dict = field(default_factory=dict)  # shared-moments: the last round's averaged AdamW moments
 
     @property
     def private(self) -> bool:
@@ -103,7 +106,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     model = model_for_config(cfg, len(labels))
     initial = get_adapter_state(model)
     state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
-                        frozen=frozen_fingerprint(model))
+                        frozen=frozen_fingerprint(model),
+                        moment_shapes=expected_moments(model, cfg.shared_moments) if cfg.shared_moments != "none" else {})
     strategy = build_strategy_chain(state)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
@@ -195,6 +199,11 @@ def restore(state: ServerState, strategy) -> int:
             f"checkpoint {path}: expected the frozen LoRA A matrices it was trained with (fingerprint "
             f"{ckpt.meta.get('frozen') or 'none'}), got {state.frozen or 'none'} from this model, seed and torch build"
         )
+    reason = misfit(ckpt.moments, state.moment_shapes) if ckpt.moments else None
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path}: expected shared AdamW moments that fit this adapter "
+                              f"({len(state.moment_shapes)} arrays), got {len(ckpt.moments)} that do not ({reason})")
+    state.moments = ckpt.moments
     state.arrays = ckpt.adapter
     state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]
     load_strategy_state(strategy, ckpt.strategy)
@@ -267,6 +276,9 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
         chosen = least_sampled(ordered.get_node_ids(), state.clients, participation(state.rounds), len(messages),
                                seed=round_seed(cfg.seed, server_round))
         messages = send_to(messages, chosen)
+    if state.moments:  # shared-moments: the same average goes to every sampled client
+        for message in messages:
+            message.content[MOMENTS_KEY] = state_to_record(state.moments)
     population = len(ordered.get_node_ids())
     dp_wrapper = strategy_with(strategy, "num_sampled_clients")
     if dp_wrapper is not None:  # Flower's DP noise is z*C/num_sampled_clients: use the real sample size
@@ -285,6 +297,7 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     if refused and not ok and not failed:
         state.status = "client-privacy-budgets-exhausted"  # committed below; the loop then stops
     summary = train_summary(ok, sampled=len(messages))
+    moments_sent = take_moments(ok) if cfg.shared_moments != "none" else {}
     aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
     rejected = list(getattr(strategy, "rejections", [])) if ok else []
     if aggregated is not None:
@@ -293,6 +306,9 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     state.rounds.append(entry)
     if entry["sampled"] and not entry["aggregated"] and not entry["refused"]:
         state.status = "all-clients-failed"
+    if moments_sent and entry["aggregated"]:
+        summary["moments_averaged"] = share_moments(state, server_round, ok, moments_sent, set(entry["aggregated"]),
+                                                    sent)
     privacy = record_privacy(state, strategy, server_round, ok, refused, failed, population=population,
                              sampled=len(messages), accepted=len(entry["aggregated"]))
     row = evaluation_row(state, server_round)
@@ -346,6 +362,20 @@ def classify_replies(replies: list[Message], clients: dict[int, str], sent: dict
         else:
             ok.append(reply)
     return failed, refused, ok
+
+
+def share_moments(state: ServerState, server_round: int, replies: list[Message], moments: dict, aggregated: set,
+                  sent: dict[str, int]) -> int:
+    """Average the moments of the clients whose updates were aggregated, with the weights the
+    strategy used (num-examples as the validation policy set it); the average goes out with the
+    next round's adapter. Returns how many clients' moments went in (a round where none was valid
+    keeps the previous average)."""
+    chosen = [(client_of(r, state.clients, sent), moments.get(r.metadata.message_id), r.content["metrics"]["num-examples"])
+              for r in replies if client_of(r, state.clients, sent) in aggregated]
+    averaged, count = average_moments(chosen, state.moment_shapes, server_round)
+    if averaged is not None:
+        state.moments = averaged
+    return count
 
 
 def record_privacy(state: ServerState, strategy, server_round: int, ok, refused, failed, *, population: int,
@@ -435,7 +465,7 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     """Checkpoint, adapter, metrics and plot for a completed round."""
     run = state.run
     save_checkpoint(run.checkpoints, Checkpoint(
-        server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
+        server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy), moments=state.moments,
         meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries,
               "rounds": state.rounds, "frozen": state.frozen},
     ))

@@ -70,6 +70,11 @@ def test_good_values_are_accepted(raw, expected):
     ({"client-sampling": "balanced", "dp-client": "server-fixed"}, "uniform client sampling"),
     ({"local-warmup-fraction": 1.0}, r"1.0\)"),
     ({"keep-optimizer-state": True, "dp-sample": True, "dp-noise-multiplier": 1.0}, "Opacus"),
+    ({"shared-moments": "first"}, "expected one of"),
+    ({"shared-moments": "second", "dp-sample": True, "dp-noise-multiplier": 1.0}, "outside the guarantee"),
+    ({"shared-moments": "both", "dp-client": "server-fixed"}, "outside the guarantee"),
+    ({"shared-moments": "both", "keep-optimizer-state": True}, "two sources"),
+    ({"shared-moments": "second", "strategy": "krum"}, "averaged unfiltered"),
 ])
 def test_bad_values_are_refused_with_expected_and_got(raw, message):
     with pytest.raises(ConfigError, match=message):

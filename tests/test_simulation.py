@@ -62,11 +62,15 @@ def test_three_clients_two_rounds_learn_and_leave_a_readable_run_dir(tmp_path):
 
 
 def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path):
-    common = ["strategy=fedadam", "server-learning-rate=0.005", "fraction-train=0.67", "fraction-evaluate=0.0"]
+    """Full-state resume (I5): FedAdam's server moments and the clients' shared AdamW moments
+    (shared-moments) come back from the checkpoint, so round 3 after a restart ends bit-equal."""
+    common = ["strategy=fedadam", "server-learning-rate=0.005", "fraction-train=0.67", "fraction-evaluate=0.0",
+              "shared-moments=both"]
     simulate(tmp_path / "full", "num-server-rounds=3", *common)
     simulate(tmp_path / "cut", "num-server-rounds=2", *common)
     out = simulate(tmp_path / "cut", "num-server-rounds=3", "resume=true", *common).stdout
     assert "resumed from round-0002" in out
+    assert out.count("starts AdamW from the server's shared moments") == 2  # round 3's two clients
     full = check_run_invariants(tmp_path / "full", 3)
     resumed = check_run_invariants(tmp_path / "cut", 3)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "round-0003.safetensors")
@@ -74,6 +78,9 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path
     assert a.adapter.keys() == b.adapter.keys()
     assert all(np.array_equal(a.adapter[k], b.adapter[k]) for k in a.adapter)
     assert [r["clients_sampled"] for r in full[1:]] == [2, 2, 2]
+    assert [r["moments_averaged"] for r in resumed[1:]] == [2, 2, 2]
+    assert a.moments.keys() == b.moments.keys() and len(a.moments) == 2 * len(a.adapter)  # m and v per tensor
+    assert all(np.array_equal(a.moments[k], b.moments[k]) for k in a.moments)
     assert [r["heldout_accuracy"] for r in full] == [r["heldout_accuracy"] for r in resumed]
 
 

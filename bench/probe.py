@@ -9,7 +9,7 @@ Centralized: `passes` epochs on the union of the 10 clients' training slices, he
 accuracy every `--eval-every` steps and at the end. Federated (iid, dirichlet-0.5, ...): the
 suite's federated run (every client, one local epoch per round, `passes` rounds; or
 `--per-round K` clients sampled per round and passes * clients / K rounds, the same passes in
-expectation), held-out accuracy per round. Prints one RESULT line; nothing is written outside --out.
+expectation; `-c local-epochs=E` divides the rounds by E), held-out accuracy per round. Prints one RESULT line; nothing is written outside --out.
 """
 
 from __future__ import annotations

@@ -370,9 +370,12 @@ def share_moments(state: ServerState, server_round: int, replies: list[Message],
     strategy used (num-examples as the validation policy set it); the average goes out with the
     next round's adapter. Returns how many clients' moments went in (a round where none was valid
     keeps the previous average)."""
-    chosen = [(client_of(r, state.clients, sent), moments.get(r.metadata.message_id), r.content["metrics"]["num-examples"])
-              for r in replies if client_of(r, state.clients, sent) in aggregated]
-    averaged, count = average_moments(chosen, state.moment_shapes, server_round)
+    chosen = {}
+    for reply in replies:  # a node's first reply is the one validation judged; duplicates are extra
+        client_id = client_of(reply, state.clients, sent)
+        if client_id in aggregated and client_id not in chosen:
+            chosen[client_id] = (moments.get(reply.metadata.message_id), reply.content["metrics"]["num-examples"])
+    averaged, count = average_moments([(c, m, w) for c, (m, w) in chosen.items()], state.moment_shapes, server_round)
     if averaged is not None:
         state.moments = averaged
     return count

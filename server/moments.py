@@ -77,7 +77,8 @@ def average_moments(sent: list[tuple[str, ArrayRecord | None, float]], expected:
     valid = []
     for client_id, record, weight in sent:
         moments, reason = check_moments(record, expected)
-        if reason is None and not weight > 0:
+        if reason is None and not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and weight > 0
+                                   and np.isfinite(weight)):
             reason = "moments-bad-weight"
         if reason is not None:
             log(WARNING, "fedtune: left the moments of %s out of round %d's average: %s", client_id, server_round,

@@ -80,6 +80,13 @@ def test_bad_moments_are_left_out_with_a_reason_and_the_rest_still_count(kind, r
     count("bad_inputs_rejected", f"client moments {kind}")
 
 
+@pytest.mark.parametrize("weight", [0, -3, float("nan"), float("inf"), [100], True])
+def test_moments_with_an_unusable_weight_are_left_out(weight):
+    averaged, used = average_moments([("good", state_to_record(moments(2.0)), 50),
+                                      ("odd", state_to_record(moments(9.0)), weight)], SHAPES, server_round=2)
+    assert used == 1 and all(np.allclose(a, 2.0) for a in averaged.values())
+
+
 def test_the_average_survives_a_checkpoint_and_one_that_does_not_fit_is_named(tmp_path):
     saved = moments(0.5)
     path = save_checkpoint(tmp_path, Checkpoint(server_round=2, adapter={"w": np.zeros(2, np.float32)}, strategy={},
@@ -90,3 +97,22 @@ def test_the_average_survives_a_checkpoint_and_one_that_does_not_fit_is_named(tm
     assert misfit({k: v for k, v in back.moments.items() if k != "0.exp_avg"}, SHAPES) == "moments-keys"
     assert load_checkpoint(save_checkpoint(tmp_path, Checkpoint(3, {"w": np.zeros(2, np.float32)}, {}, {}))).moments == {}
     count("invariant_checks_passed", "moments checkpointed")
+
+
+def test_a_duplicate_reply_adds_nothing_to_the_average():
+    """Bad input (RELIABILITY: two replies from one node): only a node's first reply, the one
+    validation judged, contributes its moments."""
+    from types import SimpleNamespace
+
+    from server.loop import share_moments
+
+    replies = []
+    for node, value in ((1, 1.0), (1, 100.0), (2, 3.0)):
+        reply = train_reply(node, {"w": np.zeros(2, np.float32)}, examples=10)
+        reply.content[MOMENTS_KEY] = state_to_record(moments(value))
+        replies.append(reply)
+    taken = take_moments(replies)
+    state = SimpleNamespace(clients={1: "c1", 2: "c2"}, moment_shapes=SHAPES, moments={})
+    assert share_moments(state, 1, replies, taken, {"c1", "c2"}, sent={}) == 2
+    assert all(np.allclose(a, 2.0) for a in state.moments.values())
+    count("bad_inputs_rejected", "duplicate reply's moments")

@@ -1,10 +1,9 @@
 """Durable checkpoints: one safetensors file per round, written atomically, with a hash.
 
 A checkpoint holds everything needed to resume: the round, the global adapter, the
-strategy's state, the shared AdamW moments (shared-moments) and the per-round history (as
-JSON metadata). The write goes to a
-temporary file that is fsync'ed and renamed, so a kill mid-write leaves the previous
-checkpoint intact; the SHA-256 beside it is checked on load.
+strategy's state, the averaged AdamW moments (shared-moments) and the per-round history
+(as JSON metadata). The write goes to a temporary file that is fsync'ed and renamed, so a
+kill mid-write leaves the previous checkpoint intact; the SHA-256 beside it is checked on load.
 """
 
 from __future__ import annotations

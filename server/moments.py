@@ -1,11 +1,12 @@
 """shared-moments: AdamW moment estimates that travel with the global adapter.
 
-Every round's clients start AdamW afresh, and the first steps of a fresh AdamW, before its
-moment estimates exist, cost accuracy that a centralized run never pays (see the README's
-benchmark notes). With `shared-moments`, each client sends the bias-corrected moments its
-AdamW ended the round with beside its adapter; the server averages them over the clients
-whose updates it aggregated, with the same weights, and sends the average with the next
-round's adapter, from which the clients' AdamW continues (`common.train.warm_adam_state`).
+Every round's clients start AdamW afresh; a centralized run whose AdamW restarts as often
+loses about a point on AG News (the README's benchmark notes), though sharing the moments did
+not win it back for the federated run there. With `shared-moments`, each client sends the
+bias-corrected moments its AdamW ended the round with beside its adapter; the server averages
+them over the clients whose updates it aggregated, with the same weights, and sends the
+average with the next round's adapter, from which the clients' AdamW continues
+(`common.train.warm_adam_state`).
 
 The moments are validated like updates (names, shapes, dtype, finiteness, a non-negative
 second moment); a client whose moments fail is left out of the average and logged, its

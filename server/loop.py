@@ -277,8 +277,9 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
                                seed=round_seed(cfg.seed, server_round))
         messages = send_to(messages, chosen)
     if state.moments:  # shared-moments: the same average goes to every sampled client
+        moments = state_to_record(state.moments)
         for message in messages:
-            message.content[MOMENTS_KEY] = state_to_record(state.moments)
+            message.content[MOMENTS_KEY] = moments
     population = len(ordered.get_node_ids())
     dp_wrapper = strategy_with(strategy, "num_sampled_clients")
     if dp_wrapper is not None:  # Flower's DP noise is z*C/num_sampled_clients: use the real sample size

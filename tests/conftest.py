@@ -22,7 +22,19 @@ def pytest_configure(config):
     """Under pytest-xdist (the default, see pyproject's addopts) each worker gets its share of
     the cores, and so do the federations it starts (they inherit OMP_NUM_THREADS): two workers
     with two threads each on two cores run several times slower than one. The controller
-    collects the workers' reliability counts."""
+    collects the workers' reliability counts.
+
+    DP clients keep their privacy records across runs (in ~/.fedtune/privacy unless
+    FEDTUNE_PRIVACY_DIR says otherwise): every process the tests start writes them to a
+    folder of this session's instead, so the tests neither spend a user's budget nor start
+    from the records of earlier test sessions."""
+    import atexit
+    import shutil
+    import tempfile
+
+    private = tempfile.mkdtemp(prefix="fedtune-test-privacy-")
+    os.environ["FEDTUNE_PRIVACY_DIR"] = private
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
     workers = getattr(config, "workerinput", {}).get("workercount")
     if workers:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))

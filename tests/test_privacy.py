@@ -9,6 +9,7 @@ noise level; a DP step changes the LoRA weights and leaves them finite.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,7 +27,8 @@ from common.errors import ConfigError, PrivacyBudgetError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
 from common.privacy import (
-    WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, smallest_noise, epsilon_pld, epsilon_rdp, gaussian_noise_std,
+    PLD_DISCRETIZATION, RDP_ORDERS, WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, composed_event, epsilon_pld,
+    epsilon_rdp, gaussian_noise_std, grouped, smallest_noise,
 )
 from common.privacy_plan import calibrate_client_noise, make_plan
 from common.train import EncodedData, encode
@@ -64,6 +66,28 @@ def test_composition_across_rounds_equals_one_accountant_fed_all_rounds():
     assert composed == pytest.approx(epsilon_pld([together], delta=DELTA), rel=1e-6)
     assert composed > max(epsilon_pld([r], delta=DELTA) for r in rounds)
     assert epsilon_rdp(rounds, delta=DELTA) == pytest.approx(epsilon_rdp([together], delta=DELTA), rel=1e-9)
+
+
+def test_identical_rounds_are_accounted_once_with_their_steps_added():
+    """A client's record grows a round at a time; the accountants get one event per distinct
+    mechanism (counts, not timings: the cost of an epsilon does not grow with the rounds), and
+    the epsilon is the round-by-round composition's, fed to dp-accounting directly."""
+    import dp_accounting as dpa
+    from dp_accounting import pld, rdp
+
+    a = Mechanism(noise_multiplier=1.0, sample_rate=0.14, steps=3)
+    b = Mechanism(noise_multiplier=1.3, sample_rate=0.14, steps=5)
+    history = [a, b, a, a, Mechanism(noise_multiplier=1.0, sample_rate=0.14, steps=0)]
+    assert grouped(history) == [replace(a, steps=9), b]
+    assert grouped([a] * 50) == [replace(a, steps=150)]
+    assert len(composed_event(history).events) == 2 and len(composed_event([a] * 50).events) == 1
+    one_by_one = dpa.ComposedDpEvent([m.event() for m in history if m.steps])
+    tight = pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    tight.compose(one_by_one)
+    assert epsilon_pld(history, delta=DELTA) == pytest.approx(tight.get_epsilon(DELTA), rel=1e-6)
+    loose = rdp.RdpAccountant(orders=RDP_ORDERS)
+    loose.compose(one_by_one)
+    assert epsilon_rdp(history, delta=DELTA) == pytest.approx(loose.get_epsilon(DELTA), rel=1e-9)
 
 
 def test_privacy_record_state_survives_save_and_load(tmp_path):

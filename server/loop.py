@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -98,16 +99,10 @@ class ServerState:
 
 def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     """Run (or resume) a whole federated fine-tuning run; returns the per-round rows."""
-    labels = federation_labels(cfg)
-    if cfg.task == "classification":  # one label order for every client (causal-lm labels are only groups)
-        cfg = cfg.replace(labels=labels.to_spec())
+    cfg, labels = with_labels(cfg)
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)
-    model = model_for_config(cfg, len(labels))
-    initial = get_adapter_state(model)
-    state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
-                        frozen=frozen_fingerprint(model),
-                        moment_shapes=expected_moments(model, cfg.shared_moments) if cfg.shared_moments != "none" else {})
+    model, state = initial_state(cfg, labels, run)
     strategy = build_strategy_chain(state)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
@@ -130,6 +125,36 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     run.write_json("status.json", {"status": state.status, "rounds_completed": state.history[-1]["round"]})
     log(INFO, "fedtune: %s after %d rounds; results in %s", state.status, state.history[-1]["round"], run.path)
     return state.history
+
+
+def with_labels(cfg: FedtuneConfig) -> tuple[FedtuneConfig, LabelMap]:
+    """The federation's labels, and for classification the config that names them: one label
+    order for every client (causal-lm labels are only partition groups)."""
+    labels = federation_labels(cfg)
+    return (cfg.replace(labels=labels.to_spec()) if cfg.task == "classification" else cfg), labels
+
+
+def initial_state(cfg: FedtuneConfig, labels: LabelMap, run: RunDir):
+    """(model, ServerState) before round 1: the model's initial adapter is the global one."""
+    model = model_for_config(cfg, len(labels))
+    initial = get_adapter_state(model)
+    state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
+                        frozen=frozen_fingerprint(model),
+                        moment_shapes=expected_moments(model, cfg.shared_moments) if cfg.shared_moments != "none" else {})
+    return model, state
+
+
+def preflight(cfg: FedtuneConfig) -> None:
+    """run_server's checks of the run directory, for a caller that can make them before the
+    federation starts: the simulation makes them before its engine does, so a refusal takes
+    seconds rather than the engine's start-up. An empty run-dir names a new, timestamped one."""
+    if not cfg.run_dir:
+        return
+    run = RunDir(Path(cfg.run_dir).resolve())
+    if not cfg.resume:
+        refuse_checkpoints(run)
+        return
+    checked_checkpoint(initial_state(*with_labels(cfg), run)[1])
 
 
 # Named endings that are failures: the run stops fast, says why, and exits non-zero.
@@ -172,15 +197,23 @@ def strategy_with(strategy, attr: str):
 
 
 def fresh_start(state: ServerState) -> int:
-    if latest_checkpoint(state.run.checkpoints) is not None:
-        raise CheckpointError(
-            f"run-dir {state.run.path} already holds checkpoints: expected an empty run directory "
-            "for a new run; set resume=true to continue it, or choose another run-dir"
-        )
+    refuse_checkpoints(state.run)
     return 0
 
 
-def restore(state: ServerState, strategy) -> int:
+def refuse_checkpoints(run: RunDir) -> None:
+    """A new run starts in an empty run directory: it never overwrites another run's checkpoints."""
+    if latest_checkpoint(run.checkpoints) is not None:
+        raise CheckpointError(
+            f"run-dir {run.path} already holds checkpoints: expected an empty run directory "
+            "for a new run; set resume=true to continue it, or choose another run-dir"
+        )
+
+
+def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
+    """The latest checkpoint of the run directory and its path, after every check against this
+    run: the same config (but RESUMABLE_CHANGES), an adapter, frozen A and shared moments that
+    fit the model. Nothing is written or removed."""
     path = latest_checkpoint(state.run.checkpoints)
     if path is None:
         raise CheckpointError(f"resume: expected checkpoints in {state.run.checkpoints}, found none")
@@ -203,6 +236,11 @@ def restore(state: ServerState, strategy) -> int:
     if reason is not None:
         raise CheckpointError(f"checkpoint {path}: expected shared AdamW moments that fit this adapter "
                               f"({len(state.moment_shapes)} arrays), got {len(ckpt.moments)} that do not ({reason})")
+    return path, ckpt
+
+
+def restore(state: ServerState, strategy) -> int:
+    path, ckpt = checked_checkpoint(state)
     state.moments = ckpt.moments
     state.arrays = ckpt.adapter
     state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]

@@ -43,24 +43,21 @@ def round_ledger(run_dir) -> list[dict]:
     return rounds
 
 
-def test_client_that_raises_mid_training_is_counted_failed_and_the_run_completes(tmp_path):
+def test_a_client_raising_mid_training_and_one_sending_nan_every_round_leave_the_run_complete(tmp_path):
+    """Two faults in one run: partition-1's ClientApp raises in round 2 (counted failed) and
+    partition-2 sends NaN updates every round (rejected as non-finite); partition-0 alone
+    carries round 2, and the run completes."""
     run = tmp_path / "run"
-    out = simulate_with_faults(run, {"partition-1": {"kind": "raise", "rounds": [2]}}, "num-server-rounds=2")
-    assert out.returncode == 0, out.stdout[-3000:]
-    rounds = round_ledger(run)
-    assert rounds[1]["failed"] == ["partition-1"] and rounds[1]["aggregated"] == ["partition-0", "partition-2"]
-    check_run_invariants(run, 2)
-    assert json.loads((run / "status.json").read_text())["status"] == "completed"
-    count("faults_survived", "clientapp-raises-mid-training")
-
-
-def test_nan_updates_are_rejected_every_round_and_the_run_completes(tmp_path):
-    run = tmp_path / "run"
-    out = simulate_with_faults(run, {"partition-2": {"kind": "nan"}}, "num-server-rounds=2")
+    faults = {"partition-1": {"kind": "raise", "rounds": [2]}, "partition-2": {"kind": "nan"}}
+    out = simulate_with_faults(run, faults, "num-server-rounds=2")
     assert out.returncode == 0, out.stdout[-3000:]
     rounds = round_ledger(run)
     assert all(r["rejected"] == [{"client": "partition-2", "reason": "non-finite"}] for r in rounds)
+    assert rounds[0]["aggregated"] == ["partition-0", "partition-1"] and rounds[0]["failed"] == []
+    assert rounds[1]["failed"] == ["partition-1"] and rounds[1]["aggregated"] == ["partition-0"]
     check_run_invariants(run, 2)
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    count("faults_survived", "clientapp-raises-mid-training")
     count("bad_inputs_rejected", "nan-update-end-to-end", len(rounds))
 
 

@@ -12,8 +12,10 @@ rounds and restarts is exact, and anyone can recompute it from a ledger.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 from typing import TYPE_CHECKING
@@ -118,9 +120,25 @@ def epsilon_rdp(mechanisms: Sequence[Mechanism], *, delta: float) -> float:
 
     fixed = any(m.sampling == WITHOUT_REPLACEMENT for m in mechanisms)
     relation = dpa.NeighboringRelation.REPLACE_ONE if fixed else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
-    accountant = rdp.RdpAccountant(orders=RDP_ORDERS, neighboring_relation=relation)
-    accountant.compose(composed_event(mechanisms))
-    return float(accountant.get_epsilon(delta))
+    with _quiet_absl():
+        accountant = rdp.RdpAccountant(orders=RDP_ORDERS, neighboring_relation=relation)
+        accountant.compose(composed_event(mechanisms))
+        return float(accountant.get_epsilon(delta))
+
+
+@contextmanager
+def _quiet_absl():
+    """dp-accounting's RDP accountant warns through absl for each fractional order whose series
+    does not converge (it leaves that order out; the bound still holds): dozens of lines per
+    client and round. absl's first warning also gives the root logger a handler, after which
+    every Flower log line prints twice. Both are held back here."""
+    absl, level, handlers = logging.getLogger("absl"), logging.getLogger("absl").level, logging.root.handlers[:]
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+        logging.root.handlers[:] = handlers
 
 
 def epsilon(mechanisms: Sequence[Mechanism], *, delta: float) -> tuple[float, str]:

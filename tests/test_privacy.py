@@ -8,6 +8,7 @@ noise level; a DP step changes the LoRA weights and leaves them finite.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -88,6 +89,23 @@ def test_identical_rounds_are_accounted_once_with_their_steps_added():
     loose = rdp.RdpAccountant(orders=RDP_ORDERS)
     loose.compose(one_by_one)
     assert epsilon_rdp(history, delta=DELTA) == pytest.approx(loose.get_epsilon(DELTA), rel=1e-9)
+
+
+def test_the_rdp_cross_check_keeps_dp_accountings_convergence_warnings_out_of_the_logs(caplog):
+    """These parameters make dp-accounting warn (through absl) for fractional orders; a client
+    printed dozens of such lines a round, and every Flower line twice after the first."""
+    m = Mechanism(noise_multiplier=1.041016, sample_rate=1 / 6, steps=5)
+    with caplog.at_level(logging.WARNING):
+        eps = epsilon_rdp([m], delta=DELTA)
+    assert math.isfinite(eps) and eps > epsilon_pld([m], delta=DELTA)
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
+    saved = logging.root.handlers[:]
+    logging.root.handlers[:] = []  # as in a ClientApp process, where nothing configured the root logger
+    try:
+        epsilon_rdp([replace(m, steps=6)], delta=DELTA)
+        assert logging.root.handlers == []  # absl would have called logging.basicConfig()
+    finally:
+        logging.root.handlers[:] = saved
 
 
 def test_privacy_record_state_survives_save_and_load(tmp_path):

@@ -212,7 +212,7 @@ def refuse_checkpoints(run: RunDir) -> None:
 
 def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
     """The latest checkpoint of the run directory and its path, after every check against this
-    run: the same config (but RESUMABLE_CHANGES), an adapter, frozen A and shared moments that
+    run: the same config (except RESUMABLE_CHANGES), an adapter, frozen A and shared moments that
     fit the model. Nothing is written or removed."""
     path = latest_checkpoint(state.run.checkpoints)
     if path is None:

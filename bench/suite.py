@@ -1,6 +1,6 @@
 """fedtune's benchmark suite: speed, padding, traffic, scale and accuracy, side by side.
 
-    python bench/suite.py                 quick suite (about 5 minutes on 2 cores)
+    python bench/suite.py                 quick suite (about 9 minutes on 2 cores)
     python bench/suite.py --full          full suite (hours on 2 cores)
     python bench/suite.py --only padding,traffic
 

@@ -703,10 +703,20 @@ def main() -> None:
                         "(default: the configuration's seed, one run each)")
     parser.add_argument("--out", default="")
     parser.add_argument("--report", default="", help="Redraw results.md and the plots of an earlier results folder")
+    parser.add_argument("--fp16-effect", default="", metavar="RUN_DIR",
+                        help="Held-out accuracy of a run's last global adapter as stored and rounded to fp16")
     parser.add_argument("--plain-loop", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plain_loop:
         plain_loop(json.loads(args.plain_loop))
+        return
+    if args.fp16_effect:
+        from server.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(Path(args.fp16_effect, "checkpoints")) is None:
+            parser.error(f"--fp16-effect: expected a run directory with checkpoints/round-*.safetensors, "
+                         f"got {args.fp16_effect!r}")
+        print(json.dumps(fp16_effect(Path(args.fp16_effect))))
         return
     if args.report:
         report(Path(args.report))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from common.config import FedtuneConfig, parse_run_config  # noqa: E402
 from common.data import TextDataset  # noqa: E402
+from common.errors import FedtuneError  # noqa: E402
 from common.federation_data import federation_labels, heldout_set, simulated_client_data, train_and_heldout  # noqa: E402
 from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state  # noqa: E402
 from common.records import state_to_record  # noqa: E402
@@ -222,7 +223,10 @@ def fp16_effect(run_dir: Path) -> dict:
     """Held-out accuracy of a trained global adapter as sent (fp32) and rounded to fp16."""
     from server.checkpoint import latest_checkpoint, load_checkpoint
 
-    ckpt = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        raise FileNotFoundError(f"expected a run directory with checkpoints/round-*.safetensors, got {str(run_dir)!r}")
+    ckpt = load_checkpoint(path)
     cfg = parse_run_config(ckpt.meta["config"])
     labels = federation_labels(cfg)
     model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
@@ -711,12 +715,10 @@ def main() -> None:
         plain_loop(json.loads(args.plain_loop))
         return
     if args.fp16_effect:
-        from server.checkpoint import latest_checkpoint
-
-        if latest_checkpoint(Path(args.fp16_effect, "checkpoints")) is None:
-            parser.error(f"--fp16-effect: expected a run directory with checkpoints/round-*.safetensors, "
-                         f"got {args.fp16_effect!r}")
-        print(json.dumps(fp16_effect(Path(args.fp16_effect))))
+        try:
+            print(json.dumps(fp16_effect(Path(args.fp16_effect))))
+        except (FileNotFoundError, FedtuneError) as e:
+            parser.error(f"--fp16-effect: {e}")
         return
     if args.report:
         report(Path(args.report))

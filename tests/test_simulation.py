@@ -64,9 +64,11 @@ def test_three_clients_two_rounds_learn_and_leave_a_readable_run_dir(tmp_path):
     PeftModel.from_pretrained(base, str(run / "adapters" / "final"))
 
 
-def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path):
+def test_resumed_run_ends_with_the_same_adapter_and_a_reused_or_changed_run_dir_is_refused(tmp_path):
     """Full-state resume (I5): FedAdam's server moments and the clients' shared AdamW moments
-    (shared-moments) come back from the checkpoint, so round 2 after a restart ends bit-equal."""
+    (shared-moments) come back from the checkpoint, so round 2 after a restart ends bit-equal.
+    Then bad input on the finished run's directory: a new run over it, or a resume with a
+    changed config, is refused before the engine starts, and no checkpoint is lost."""
     common = ["strategy=fedadam", "server-learning-rate=0.005", "fraction-train=0.67", "fraction-evaluate=0.0",
               "shared-moments=both"]
     simulate(tmp_path / "full", "num-server-rounds=2", *common)
@@ -86,6 +88,14 @@ def test_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path
     assert all(np.array_equal(a.moments[k], b.moments[k]) for k in a.moments)
     assert [r["heldout_accuracy"] for r in full] == [r["heldout_accuracy"] for r in resumed]
 
+    run = ["-c", f'run-dir="{tmp_path / "full"}"', *sum([["-c", s] for s in [*SMALL, *common]], [])]
+    again = fedtune("simulate", *run)
+    assert again.returncode != 0 and "already holds checkpoints" in again.stdout
+    changed = fedtune("simulate", *run, "-c", "resume=true", "-c", "lora-r=4")
+    assert changed.returncode != 0 and "lora-r: checkpoint 8, now 4" in changed.stdout
+    assert SERVER_STARTED not in again.stdout + changed.stdout  # refused before the engine started
+    assert len(list((tmp_path / "full" / "checkpoints").glob("*.safetensors"))) == 3  # nothing lost
+
 
 def test_balanced_sampling_takes_the_clients_not_yet_trained(tmp_path):
     """client-sampling = balanced, 2 of 4 clients a round: round 2 takes the two clients round 1
@@ -99,17 +109,6 @@ def test_balanced_sampling_takes_the_clients_not_yet_trained(tmp_path):
     ledger = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
     assert [len(entry["aggregated"]) for entry in ledger] == [2, 2]
     assert sorted(c for entry in ledger for c in entry["sampled"]) == [f"partition-{i}" for i in range(4)]
-
-
-def test_new_run_refuses_a_run_dir_with_checkpoints_and_resume_refuses_a_changed_config(tmp_path):
-    simulate(tmp_path / "r", "num-server-rounds=1", "fraction-evaluate=0.0")
-    again = fedtune("simulate", "-c", f'run-dir="{tmp_path / "r"}"', *sum([["-c", s] for s in SMALL], []))
-    assert again.returncode != 0 and "already holds checkpoints" in again.stdout
-    changed = fedtune("simulate", "-c", f'run-dir="{tmp_path / "r"}"', "-c", "resume=true", "-c", "lora-r=4",
-                      *sum([["-c", s] for s in SMALL], []))
-    assert changed.returncode != 0 and "lora-r: checkpoint 8, now 4" in changed.stdout
-    assert SERVER_STARTED not in again.stdout + changed.stdout  # refused before the engine started
-    assert len(list((tmp_path / "r" / "checkpoints").glob("*.safetensors"))) == 2  # nothing lost
 
 
 def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path):

@@ -278,7 +278,7 @@ def bench_overhead(p: dict, out: Path) -> dict:
 
 def plain_loop(spec: dict) -> None:
     """The baseline: one process, the same partitions, local steps, FedAvg and evaluations."""
-    from client.app import client_seed
+    from client.training import client_seed
 
     cfg = config_from({k: v for k, v in spec["overrides"].items() if k != "run-dir"})
     torch.set_num_threads(len(os.sched_getaffinity(0)))

@@ -4,36 +4,27 @@ The run's settings arrive with every message (the server parses the run config o
 where this node's data lives comes from its node config: `partition-id` and
 `num-partitions` in simulation, `data-path` (and optional column settings) in deployment.
 Only the adapter and aggregate metrics leave the node.
+
+The server's first message to a node is a query (who are you, how much data); it is
+answered without loading the model. Train and evaluate messages run client/training.py,
+which loads torch, transformers and PEFT: in deployment a SuperNode starts a ClientApp
+process for every message, and those libraries cost several seconds of CPU to import.
 """
 
 from __future__ import annotations
 
-import os
-import zlib
-from dataclasses import dataclass
-from logging import INFO, WARNING
-
-import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.common.logger import log
 
-from client.privacy import decide, train_private
 from common.config import FedtuneConfig, parse_run_config
 from common.errors import ConfigError
-from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
-from common.records import FROZEN_KEY, MOMENTS_KEY, TRAIN_METRICS, record_to_state, state_to_record
-from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
-from common.lm import encode_for_task
-from common.train import evaluate, round_schedule, shareable_moments, train, warm_adam_state
+from common.records import FROZEN_KEY
 
 TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flower, its DP wrappers and the server
-PROGRESS_EVERY = 10
 OPTIMIZER_KEY = "fedtune.optimizer"  # keep-optimizer-state: this node's AdamW moments, in its Context state
-
 
 
 def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -68,12 +59,6 @@ def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
     )
 
 
-def set_threads(cfg: FedtuneConfig) -> None:
-    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 def client_record(data: ClientData, server_round: int = 0) -> ConfigRecord:
     """Who replies, and to which round (the server rejects replies tagged with another round)."""
     return ConfigRecord({"client-id": data.client_id, "round": server_round})
@@ -95,126 +80,15 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"client": record}), reply_to=msg)
 
 
-@dataclass
-class Session:
-    """What both handlers need: the config, this node's data, and the model holding the global adapter."""
-
-    cfg: FedtuneConfig
-    server_round: int
-    data: ClientData
-    labels: LabelMap
-    model: torch.nn.Module
-    tokenizer: object
-
-    def encode(self, split: TextDataset):
-        return encode_for_task(self.cfg, split, self.tokenizer, self.labels, where=f"client {self.data.client_id}")
-
-
-def open_session(msg: Message, context: Context) -> Session:
-    cfg, server_round = message_config(msg)
-    set_threads(cfg)
-    labels = LabelMap.parse(cfg.labels)
-    model = model_for_config(cfg, len(labels))
-    if cfg.lora_freeze_a:
-        check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
-    set_adapter_state(model, record_to_state(msg.content["arrays"]))
-    return Session(cfg=cfg, server_round=server_round, data=node_data(cfg, context), labels=labels,
-                   model=model, tokenizer=load_tokenizer(cfg.model))
-
-
-def check_frozen(server: str, mine: str) -> None:
-    """lora-freeze-a: this node's A matrices must be the server's, or its B would not fit them."""
-    if server != mine:
-        raise ConfigError(
-            f"lora-freeze-a: expected the frozen LoRA A matrices of the server (fingerprint {server or 'missing'}), "
-            f"got {mine} here; server and clients need the same model, lora settings, seed and torch build"
-        )
-
-
 @app.train()
 def train_handler(msg: Message, context: Context) -> Message:
-    s = open_session(msg, context)
-    cfg, encoded = s.cfg, s.encode(s.data.train)
+    from client.training import train_reply
 
-    def progress(step: int, total: int, loss: float) -> None:
-        if step % PROGRESS_EVERY == 0 or step == total:
-            log(INFO, "fedtune: [round %d] %s step %d/%d loss %.4f", s.server_round, s.data.client_id, step, total, loss)
-
-    seed = client_seed(cfg.seed, s.server_round, s.data.client_id)
-    privacy = None
-    if cfg.dp_sample:
-        decision = decide(cfg, s.data.train, dict(context.node_config))
-        if not decision.allowed:
-            log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f",
-                s.data.client_id, s.server_round, decision.projected, decision.budget)
-            content = RecordDict({"privacy": decision.refusal(), "client": client_record(s.data, s.server_round)})
-            return Message(content=content, reply_to=msg)
-        result, privacy = train_private(decision, cfg, s.model, encoded, pad_id=s.tokenizer.pad_token_id,
-                                        seed=seed, run=str(context.run_id), server_round=s.server_round,
-                                        progress=progress)
-    else:
-        start_from = kept_optimizer_state(cfg, context, s.data.client_id, s.server_round) or shared_moments(msg, s)
-        result = train(
-            s.model, encoded, pad_id=s.tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
-            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm, seed=seed,
-            proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
-            group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
-            optimizer_state=start_from, keep_optimizer_state=cfg.keep_optimizer_state or cfg.shared_moments != "none",
-        )
-        if cfg.keep_optimizer_state:
-            context.state[OPTIMIZER_KEY] = state_to_record(result.optimizer_state)
-    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
-    content = RecordDict({
-        "arrays": state_to_record(get_adapter_state(s.model)),
-        "metrics": metrics,
-        "client": client_record(s.data, s.server_round),
-    })
-    if privacy is not None:
-        content["privacy"] = privacy
-    if cfg.shared_moments != "none":  # never with DP (the config refuses it)
-        content[MOMENTS_KEY] = state_to_record(shareable_moments(result.optimizer_state, cfg.shared_moments))
-    return Message(content=content, reply_to=msg)
+    return train_reply(msg, context)
 
 
 @app.evaluate()
 def evaluate_handler(msg: Message, context: Context) -> Message:
-    s = open_session(msg, context)
-    result = evaluate(s.model, s.encode(s.data.val), pad_id=s.tokenizer.pad_token_id,
-                      batch_size=s.cfg.eval_batch_size, num_labels=len(s.labels))
-    has_data = result["examples"] > 0  # NaN metrics would poison the weighted average
-    names = ("loss", "perplexity") if s.cfg.task == "causal-lm" else ("loss", "accuracy", "macro_f1")
-    metrics = MetricRecord({"num-examples": result["examples"],
-                            **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in names}})
-    return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}),
-                   reply_to=msg)
+    from client.training import evaluate_reply
 
-
-def kept_optimizer_state(cfg: FedtuneConfig, context: Context, client_id: str, server_round: int) -> dict | None:
-    """keep-optimizer-state: the AdamW moments this node kept from its last round, if any.
-
-    They live in the node's Context state, which Flower keeps for the run in this node's
-    memory: not sent to the server, not in checkpoints; a restarted node starts afresh.
-    """
-    if not cfg.keep_optimizer_state or OPTIMIZER_KEY not in context.state:
-        return None
-    state = record_to_state(context.state[OPTIMIZER_KEY])
-    log(INFO, "fedtune: [round %d] %s continues its AdamW state from step %d", server_round, client_id,
-        int(state["0.step"][0]))
-    return state
-
-
-def shared_moments(msg: Message, s: Session) -> dict | None:
-    """shared-moments: AdamW state warmed from the moments the server averaged over the last
-    round's clients (none in the first round, or before any client has sent some)."""
-    if s.cfg.shared_moments == "none" or MOMENTS_KEY not in msg.content.array_records:
-        return None
-    count = sum(1 for p in s.model.parameters() if p.requires_grad)
-    state = warm_adam_state(record_to_state(msg.content[MOMENTS_KEY]), count)
-    log(INFO, "fedtune: [round %d] %s starts AdamW from the server's shared moments", s.server_round, s.data.client_id)
-    return state
-
-
-def client_seed(seed: int, server_round: int, client_id: str) -> int:
-    """A per-(round, client) seed that is stable across processes and restarts."""
-    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(client_id.encode())) % (2**31 - 1)
+    return evaluate_reply(msg, context)

@@ -5,10 +5,13 @@ The one module of `common/` that imports Flower: thin glue shared by client and 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from common.model import AdapterState
+if TYPE_CHECKING:  # the server's and the client's query paths use this module without loading torch
+    from common.model import AdapterState
 
 # The metrics a training reply carries; the server rejects replies with other or non-finite ones.
 TRAIN_METRICS = ("num-examples", "train-loss", "train-steps", "train-seconds")

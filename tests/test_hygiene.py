@@ -45,3 +45,32 @@ def test_apps_load_the_privacy_libraries_only_when_a_run_uses_them(module):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_client_answers_the_servers_query_without_loading_torch():
+    """In deployment a SuperNode starts a ClientApp process for every message; the query that
+    opens each run (who are you, how much data) is answered without torch, transformers or
+    PEFT, which only train and evaluate messages need (several seconds of CPU per process)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from client.app import query
+from common.config import FedtuneConfig
+from common.federation_data import federation_labels
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # as a SuperNode sets it
+cfg = FedtuneConfig(partitioner="iid")
+cfg = cfg.replace(labels=federation_labels(cfg).to_spec())
+msg = Message(content=RecordDict({"config": ConfigRecord(cfg.to_run_config())}), message_type=MessageType.QUERY,
+              dst_node_id=1)
+node = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+               run_config={})
+answer = query(msg, node).content["client"]
+print(answer["client-id"], answer["train-examples"] > 0, sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "partition-0 True []"

@@ -33,7 +33,7 @@ def test_common_ml_code_does_not_import_flower():
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", ["client.app", "server.loop"])
+@pytest.mark.parametrize("module", ["client.app", "client.training", "server.loop"])
 def test_apps_load_the_privacy_libraries_only_when_a_run_uses_them(module):
     """Every ClientApp actor and ServerApp process imports its app; Opacus and dp-accounting
     (about 1.5 s of CPU each time) load only where a run computes DP or epsilon."""

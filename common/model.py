@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 import transformers
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from common.errors import AdapterMismatchError, ConfigError
 
@@ -88,6 +90,136 @@ def with_lora(base, model: str, *, task_type: TaskType, r: int, alpha: float, dr
     return peft_model
 
 
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
+HEAD_WEIGHTS, HEAD_CONFIG = "classifier.safetensors", "fedtune-head.json"
+
+
+def sentence_pooling(model: str) -> str | None:
+    """The pooling a sentence-transformers model was trained with, from its `modules.json` and
+    pooling config ('mean', 'cls', 'max' or 'mean_sqrt_len'); None for any other model, whose
+    own sequence-classification head is then used.
+
+    all-MiniLM-L6-v2 was trained with mean pooling and never with BERT's [CLS] pooler: a head on
+    the pooler starts from features its training never shaped, and under DP noise it stayed at
+    the majority class where a head on the mean-pooled states learned (bench/README.md).
+    """
+    path = Path(resolve_model_path(model))
+    if not path.is_dir():  # a Hub name: read the files from the cache or the Hub when reachable
+        from transformers.utils import cached_file
+
+        try:
+            found = cached_file(model, "modules.json", _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+        if found is None:
+            return None
+        path = Path(found).parent
+    modules = path / "modules.json"
+    if not modules.is_file():
+        return None
+    try:
+        entries = json.loads(modules.read_text())
+        folder = next(m["path"] for m in entries if m.get("type", "").endswith("models.Pooling"))
+        config = json.loads((path / folder / "config.json").read_text())
+    except (StopIteration, KeyError, TypeError, OSError, json.JSONDecodeError):
+        return None
+    modes = [m for m in POOLING_MODES if config.get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")]
+    return modes[0] if len(modes) == 1 else None
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Sentence vectors from token states (batch, tokens, width), as sentence-transformers pools them."""
+    if mode == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "max":
+        return hidden.masked_fill(weights == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+    summed, count = (hidden * weights).sum(dim=1), weights.sum(dim=1).clamp(min=1e-9)
+    return summed / (count.sqrt() if mode == "mean_sqrt_len" else count)
+
+
+class PooledClassifier(torch.nn.Module):
+    """A sentence encoder, the pooling it was trained with, dropout and a linear head.
+
+    The encoder keeps its usual attribute name (`bert` for BERT), so LoRA targets and adapter
+    keys are the same as on `AutoModelForSequenceClassification`, and the head is called
+    `classifier`, which PEFT trains and saves with the adapter (SEQ_CLS).
+    """
+
+    def __init__(self, encoder: transformers.PreTrainedModel, num_labels: int, pooling: str) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ConfigError(f"pooling: expected one of {list(POOLING_MODES)}, got {pooling!r}")
+        self.config = encoder.config
+        self.config.num_labels = num_labels
+        self.pooling = pooling
+        self.encoder_name = encoder.base_model_prefix or "encoder"
+        self.add_module(self.encoder_name, encoder)
+        width = encoder.config.hidden_size
+        rate = getattr(encoder.config, "classifier_dropout", None)
+        self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1) if rate is None else rate)
+        self.classifier = torch.nn.Linear(width, num_labels)
+        std = getattr(encoder.config, "initializer_range", 0.02)  # as transformers initialises its heads
+        torch.nn.init.normal_(self.classifier.weight, std=std)
+        torch.nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def encoder(self) -> transformers.PreTrainedModel:
+        return getattr(self, self.encoder_name)
+
+    def save_pretrained(self, directory: str | os.PathLike, **_unused) -> None:
+        """Save a merged model: the encoder as a transformers model directory, the head in
+        `classifier.safetensors` and the pooling in `fedtune-head.json` (`PooledClassifier.load`)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        self.encoder.save_pretrained(str(directory))
+        save_file({k: v.detach().contiguous() for k, v in self.classifier.state_dict().items()},
+                  str(directory / HEAD_WEIGHTS))
+        (directory / HEAD_CONFIG).write_text(json.dumps({"pooling": self.pooling, "num_labels": self.config.num_labels}))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> PooledClassifier:
+        """A merged model saved by `save_pretrained` (what `fedtune export --merged` writes)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            head = json.loads((directory / HEAD_CONFIG).read_text())
+            pooling, num_labels = head["pooling"], int(head["num_labels"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{directory}: expected {HEAD_CONFIG} with pooling and num_labels, got {err}") from None
+        model = cls(AutoModel.from_pretrained(str(directory), dtype=torch.float32), num_labels, pooling)
+        model.classifier.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+        return model.eval()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None,
+                **_unused) -> SequenceClassifierOutput:  # PEFT passes return_dict etc.: the output is fixed
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        logits = self.classifier(self.dropout(pool(hidden, attention_mask, self.pooling)))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def base_classifier(model: str, num_labels: int, *, seed: int = 0) -> torch.nn.Module:
+    """The classifier fedtune puts LoRA on: for a sentence-transformers model, its encoder with
+    the pooling it was trained with and a new linear head (`PooledClassifier`); for any other
+    model, transformers' `AutoModelForSequenceClassification`. The new head is seeded.
+
+    Load a run's adapter onto it with `PeftModel.from_pretrained(base_classifier(...), dir)`.
+    """
+    transformers.logging.set_verbosity_error()  # the new head's "MISSING" report is expected
+    transformers.logging.disable_progress_bar()  # one weight-loading bar per process and client otherwise
+    torch.manual_seed(seed)  # the head and LoRA A matrices start the same everywhere
+    path, pooling = resolve_model_path(model), sentence_pooling(model)
+    if pooling is None:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    return PooledClassifier(AutoModel.from_pretrained(path, dtype=torch.float32), num_labels, pooling)
+
+
 @functools.lru_cache(maxsize=2)
 def load_lora_model(
     model: str, num_labels: int, *, r: int, alpha: float, dropout: float,
@@ -100,11 +232,7 @@ def load_lora_model(
     weight, so nothing leaks from one client to the next.
     """
     LOAD_COUNT["base_model"] += 1
-    transformers.logging.set_verbosity_error()  # the new head's "MISSING" report is expected
-    torch.manual_seed(seed)  # the head and LoRA A matrices start the same everywhere
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(model), num_labels=num_labels, dtype=torch.float32,
-    )
+    base = base_classifier(model, num_labels, seed=seed)
     return with_lora(base, model, task_type=TaskType.SEQ_CLS, r=r, alpha=alpha, dropout=dropout,
                      target_modules=target_modules, freeze_a=freeze_a)
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
+from transformers import BertConfig, BertModel
 
 from common.config import FedtuneConfig
 from common.errors import AdapterMismatchError, ConfigError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import (
-    LOAD_COUNT, frozen_fingerprint, get_adapter_state, load_lora_model, load_tokenizer, model_for_config,
-    resolve_model_path, save_adapter, set_adapter_state,
+    LOAD_COUNT, PooledClassifier, base_classifier, frozen_fingerprint, get_adapter_state, load_lora_model, load_tokenizer, model_for_config,
+    pool, resolve_model_path, save_adapter, sentence_pooling, set_adapter_state,
 )
 from common.train import (
     TOKENIZE_COUNT, WARM_STEP, cosine_lr, encode, evaluate, macro_f1, round_schedule, shareable_moments, train,
@@ -306,11 +306,31 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(setup, tmp_path
     model.eval()
     with torch.no_grad():
         ours = model(**batch).logits
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(cfg.model), num_labels=len(labels))
+    base = base_classifier(cfg.model, len(labels))
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         theirs = loaded(**batch).logits
     torch.testing.assert_close(ours, theirs)
+
+
+def test_a_merged_pooled_classifier_saves_and_loads_with_the_same_logits(setup, tmp_path):
+    """`fedtune export --merged` of a mean-pooled model: encoder (transformers), head and pooling."""
+    cfg, labels, model, tok = setup
+    state = {k: v + np.float32(0.01) for k, v in get_adapter_state(model).items()}
+    fresh = load_lora_model.__wrapped__(cfg.model, len(labels), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=0.0,
+                                        target_modules=(), seed=cfg.seed)
+    set_adapter_state(fresh, state)
+    batch = tok(["how do I reset my password", "tell me a joke"], return_tensors="pt", padding=True)
+    fresh.eval()
+    with torch.no_grad():
+        ours = fresh(**batch).logits
+    fresh.merge_and_unload().save_pretrained(tmp_path / "merged")
+    loaded = PooledClassifier.load(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, ours, atol=1e-5, rtol=1e-4)
+    (tmp_path / "merged" / "fedtune-head.json").write_text("{}")
+    with pytest.raises(ConfigError, match="expected fedtune-head.json with pooling and num_labels"):
+        PooledClassifier.load(tmp_path / "merged")
 
 
 def test_macro_f1_matches_scikit_learn():
@@ -407,3 +427,47 @@ def test_ffa_lora_averaging_b_averages_the_weight_updates_exactly():
         mean_update = [torch.stack(ds).mean(0) for ds in zip(*per_client)]
         close = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(deltas(model), mean_update))
         assert close is exact, freeze_a
+
+
+def test_the_packaged_model_classifies_from_the_mean_pooling_it_was_trained_with(setup):
+    """all-MiniLM-L6-v2's sentence-transformers config says mean pooling; the head reads the mean of
+    the real tokens' states, so padding an example does not change its logits, and the adapter keys
+    stay those of transformers' sequence-classification model (LoRA on bert.*, the classifier)."""
+    cfg, labels, model, tok = setup
+    assert sentence_pooling(cfg.model) == "mean"
+    inner = model.base_model.model
+    assert isinstance(inner, PooledClassifier) and inner.pooling == "mean"
+    state = get_adapter_state(model)
+    assert any(k.startswith("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A") for k in state)
+    assert {k for k in state if "classifier" in k} == {"base_model.model.classifier.modules_to_save.default.weight",
+                                                       "base_model.model.classifier.modules_to_save.default.bias"}
+    model.eval()
+    short = tok(["tell me a joke"], return_tensors="pt")
+    padded = tok(["tell me a joke", "how do I reset the password of my account please"], return_tensors="pt",
+                 padding=True)
+    with torch.no_grad():
+        alone = model(**short).logits[0]
+        in_batch = model(**padded).logits[0]
+        states = inner.bert(**short).last_hidden_state
+        by_hand = inner.classifier(states.mean(dim=1))
+    torch.testing.assert_close(alone, in_batch, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, by_hand[0])
+
+
+def test_pooling_modes_ignore_padding_and_a_plain_model_keeps_its_own_head(tmp_path):
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [100.0, -100.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(pool(hidden, mask, "mean"), torch.tensor([[2.0, 4.0]]))
+    torch.testing.assert_close(pool(hidden, mask, "max"), torch.tensor([[3.0, 6.0]]))
+    torch.testing.assert_close(pool(hidden, mask, "cls"), torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(pool(hidden, mask, "mean_sqrt_len"), torch.tensor([[4.0, 8.0]]) / 2 ** 0.5)
+    plain = tmp_path / "plain-bert"  # no sentence-transformers files: transformers' head on the [CLS] pooler
+    BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(plain)
+    assert sentence_pooling(str(plain)) is None
+    assert type(base_classifier(str(plain), 3)).__name__ == "BertForSequenceClassification"
+    (plain / "modules.json").write_text("not json")  # a damaged config is not a sentence-transformers model
+    assert sentence_pooling(str(plain)) is None
+    with pytest.raises(ConfigError, match="pooling: expected one of"):
+        PooledClassifier(BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=16)), 2, "median")

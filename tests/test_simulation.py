@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
 
-from common.model import resolve_model_path
+from common.model import base_classifier
 from server.checkpoint import load_checkpoint
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune, kill_matching, run_cli
@@ -60,7 +59,7 @@ def test_three_clients_two_rounds_learn_and_leave_a_readable_run_dir(tmp_path):
     assert [c["client_id"] for c in clients] == ["partition-0", "partition-1", "partition-2"]
     assert (run / "metrics.png").stat().st_size > 10_000
     labels = config["labels"].split(",")
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(config["model"]), num_labels=len(labels))
+    base = base_classifier(config["model"], len(labels))
     PeftModel.from_pretrained(base, str(run / "adapters" / "final"))
 
 
@@ -126,8 +125,7 @@ def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path
     ckpt = load_checkpoint(run / "checkpoints" / "round-0001.safetensors")
     assert ckpt.adapter and not any("lora_A" in k for k in ckpt.adapter) and len(ckpt.meta["frozen"]) == 16
     config = json.loads((run / "config.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(config["model"]),
-                                                              num_labels=len(config["labels"].split(",")))
+    base = base_classifier(config["model"], len(config["labels"].split(",")))
     exported = PeftModel.from_pretrained(base, str(run / "adapters" / "final"))
     from common.model import model_for_config
     from common.config import parse_run_config

@@ -15,30 +15,24 @@ from flwr.app import ConfigRecord
 from common.budget import PrivacyRecord, data_fingerprint, privacy_dir
 from common.config import FedtuneConfig
 from common.privacy import Mechanism, calibrate_noise
+from common.privacy_plan import dp_batch_size, poisson_rate, steps_per_round
 from common.train import round_schedule
 
 BUDGET_EXHAUSTED = "budget-exhausted"
 TRAINED = "trained"
 
 
-def steps_per_round(cfg: FedtuneConfig, num_examples: int) -> int:
-    """Logical DP-SGD steps per round: local-steps, or local-epochs passes at the Poisson rate."""
-    return cfg.local_steps or cfg.local_epochs * math.ceil(num_examples / cfg.batch_size)
-
-
-def poisson_rate(cfg: FedtuneConfig, num_examples: int) -> float:
-    """The rate Opacus' DPDataLoader uses for a loader of this batch size (1 / len(loader))."""
-    return 1.0 / math.ceil(num_examples / cfg.batch_size)
-
-
 @functools.lru_cache(maxsize=64)
-def noise_multiplier(cfg: FedtuneConfig, num_examples: int) -> float:
-    if cfg.dp_noise_multiplier > 0:
-        return cfg.dp_noise_multiplier
-    return calibrate_noise(
-        target_epsilon=cfg.dp_target_epsilon, delta=cfg.dp_delta, sample_rate=poisson_rate(cfg, num_examples),
-        steps=steps_per_round(cfg, num_examples) * cfg.num_server_rounds,
-    )
+def planned_mechanism(cfg: FedtuneConfig, num_examples: int) -> Mechanism:
+    """This client's DP-SGD mechanism for one round: the batch, rate and steps of `common.privacy_plan`,
+    and the noise multiplier given or calibrated for the target over all planned rounds."""
+    batch = dp_batch_size(cfg.dp_batch_size, num_examples)
+    rate = poisson_rate(batch, num_examples)
+    steps = steps_per_round(batch_size=batch, examples=num_examples, local_epochs=cfg.local_epochs,
+                            local_steps=cfg.local_steps)
+    sigma = cfg.dp_noise_multiplier or calibrate_noise(target_epsilon=cfg.dp_target_epsilon, delta=cfg.dp_delta,
+                                                       sample_rate=rate, steps=steps * cfg.num_server_rounds)
+    return Mechanism(noise_multiplier=sigma, steps=steps, sample_rate=rate)
 
 
 @dataclass
@@ -69,9 +63,7 @@ def decide(cfg: FedtuneConfig, train_set, node_config: dict) -> Decision:
     the node's own `epsilon-budget`: a client never accepts a looser limit from the server.
     """
     record = PrivacyRecord.open(privacy_dir(node_config), data_fingerprint(train_set), delta=cfg.dp_delta)
-    n = len(train_set)
-    planned = Mechanism(noise_multiplier=noise_multiplier(cfg, n), steps=steps_per_round(cfg, n),
-                        sample_rate=poisson_rate(cfg, n))
+    planned = planned_mechanism(cfg, len(train_set))
     budgets = [b for b in (cfg.sample_epsilon_budget, float(node_config.get("epsilon-budget", 0.0))) if b > 0]
     budget = min(budgets) if budgets else 0.0
     return Decision(record=record, planned=planned, budget=budget, projected=record.projected(planned))
@@ -83,7 +75,8 @@ def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad
     from common.dp_train import dp_train  # Opacus loads only in runs with sample-level DP
 
     result, mechanism = dp_train(
-        model, encoded, pad_id=pad_id, steps=decision.planned.steps, batch_size=cfg.batch_size,
+        model, encoded, pad_id=pad_id, steps=decision.planned.steps,
+        batch_size=dp_batch_size(cfg.dp_batch_size, len(encoded)),
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         noise_multiplier=decision.planned.noise_multiplier, clipping_norm=cfg.dp_clipping_norm,
         seed=seed, progress=progress, physical_batch_size=cfg.dp_physical_batch_size,

@@ -37,7 +37,7 @@ from common.train import evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.moments import average_moments, expected_moments, misfit, take_moments
 from server.privacy import (
-    client_entries, current_clipping_norm, federation_entry, federation_would_exceed, wrap_client_dp,
+    check_sample_level_plan, client_entries, current_clipping_norm, federation_entry, federation_would_exceed, wrap_client_dp,
 )
 from server.rundir import RunDir
 from server.sampling import least_sampled, participation, send_to
@@ -110,6 +110,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
         discover_clients(grid, state)
     except TimeoutError as err:
         end_run(state, "not-enough-clients", str(err))
+    check_sample_level_plan(cfg, state.declared, trainable=sum(v.size for v in state.initial.values()),
+                            connected=len(state.declared))
     if start_round == 0:
         state.history = [evaluation_row(state, 0)]
         commit_round(state, strategy, 0)

@@ -14,12 +14,16 @@ effective value is what is accounted.
 
 from __future__ import annotations
 
+from logging import INFO, WARNING
+
 from flwr.app import Message
+from flwr.common.logger import log
 from flwr.serverapp import strategy as fl
 
 from common.config import FedtuneConfig
 from common.ledger import Ledger
 from common.privacy import WITHOUT_REPLACEMENT, Mechanism, epsilon_rdp
+from common.privacy_plan import batch_alternatives, plan_for_config, suggested
 
 FAILED_CLIENT_POLICY = "effective noise multiplier z*k'/k for k' accepted of k sampled"
 ADAPTIVE_QUANTILE = 0.5
@@ -40,6 +44,31 @@ def wrap_client_dp(cfg: FedtuneConfig, strategy, num_sampled: int):
         strategy, initial_clipping_norm=cfg.dp_client_clipping_norm, target_clipped_quantile=ADAPTIVE_QUANTILE,
         clipped_count_stddev=max(num_sampled / 20, cfg.dp_client_noise_multiplier), **args
     )
+
+
+def check_sample_level_plan(cfg: FedtuneConfig, declared: dict[int, int], *, trainable: int, connected: int) -> list[str]:
+    """Before round 1: log the DP-SGD plan of the smallest client (the noisiest: its batch is the
+    smallest), and warn, without refusing, when it cannot learn or wastes budget, with a batch
+    size that fixes it. Returns the problems found."""
+    if not cfg.dp_sample or not declared:
+        return []
+    examples = min(declared.values())
+    plan = plan_for_config(cfg, examples, trainable=trainable, clients_per_round=cfg.train_sample_size(connected))
+    log(INFO, "fedtune: DP-SGD on the smallest client (%d examples): expected batch %.0f, rate %.4f, %d steps a "
+        "round, noise multiplier %.3f, noise per coordinate %.2g, noise/signal %.2f (%.2f averaged over %d clients)",
+        examples, plan.expected_batch, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier, plan.noise_std,
+        plan.noise_to_signal, plan.averaged_noise_to_signal, plan.clients_per_round)
+    problems = plan.problems()
+    if problems and cfg.dp_noise_multiplier == 0:
+        better = suggested(batch_alternatives(plan, target_epsilon=cfg.dp_target_epsilon, delta=cfg.dp_delta,
+                                              local_epochs=cfg.local_epochs, local_steps=cfg.local_steps))
+        hint = (f"try dp-batch-size = {better.batch_size} (noise multiplier {better.noise_multiplier:.3f}, "
+                f"noise/signal {better.averaged_noise_to_signal:.2f} averaged)" if better else
+                "no batch size fixes it at this target: raise dp-target-epsilon, add clients or data, or train fewer rounds")
+        problems = [*problems, hint]
+    for problem in problems:
+        log(WARNING, "fedtune: DP-SGD settings: %s", problem)
+    return problems
 
 
 def current_clipping_norm(strategy, cfg: FedtuneConfig) -> float:

@@ -14,7 +14,7 @@ import dataclasses
 import sys
 
 from common.config import FedtuneConfig
-from common.errors import FedtuneError
+from common.errors import ConfigError, FedtuneError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,16 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--client-app", default="client.app:app", metavar="MODULE:ATTR",
                      help="ClientApp to simulate (e.g. simulation.faults:app for fault injection).")
     sub.add_parser("config", help="List every config key with its default and help.")
-    plan = sub.add_parser("plan", help="Noise multipliers needed for a target (epsilon, delta), before training.")
+    plan = sub.add_parser("plan", help="DP-SGD noise, batch and noise/signal for a privacy target, before training.")
     plan.add_argument("--target-epsilon", type=float, required=True)
     plan.add_argument("--delta", type=float, default=1e-5)
     plan.add_argument("--rounds", type=int, required=True)
     plan.add_argument("--num-clients", type=int, required=True, help="Clients in the federation.")
     plan.add_argument("--clients-per-round", type=int, required=True)
     plan.add_argument("--local-examples", type=int, required=True, help="Training examples on one client.")
-    plan.add_argument("--batch-size", type=int, default=16)
+    plan.add_argument("--batch-size", type=int, default=0,
+                      help="Expected DP-SGD batch (dp-batch-size); 0 = auto, examples / 8 up to 1024.")
     plan.add_argument("--local-epochs", type=int, default=1)
     plan.add_argument("--local-steps", type=int, default=0)
+    plan.add_argument("--clipping-norm", type=float, default=1.0)
+    plan.add_argument("--trainable", type=int, default=0,
+                      help="Trainable values d; 0 = the adapter of the run config's model and LoRA (-c).")
+    plan.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                      help="Model and LoRA keys that set d when --trainable is 0 (e.g. -c lora-r=16).")
     audit = sub.add_parser("audit", help="Verify a run's privacy ledger; exit 1 on any problem.")
     audit.add_argument("run_dir", help="A fedtune run directory.")
     certs = sub.add_parser("certs", help="Create a CA, the SuperLink's TLS certificate and one key pair per node.")
@@ -59,13 +65,27 @@ def print_plan(args) -> None:
 
     from common.privacy_plan import make_plan
 
+    for name in ("rounds", "num_clients", "clients_per_round", "local_examples", "local_epochs"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a value >= 1, got {getattr(args, name)}")
+    if args.clients_per_round > args.num_clients:
+        raise ConfigError(f"--clients-per-round: expected at most --num-clients ({args.num_clients}), "
+                          f"got {args.clients_per_round}")
+    trainable = args.trainable or trainable_values(args.run_config)
     plan = make_plan(target_epsilon=args.target_epsilon, delta=args.delta, rounds=args.rounds,
                      num_clients=args.num_clients, clients_per_round=args.clients_per_round,
-                     local_examples=args.local_examples, batch_size=args.batch_size,
-                     local_epochs=args.local_epochs, local_steps=args.local_steps)
+                     local_examples=args.local_examples, trainable=trainable, batch_size=args.batch_size,
+                     local_epochs=args.local_epochs, local_steps=args.local_steps, clipping_norm=args.clipping_norm)
+    s = plan.sample
     console = Console()
-    console.print(f"sample level: dp-noise-multiplier = {plan.sample_noise_multiplier:.4f} "
-                  f"(Poisson rate {plan.sample_rate:.5f}, {plan.steps_per_round} steps per round, PLD)")
+    console.print(f"sample level: dp-noise-multiplier = {s.noise_multiplier:.4f} (dp-batch-size {s.batch_size}: "
+                  f"Poisson rate {s.sample_rate:.5f}, expected batch {s.expected_batch:.0f}, "
+                  f"{s.steps_per_round} steps per round, {s.steps_per_round * s.rounds} in all, PLD)")
+    console.print(f"  noise per coordinate sigma*C/B = {s.noise_std:.3g}; noise/signal sigma*sqrt(d)/B = "
+                  f"{s.noise_to_signal:.3f} for d = {trainable:,} trainable values, "
+                  f"{s.averaged_noise_to_signal:.3f} averaged over {s.clients_per_round} clients")
+    for problem in s.problems():
+        console.print(f"  [bold red]warning[/]: {problem}")
     console.print(f"client level: dp-client-noise-multiplier = {plan.client_noise_multiplier:.4f} "
                   f"({args.clients_per_round} of {args.num_clients} clients without replacement, RDP)")
     table = Table(title=f"projected epsilon at delta={args.delta:g}")
@@ -74,6 +94,26 @@ def print_plan(args) -> None:
     for r, (a, b) in enumerate(zip(plan.sample_epsilons, plan.client_epsilons), start=1):
         table.add_row(str(r), f"{a:.4f}", f"{b:.4f}")
     console.print(table)
+    others = Table(title="the same target at other dp-batch-size values", caption="* this plan")
+    for col in ("batch", "sigma", "steps", "noise/signal", "averaged", "verdict"):
+        others.add_column(col, justify="right", no_wrap=True)
+    for p in sorted([s, *plan.alternatives], key=lambda p: p.batch_size):
+        verdict = ", ".join(p.verdicts()) or "fine"
+        mark = "*" if p is s else ""
+        others.add_row(f"{p.batch_size}{mark}", f"{p.noise_multiplier:.3f}", str(p.steps_per_round * p.rounds),
+                       f"{p.noise_to_signal:.2f}", f"{p.averaged_noise_to_signal:.2f}", verdict)
+    console.print(others)
+
+
+def trainable_values(overrides: list[str]) -> int:
+    """d for `fedtune plan`: the adapter size of the configured model and LoRA (loads the model)."""
+    from common.config import parse_run_config
+    from common.model import get_adapter_state, model_for_config
+    from simulation.run import parse_overrides
+
+    cfg = parse_run_config(parse_overrides(overrides))
+    labels = len(cfg.labels.split(",")) if cfg.labels else 2
+    return sum(v.size for v in get_adapter_state(model_for_config(cfg, labels)).values())
 
 
 def main(argv: list[str] | None = None) -> int:

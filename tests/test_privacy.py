@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.privacy import poisson_rate, steps_per_round
+from client.privacy import planned_mechanism
 from common.budget import PrivacyRecord, data_fingerprint
 from common.config import FedtuneConfig
 from common.data import TextDataset
@@ -31,7 +31,9 @@ from common.privacy import (
     PLD_DISCRETIZATION, RDP_ORDERS, WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, composed_event, epsilon_pld,
     epsilon_rdp, gaussian_noise_std, grouped, smallest_noise,
 )
-from common.privacy_plan import calibrate_client_noise, make_plan
+from common.privacy_plan import (
+    calibrate_client_noise, dp_batch_size, make_plan, poisson_rate, sample_level_plan, steps_per_round,
+)
 from common.train import EncodedData, encode
 from server.audit import opacus_epsilons
 
@@ -170,7 +172,7 @@ def test_client_level_calibration_and_plan_never_overshoot():
     m = [Mechanism(noise_multiplier=z, steps=20, sampling=WITHOUT_REPLACEMENT, population=50, sample_size=10)]
     assert epsilon_rdp(m, delta=DELTA) <= 3.0
     plan = make_plan(target_epsilon=2.0, delta=DELTA, rounds=4, num_clients=10, clients_per_round=4,
-                     local_examples=300, batch_size=16)
+                     local_examples=300, batch_size=16, trainable=74_498, alternatives=False)
     assert plan.sample_epsilons[-1] <= 2.0 and plan.client_epsilons[-1] <= 2.0
     assert plan.sample_epsilons == sorted(plan.sample_epsilons)
 
@@ -210,14 +212,18 @@ def lora():
 def test_sample_rate_used_in_accounting_equals_the_loaders(lora):
     cfg, model, tok, data = lora
     loader = poisson_loader(data, batch_size=cfg.batch_size, pad_id=tok.pad_token_id, seed=0)
-    assert loader.sample_rate == pytest.approx(poisson_rate(cfg, len(data)))
+    assert loader.sample_rate == pytest.approx(poisson_rate(cfg.batch_size, len(data)))
     assert loader.batch_sampler.sample_rate == loader.sample_rate
     initial = get_adapter_state(model)
     _, mech = dp_train(model, data, pad_id=tok.pad_token_id, steps=2, batch_size=cfg.batch_size,
                        learning_rate=1e-3, weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=0)
     set_adapter_state(model, initial)
     assert mech.sample_rate == loader.sample_rate and mech.steps == 2
-    assert steps_per_round(cfg.replace(local_steps=0, local_epochs=2), len(data)) == round(2 / loader.sample_rate)
+    assert steps_per_round(batch_size=cfg.batch_size, examples=len(data), local_epochs=2,
+                           local_steps=0) == round(2 / loader.sample_rate)
+    planned = planned_mechanism(cfg.replace(dp_sample=True, dp_target_epsilon=8.0, dp_batch_size=cfg.batch_size),
+                                len(data))  # the client plans with the same rate its loader will use
+    assert planned.sample_rate == loader.sample_rate
 
 
 def test_per_sample_gradients_on_lora_match_a_micro_batch_reference(lora):
@@ -384,3 +390,43 @@ def test_length_sorted_physical_chunks_release_the_same_dp_update(lora):
     assert np.linalg.norm(whole - chunked) <= 1e-4 * np.linalg.norm(whole)  # equal up to float rounding
     assert results[1].padding_efficiency > results[0].padding_efficiency
     assert results[0].examples == results[1].examples and results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
+
+
+def test_auto_dp_batch_is_an_eighth_of_the_data_up_to_1024_and_an_explicit_one_wins():
+    assert [dp_batch_size(0, n) for n in (5, 8, 1800, 6062, 8192, 67_349)] == [1, 1, 225, 757, 1024, 1024]
+    assert dp_batch_size(64, 1800) == 64
+    assert poisson_rate(dp_batch_size(0, 1800), 1800) == 1 / 8  # 8 logical steps a local epoch
+    cfg = FedtuneConfig(dp_sample=True, dp_target_epsilon=8.0)
+    assert planned_mechanism(cfg, 1800).steps == 8 and planned_mechanism(cfg, 1800).sample_rate == 1 / 8
+
+
+# Golden values of the DP-SGD plan (`fedtune plan`): the reviewer's check (4 clients of 1,800
+# SST-2 examples, epsilon 8, 3 rounds) at the auto batch and at the old default batch 16, for the
+# packaged model's adapter (d = 74,498). Sigma from the PLD calibration (1e-3 relative bisection).
+@pytest.mark.parametrize("batch, sigma, ratio, averaged, verdicts", [
+    (0, 0.7625, 0.9254, 0.4627, []),
+    (16, 0.5069, 8.6858, 4.3429, ["noise drowns signal"]),  # expected batch 1800/113
+])
+def test_plan_golden_values_and_verdicts(batch, sigma, ratio, averaged, verdicts):
+    plan = sample_level_plan(examples=1800, batch_size=batch, local_epochs=1, local_steps=0, rounds=3,
+                             clipping_norm=1.0, trainable=74_498, clients_per_round=4, delta=DELTA, target_epsilon=8.0)
+    assert plan.noise_multiplier == pytest.approx(sigma, abs=2e-3)
+    assert plan.noise_to_signal == pytest.approx(ratio, rel=3e-3)
+    assert plan.averaged_noise_to_signal == pytest.approx(averaged, rel=3e-3)
+    assert plan.noise_std == pytest.approx(plan.noise_multiplier / plan.expected_batch)
+    assert plan.noise_to_signal == pytest.approx(plan.noise_multiplier * math.sqrt(74_498) / plan.expected_batch)
+    assert plan.verdicts() == verdicts and len(plan.problems()) == len(verdicts)
+
+
+def test_plan_flags_weak_noise_and_suggests_a_batch_that_fixes_it():
+    plan = make_plan(target_epsilon=8.0, delta=DELTA, rounds=3, num_clients=10, clients_per_round=10,
+                     local_examples=1800, batch_size=16, trainable=74_498)
+    assert plan.sample.verdicts() == ["noise drowns signal"]
+    from common.privacy_plan import suggested
+    better = suggested(plan.alternatives)
+    assert better is not None and not better.problems() and better.batch_size == 128  # the smallest that is fine
+    assert all(p.problems() for p in plan.alternatives if p.batch_size < better.batch_size)
+    weak = sample_level_plan(examples=60_000, batch_size=32, local_epochs=1, local_steps=0, rounds=3,
+                             clipping_norm=1.0, trainable=74_498, clients_per_round=100, delta=DELTA,
+                             target_epsilon=8.0)
+    assert "weak noise" in weak.verdicts()

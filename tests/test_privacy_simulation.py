@@ -47,6 +47,8 @@ def epsilons(run_dir) -> list[tuple]:
 def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path):
     out = simulate(tmp_path / "full", tmp_path / "priv-full", "num-server-rounds=2")
     assert "client eps max" in out
+    # ~97 examples a client at epsilon 4: said before round 1, with the numbers, without refusing
+    assert "DP-SGD settings: the noise drowns the signal: noise/signal" in out
     check_run_invariants(tmp_path / "full", 2)
     full = epsilons(tmp_path / "full")
     assert [r for r, *_ in full] == [1, 1, 1, 2, 2, 2]

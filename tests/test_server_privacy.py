@@ -58,3 +58,23 @@ def test_plan_command_prints_both_noise_multipliers(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "dp-noise-multiplier =" in out and "dp-client-noise-multiplier =" in out
+
+
+def test_plan_command_shows_noise_to_signal_and_flags_a_batch_that_drowns_it(capsys):
+    """The old default (batch 16 on 1,800 examples at epsilon 8) is flagged with a batch that fixes it."""
+    code = cli_main(["plan", "--target-epsilon", "8", "--rounds", "3", "--num-clients", "4",
+                     "--clients-per-round", "4", "--local-examples", "1800", "--batch-size", "16",
+                     "--trainable", "74498"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "noise/signal sigma*sqrt(d)/B = 8.686" in out and "4.343 averaged over 4 clients" in out
+    assert "the noise drowns the signal" in out
+    assert "225" not in out.split("other")[0]  # an explicit batch is taken as given
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│") and "│" in line[1:]}
+    assert "fine" in rows["256"] and "noise drowns signal" in rows["16*"]
+
+
+def test_plan_command_refuses_impossible_federations(capsys):
+    code = cli_main(["plan", "--target-epsilon", "3", "--rounds", "3", "--num-clients", "4",
+                     "--clients-per-round", "5", "--local-examples", "1800", "--trainable", "100"])
+    assert code == 2 and "--clients-per-round: expected at most --num-clients (4), got 5" in capsys.readouterr().err

@@ -83,8 +83,10 @@ def train_reply(msg: Message, context: Context) -> Message:
     if cfg.dp_sample:
         decision = decide(cfg, s.data.train, dict(context.node_config))
         if not decision.allowed:
-            log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f",
-                s.data.client_id, s.server_round, decision.projected, decision.budget)
+            log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f (%.3f already spent on "
+                "this data by earlier rounds or runs, recorded in %s; set privacy-dir in the node config or "
+                "FEDTUNE_PRIVACY_DIR to keep another record)", s.data.client_id, s.server_round, decision.projected,
+                decision.budget, decision.record.spent(), decision.record.path)
             content = RecordDict({"privacy": decision.refusal(), "client": client_record(s.data, s.server_round)})
             return Message(content=content, reply_to=msg)
         result, privacy = train_private(decision, cfg, s.model, encoded, pad_id=s.tokenizer.pad_token_id,

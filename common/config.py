@@ -174,6 +174,17 @@ class FedtuneConfig:
             raise ConfigError(
                 "dp-noise-multiplier / dp-target-epsilon: expected one of them > 0 when dp-sample = true, got both 0"
             )
+        if not self.dp_sample:  # a privacy setting that would silently not apply
+            for name in ("dp_target_epsilon", "dp_noise_multiplier", "dp_epsilon_budget", "dp_batch_size"):
+                if getattr(self, name) != 0:
+                    raise ConfigError(
+                        f"{name.replace('_', '-')}: set to {getattr(self, name)}, but dp-sample = false, so no "
+                        "sample-level DP would run and nothing would be accounted; expected dp-sample = true "
+                        f"with it, or {name.replace('_', '-')} = 0"
+                    )
+        if self.dp_client == "off" and self.dp_client_epsilon_budget != 0:
+            raise ConfigError(f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
+                              "'off', so no client-level DP would run; expected a dp-client mode with it, or 0")
         if self.dp_client != "off" and self.client_sampling != "random":
             raise ConfigError(f"client-sampling: expected 'random' with dp-client = {self.dp_client!r} (the federation's "
                               f"epsilon counts on amplification by uniform client sampling), got {self.client_sampling!r}")

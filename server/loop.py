@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from common.budget import privacy_dir
 from common.config import FedtuneConfig
 from common.data import LabelMap
 from common.errors import CheckpointError, FedtuneError
@@ -122,6 +123,10 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     else:
         state.status = "completed"
     save_adapter(model, state.arrays, run.adapters / "final")
+    if state.status == "client-privacy-budgets-exhausted" and not any(r["aggregated"] for r in state.rounds):
+        end_run(state, state.status, "no client trained in any round: every client's privacy record was already "
+                f"at its budget (records in each node's privacy-dir, else $FEDTUNE_PRIVACY_DIR, else "
+                f"~/.fedtune/privacy; here {privacy_dir()})")
     if state.status in FAILURES:
         end_run(state, state.status, FAILURES[state.status])
     run.write_json("status.json", {"status": state.status, "rounds_completed": state.history[-1]["round"]})
@@ -337,6 +342,10 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     failed, refused, ok = classify_replies(replies, state.clients, sent)
     if refused and not ok and not failed:
         state.status = "client-privacy-budgets-exhausted"  # committed below; the loop then stops
+        log(WARNING, "fedtune: every sampled client refused round %d: its own privacy record says the round would "
+            "take its epsilon above its budget. The records persist across runs on the same data, in each node's "
+            "privacy-dir (node config), else $FEDTUNE_PRIVACY_DIR, else ~/.fedtune/privacy (here: %s)",
+            server_round, privacy_dir())
     summary = train_summary(ok, sampled=len(messages))
     moments_sent = take_moments(ok) if cfg.shared_moments != "none" else {}
     aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)

@@ -71,6 +71,12 @@ def test_good_values_are_accepted(raw, expected):
     ({"local-warmup-fraction": 1.0}, r"1.0\)"),
     ({"keep-optimizer-state": True, "dp-sample": True, "dp-noise-multiplier": 1.0}, "Opacus"),
     ({"shared-moments": "first"}, "expected one of"),
+    # Privacy settings that would silently not apply (RELIABILITY: bad inputs; hardening class 4)
+    ({"dp-target-epsilon": 8.0}, "dp-target-epsilon: set to 8.0, but dp-sample = false"),
+    ({"dp-noise-multiplier": 1.1}, "dp-noise-multiplier: set to 1.1, but dp-sample = false"),
+    ({"dp-epsilon-budget": 3.0}, "dp-epsilon-budget: set to 3.0, but dp-sample = false"),
+    ({"dp-batch-size": 256}, "dp-batch-size: set to 256, but dp-sample = false"),
+    ({"dp-client-epsilon-budget": 2.0}, "dp-client-epsilon-budget: set to 2.0, but dp-client = 'off'"),
     ({"shared-moments": "second", "dp-sample": True, "dp-noise-multiplier": 1.0}, "outside the guarantee"),
     ({"shared-moments": "both", "dp-client": "server-fixed"}, "outside the guarantee"),
     ({"shared-moments": "both", "keep-optimizer-state": True}, "two sources"),

@@ -57,6 +57,20 @@ def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path
     assert audit.returncode == 0, audit.stdout
     assert "audit passed" in audit.stdout
 
+    # The same data again with the same privacy records: every client refuses round 1, and the run
+    # fails (non-zero) naming where the records are, rather than "completing" untrained (hardening class 4).
+    again = [sys.executable, "-m", "simulation.cli", "simulate"]
+    for item in [*SMALL, *DP, f'run-dir="{tmp_path / "again"}"', "num-server-rounds=2"]:
+        again += ["-c", item]
+    rerun = run_cli(again, timeout=300, env={"FEDTUNE_PRIVACY_DIR": str(tmp_path / "priv-full")})
+    assert rerun.returncode != 0, rerun.stdout[-3000:]
+    assert "already spent on this data by earlier rounds or runs, recorded in " + str(tmp_path / "priv-full") \
+        in rerun.stdout
+    assert "client-privacy-budgets-exhausted: no client trained in any round" in rerun.stdout
+    assert f"here {tmp_path / 'priv-full'}" in rerun.stdout
+    assert json.loads((tmp_path / "again" / "status.json").read_text())["status"] == "client-privacy-budgets-exhausted"
+    count("bad_inputs_rejected", "a DP re-run on data whose privacy records are at their budget")
+
     # Kill the server (whole process group) as soon as round 1 is checkpointed, then resume.
     cut = tmp_path / "cut"
     args = [sys.executable, "-m", "simulation.cli", "simulate"]

@@ -10,9 +10,10 @@ table: 10 IID clients on a 20,000-example subset, 4 rounds: no DP, epsilon 1 / 3
   epsilon 3 with FFA-LoRA (`lora-freeze-a`).
 headline: 10 IID clients on all of SST-2 train (67,349), epsilon 3, 5 rounds.
 
-Each run is `fedtune simulate` in its own run directory under --out, with its own privacy
-store (so no earlier run's spend is charged), followed by `fedtune audit`; the peak resident
-memory of the whole process tree is sampled every second. Writes results.json and results.md.
+Each run is `fedtune simulate` (round-timeout 3600 s: a DP round on 2 busy cores can outlast the
+default 600 s) in its own run directory under --out, with its own privacy store (so no earlier
+run's spend is charged), followed by `fedtune audit`; the peak resident memory of the whole
+process tree is sampled every second. Writes results.json and results.md.
 Needs ../shared/data/sst2 (or FEDTUNE_SHARED_DATA).
 """
 
@@ -59,7 +60,8 @@ def run_one(name: str, clients: int, rounds: int, config: list[str], out: Path) 
     run_dir = out / name
     args = [sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(clients)]
     for item in [f'data="{SST2 / "train.tsv"}"', f'heldout-data="{SST2 / "dev.tsv"}"', "text-column=sentence",
-                 "partitioner=iid", f"num-server-rounds={rounds}", *config, f'run-dir="{run_dir}"']:
+                 "partitioner=iid", f"num-server-rounds={rounds}", "round-timeout=3600", *config,
+                 f'run-dir="{run_dir}"']:
         args += ["-c", item]
     env = {**os.environ, "FEDTUNE_PRIVACY_DIR": str(out / f"privacy-{name}")}
     start, memory = time.perf_counter(), {}

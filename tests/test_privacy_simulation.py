@@ -122,7 +122,7 @@ def test_client_level_dp_and_client_budgets_end_the_run_with_a_named_status(tmp_
 @pytest.mark.parametrize("mode", ["client-fixed", "server-adaptive"])
 def test_other_client_level_dp_modes_run_and_pass_the_audit(tmp_path, mode):
     run = tmp_path / "run"
-    simulate(run, tmp_path / "priv", "num-server-rounds=2", "dp-sample=false", f'dp-client="{mode}"',
+    simulate(run, tmp_path / "priv", "num-server-rounds=2", "dp-sample=false", "dp-target-epsilon=0", f'dp-client="{mode}"',
              "dp-client-noise-multiplier=0.8", "dp-client-clipping-norm=0.2")
     federation = [e for e in Ledger.read(run / "privacy-ledger.jsonl").entries if e["kind"] == "federation"]
     assert [e["accepted"] for e in federation] == [3, 3]

@@ -92,3 +92,34 @@ def test_entry_hash_ignores_only_its_own_hash():
     e = {"a": 1, "hash": "x"}
     assert entry_hash(e) == entry_hash({"a": 1})
     assert entry_hash(e) != entry_hash({"a": 2})
+
+
+def test_a_tiny_calibrated_epsilon_passes_its_own_audit():
+    """Hardening class 2 (the audit's verdict at the edges): a run calibrated to epsilon 0.01
+    (noise multiplier ~170) failed its audit because Opacus' default RDP orders overstate tiny
+    epsilons (0.103 against the run's 0.0117); the re-derivation now uses the run's order grid."""
+    from common.privacy import calibrate_noise
+
+    z = calibrate_noise(target_epsilon=0.01, delta=1e-5, sample_rate=1 / 8, steps=24)
+    ledger = Ledger()
+    ledger.append(client_entry(1, [Mechanism(noise_multiplier=z, sample_rate=1 / 8, steps=24)], budget=0.01))
+    result = audit_entries(ledger.entries)
+    assert result.ok, result.problems
+    assert abs(result.rows[0]["check_rdp"] - ledger.entries[0]["epsilon_rdp"]) < 1e-6  # same orders, same value
+
+
+def test_an_independent_estimate_above_the_budget_is_reported_with_its_margin():
+    """Hardening class 2: PLD (binding) meets the budget, Opacus' PRV estimate lands above it by less
+    than its own error: a note with both values and the margin, not a silent pass or an overspend."""
+    history = [Mechanism(noise_multiplier=0.7625, sample_rate=0.125, steps=24)]
+    pld = epsilon_pld(history, delta=1e-5)
+    ledger = Ledger()
+    ledger.append(client_entry(3, history, budget=pld + 1e-6))  # the budget the calibration just met
+    result = audit_entries(ledger.entries)
+    assert result.ok, result.problems
+    prv = result.rows[0]["check_prv"]  # 8.0062 against PLD's 7.9956: PRV's estimate sits about 0.01 higher
+    assert prv > pld + 1e-6
+    assert len(result.notes) == 1 and "binding PLD epsilon 7.9956" in result.notes[0] and f"{prv:.4f}" in result.notes[0]
+    roomy = Ledger()
+    roomy.append(client_entry(3, history, budget=9.0))  # above both: nothing to note
+    assert audit_entries(roomy.entries).notes == []

@@ -1,6 +1,10 @@
 """`fedtune audit RUN_DIR`: check a run's privacy ledger without trusting the run.
 
 - verifies the hash chain (no entry edited, removed or reordered);
+- checks the ledger against its anchors outside the file: the copy in the run's latest
+  checkpoint (hash-checked; its length and head hash must be the ledger's) and the round ledger
+  `rounds.jsonl` (every round that trained or refused a client under sample-level DP has that
+  client's entry), so dropping the last entries, the last round or the whole file is caught;
 - re-derives every client epsilon from the recorded mechanisms with Opacus' PRV and RDP
   accountants, an implementation independent of the dp-accounting library the run used;
 - re-derives every federation epsilon with Flower's RDP accountant (a second code path;
@@ -28,7 +32,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.ledger import Ledger, verify_chain
+from common.errors import FedtuneError
+from common.ledger import GENESIS, Ledger, verify_chain
 
 # Agreement expected between independent accountants (RELIABILITY: PLD and PRV agree closely;
 # two RDP implementations differ only by their grid of orders).
@@ -158,8 +163,48 @@ def run_audit(run_dir: Path) -> AuditResult:
     except ValueError as err:
         return AuditResult(problems=[str(err)])
     result = audit_entries(entries)
+    result.problems.extend(anchor_problems(run_dir, entries))
     write_outputs(run_dir, result)
     return result
+
+
+def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
+    """The ledger against what the run recorded outside it: the latest checkpoint's copy of the
+    ledger and the round ledger."""
+    from common.config import parse_run_config
+    from server.checkpoint import latest_checkpoint, load_checkpoint
+
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        return [f"expected checkpoints in {run_dir / 'checkpoints'} to anchor the ledger, found none"]
+    try:
+        ckpt = load_checkpoint(path)
+        dp_sample = parse_run_config(ckpt.meta["config"]).dp_sample
+    except (FedtuneError, KeyError) as err:
+        return [f"cannot anchor the ledger on {path.name}: {err}"]
+    anchored = ckpt.meta.get("ledger", [])
+    problems = []
+
+    def head(es: list[dict]) -> str:
+        return str(es[-1].get("hash", "?"))[:16] if es else GENESIS[:16]
+
+    if [e.get("hash") for e in entries] != [e.get("hash") for e in anchored]:
+        problems.append(f"ledger: expected the {len(anchored)} entries (head {head(anchored)}) that checkpoint "
+                        f"{path.name} (round {ckpt.server_round}) records, got {len(entries)} (head {head(entries)}): "
+                        f"entries {'removed' if len(entries) < len(anchored) else 'added or replaced'}")
+    rounds_file = run_dir / "rounds.jsonl"
+    if dp_sample and rounds_file.is_file():
+        clients_in = {}
+        for e in entries:
+            if e.get("kind") == "client":
+                clients_in.setdefault(e.get("round"), set()).add(e.get("client_id"))
+        for line in rounds_file.read_text().splitlines():
+            r = json.loads(line)
+            missing = sorted((set(r.get("aggregated", [])) | set(r.get("refused", []))) - clients_in.get(r["round"], set()))
+            if missing:
+                problems.append(f"ledger: round {r['round']} of rounds.jsonl trained or refused {missing}, but the "
+                                "ledger has no entry for them (entries removed)")
+    return problems
 
 
 COLUMNS = ["round", "party", "status", "noise_multiplier", "sample_rate", "steps", "clipping_norm",

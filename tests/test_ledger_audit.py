@@ -8,6 +8,7 @@ import json
 from common.ledger import Ledger, entry_hash, verify_chain
 from common.privacy import Mechanism, epsilon_pld, epsilon_rdp
 from server.audit import audit_entries, run_audit
+from tests.reliability import count
 
 
 def client_entry(round_: int, history: list[Mechanism], *, budget: float = 0.0, client: str = "c0") -> dict:
@@ -76,9 +77,24 @@ def test_overspend_is_caught():
     assert any("overspent" in p for p in audit_entries(ledger.entries).problems)
 
 
+def anchored_run(run_dir, ledger: Ledger) -> None:
+    """A run directory as the server leaves it: the ledger, its copy in the last checkpoint, the round ledger."""
+    from common.config import FedtuneConfig
+    from server.checkpoint import Checkpoint, save_checkpoint
+
+    ledger.write(run_dir / "privacy-ledger.jsonl")
+    rounds = sorted({e["round"] for e in ledger.entries})
+    config = FedtuneConfig(dp_sample=True, dp_target_epsilon=3.0).to_run_config()
+    save_checkpoint(run_dir / "checkpoints", Checkpoint(server_round=rounds[-1], adapter={}, strategy={},
+                                                        meta={"config": config, "ledger": ledger.entries}))
+    (run_dir / "rounds.jsonl").write_text("".join(json.dumps({
+        "round": r, "aggregated": sorted({e["client_id"] for e in ledger.entries if e["round"] == r}),
+        "refused": []}) + "\n" for r in rounds))
+
+
 def test_run_audit_writes_its_exports_and_flags_a_missing_ledger(tmp_path):
     assert not run_audit(tmp_path).ok
-    honest_ledger().write(tmp_path / "privacy-ledger.jsonl")
+    anchored_run(tmp_path, honest_ledger())
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "heldout_accuracy": 0.5 + r / 10}) + "\n"
                                                     for r in range(4)))
     result = run_audit(tmp_path)
@@ -123,3 +139,34 @@ def test_an_independent_estimate_above_the_budget_is_reported_with_its_margin():
     roomy = Ledger()
     roomy.append(client_entry(3, history, budget=9.0))  # above both: nothing to note
     assert audit_entries(roomy.entries).notes == []
+
+
+def two_clients_three_rounds() -> Ledger:
+    ledger, history = Ledger(), {"c0": [], "c1": []}
+    for r in range(1, 4):
+        for c in ("c0", "c1"):
+            history[c] = [*history[c], Mechanism(noise_multiplier=1.2, sample_rate=0.05, steps=30)]
+            ledger.append(client_entry(r, history[c], client=c))
+    return ledger
+
+
+def test_removing_ledger_entries_is_caught_by_the_ledgers_anchors(tmp_path):
+    """Hardening class 1: dropping the last entry, the whole last round, or every entry leaves a chain
+    that verifies on its own; the checkpoint's copy (its length and head hash) and rounds.jsonl do not
+    agree with it, and the audit says so. So does an entry appended beyond the checkpoint."""
+    honest = two_clients_three_rounds()
+    anchored_run(tmp_path, honest)
+    assert run_audit(tmp_path).ok, run_audit(tmp_path).problems
+    path = tmp_path / "privacy-ledger.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    cases = {"last entry": lines[:-1], "last round": lines[:-2], "every entry": [],
+             "an appended entry": [*lines, json.dumps(Ledger(honest.entries).append(
+                 client_entry(4, [Mechanism(noise_multiplier=1.2, sample_rate=0.05, steps=30)]))) + "\n"]}
+    for case, kept in cases.items():
+        path.write_text("".join(kept))
+        result = run_audit(tmp_path)
+        assert not result.ok, case
+        assert any("ledger: expected the 6 entries" in p for p in result.problems), (case, result.problems)
+        if case in ("last entry", "last round", "every entry"):
+            assert any("of rounds.jsonl trained or refused" in p for p in result.problems), (case, result.problems)
+        count("bad_inputs_rejected", f"privacy ledger with {case} removed or added")

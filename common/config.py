@@ -150,7 +150,7 @@ class FedtuneConfig:
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):
             _check_min(name, getattr(self, name), 1)
         for name in ("min_evaluate_clients", "local_steps", "max_train_examples", "dp_physical_batch_size", "dp_batch_size",
-                     "max_heldout_examples", "num_threads", "shards_per_client"):
+                     "max_heldout_examples", "num_threads", "shards_per_client", "seed"):
             _check_min(name, getattr(self, name), 0)
         for name in ("round_timeout", "lora_alpha", "learning_rate", "dirichlet_alpha",
                      "server_learning_rate", "fedavgm_learning_rate", "tau"):

@@ -71,6 +71,7 @@ def test_good_values_are_accepted(raw, expected):
     ({"local-warmup-fraction": 1.0}, r"1.0\)"),
     ({"keep-optimizer-state": True, "dp-sample": True, "dp-noise-multiplier": 1.0}, "Opacus"),
     ({"shared-moments": "first"}, "expected one of"),
+    ({"seed": -1}, "seed: expected a value >= 0, got -1"),  # was a numpy traceback (hardening class 7)
     # Privacy settings that would silently not apply (RELIABILITY: bad inputs; hardening class 4)
     ({"dp-target-epsilon": 8.0}, "dp-target-epsilon: set to 8.0, but dp-sample = false"),
     ({"dp-noise-multiplier": 1.1}, "dp-noise-multiplier: set to 1.1, but dp-sample = false"),

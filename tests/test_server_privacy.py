@@ -13,6 +13,7 @@ from server.validation import Policy, ValidatedStrategy
 from server.privacy import federation_entry
 from simulation.cli import main as cli_main
 from tests.flower_messages import train_reply
+from tests.reliability import count
 
 CURRENT = {"w": np.zeros((3, 2), np.float32)}
 
@@ -74,7 +75,11 @@ def test_plan_command_shows_noise_to_signal_and_flags_a_batch_that_drowns_it(cap
     assert "fine" in rows["256"] and "noise drowns signal" in rows["16*"]
 
 
-def test_plan_command_refuses_impossible_federations(capsys):
-    code = cli_main(["plan", "--target-epsilon", "3", "--rounds", "3", "--num-clients", "4",
-                     "--clients-per-round", "5", "--local-examples", "1800", "--trainable", "100"])
-    assert code == 2 and "--clients-per-round: expected at most --num-clients (4), got 5" in capsys.readouterr().err
+@pytest.mark.parametrize("args, message", [
+    (["--clients-per-round", "5", "--local-examples", "1800"], "--clients-per-round: expected at most --num-clients (4), got 5"),
+    (["--clients-per-round", "4", "--local-examples", "0"], "--local-examples: expected a value >= 1, got 0"),  # was a ZeroDivisionError
+])
+def test_plan_command_refuses_impossible_federations(capsys, args, message):
+    code = cli_main(["plan", "--target-epsilon", "3", "--rounds", "3", "--num-clients", "4", "--trainable", "100", *args])
+    assert code == 2 and message in capsys.readouterr().err
+    count("bad_inputs_rejected", f"fedtune plan {' '.join(args)}")

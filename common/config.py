@@ -174,6 +174,15 @@ class FedtuneConfig:
             raise ConfigError(
                 "dp-noise-multiplier / dp-target-epsilon: expected one of them > 0 when dp-sample = true, got both 0"
             )
+        if self.fraction_train == 0:  # Flower's strategies then sample nobody: "rounds" of no training
+            raise ConfigError("fraction-train: expected a value in (0, 1], got 0 (no client would train)")
+        names = [n.strip() for n in self.labels.split(",") if n.strip()]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"labels: expected each label once, got {twice} more than once in {self.labels!r}")
+        if self.task == "classification" and self.text_column == self.label_column:
+            raise ConfigError(f"text-column / label-column: expected two different columns, got {self.text_column!r} "
+                              "for both (the model would read the answer)")
         if not self.dp_sample:  # a privacy setting that would silently not apply
             for name in ("dp_target_epsilon", "dp_noise_multiplier", "dp_epsilon_budget", "dp_batch_size"):
                 if getattr(self, name) != 0:

@@ -72,6 +72,10 @@ def test_good_values_are_accepted(raw, expected):
     ({"keep-optimizer-state": True, "dp-sample": True, "dp-noise-multiplier": 1.0}, "Opacus"),
     ({"shared-moments": "first"}, "expected one of"),
     ({"seed": -1}, "seed: expected a value >= 0, got -1"),  # was a numpy traceback (hardening class 7)
+    # Nonsense that used to "complete" (hardening class 5)
+    ({"fraction-train": 0.0}, r"fraction-train: expected a value in \(0, 1\], got 0"),
+    ({"labels": "neg,pos,neg"}, r"labels: expected each label once, got \['neg'\] more than once"),
+    ({"text-column": "label"}, "text-column / label-column: expected two different columns, got 'label' for both"),
     # Privacy settings that would silently not apply (RELIABILITY: bad inputs; hardening class 4)
     ({"dp-target-epsilon": 8.0}, "dp-target-epsilon: set to 8.0, but dp-sample = false"),
     ({"dp-noise-multiplier": 1.1}, "dp-noise-multiplier: set to 1.1, but dp-sample = false"),

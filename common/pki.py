@@ -5,6 +5,11 @@
     DIR/nodes/<name>, DIR/nodes/<name>.pub  one EC key pair per SuperNode (OpenSSH format),
                                             registered with `flwr supernode register`
 
+`fedtune certs DIR --nodes N --keys-only` writes only the node key pairs (into DIR/nodes/), for a
+data owner making its own pair or a coordinator adding a node: the CA and server files are never
+read or written. Nothing is ever overwritten: every file is created exclusively, private keys with
+mode 0600 from the start, and node names are plain file names.
+
 Flower does TLS and node authentication itself; this only removes the manual openssl and
 ssh-keygen steps. Node keys use NIST P-384, which Flower requires.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -24,6 +30,7 @@ from cryptography.x509.oid import NameOID
 from common.errors import ConfigError
 
 VALID_DAYS = 365
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -32,9 +39,13 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Create `path` (never replace it), private keys readable by their owner alone from the start."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    except FileExistsError:
+        raise ConfigError(f"certs: expected no file at {path}, found one; refusing to overwrite it") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
 
 
 def _pem_key(key) -> bytes:
@@ -89,11 +100,38 @@ def make_node_keys(out: Path, name: str) -> Path:
     return out / f"{name}.pub"
 
 
-def make_deployment_pki(out: Path, *, nodes: list[str], hosts: list[str]) -> None:
-    if (out / "ca.key").exists():
-        raise ConfigError(f"certs: expected a new directory, but {out / 'ca.key'} exists; refusing to overwrite it")
+def check_node_names(nodes: list[str]) -> None:
+    """Node names become file names under nodes/: letters, digits, '.', '_' and '-', no paths."""
+    bad = [n for n in nodes if not NODE_NAME.fullmatch(n) or ".." in n]
+    if bad:
+        raise ConfigError(f"certs: expected node names of letters, digits, '.', '_' and '-' (at most 64, no "
+                          f"'..' or '/'), got {bad}")
     if not nodes or len(set(nodes)) != len(nodes):
         raise ConfigError(f"certs: expected distinct node names, got {nodes}")
+
+
+def make_node_key_pairs(out: Path, *, nodes: list[str]) -> None:
+    """Only the node key pairs, into out/nodes/ (an existing deployment folder or a new one)."""
+    check_node_names(nodes)
+    taken = [str(out / "nodes" / f) for n in nodes for f in (n, f"{n}.pub") if (out / "nodes" / f).exists()]
+    if taken:
+        raise ConfigError(f"certs: expected new node names, but {taken} exist; refusing to overwrite them")
+    (out / "nodes").mkdir(parents=True, exist_ok=True)
+    for name in nodes:
+        make_node_keys(out / "nodes", name)
+
+
+def make_deployment_pki(out: Path, *, nodes: list[str], hosts: list[str]) -> None:
+    check_node_names(nodes)
+    existing = [f for f in ("ca.crt", "ca.key", "server.crt", "server.key") if (out / f).exists()]
+    if existing:
+        raise ConfigError(f"certs: expected a new directory, but {out} holds {existing}; refusing to replace a "
+                          "deployment's CA (add nodes to it with --keys-only)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"certs: expected a directory, got the file {out}")
+    taken = [str(out / "nodes" / f) for n in nodes for f in (n, f"{n}.pub") if (out / "nodes" / f).exists()]
+    if taken:
+        raise ConfigError(f"certs: expected new node names, but {taken} exist; refusing to overwrite them")
     out.mkdir(parents=True, exist_ok=True)
     (out / "nodes").mkdir(exist_ok=True)
     ca_cert, ca_key = make_ca(out)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("out", help="A new directory for the certificates and keys.")
     certs.add_argument("--nodes", required=True, help="Comma-separated node names, e.g. site-a,site-b.")
     certs.add_argument("--host", action="append", default=[], help="SuperLink host name or IP (repeatable).")
+    certs.add_argument("--keys-only", action="store_true",
+                       help="Only the node key pairs, into OUT/nodes/ (a data owner's own pair, or a node added "
+                            "to an existing deployment); the CA and server files are not touched.")
     export = sub.add_parser("export", help="Save a run's global adapter, alone or merged into the base model.")
     export.add_argument("run_dir", help="A fedtune run directory.")
     export.add_argument("out", help="Output directory.")
@@ -132,9 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             from pathlib import Path
 
-            from common.pki import make_deployment_pki
+            from common.pki import make_deployment_pki, make_node_key_pairs
 
             nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+            if args.keys_only:
+                make_node_key_pairs(Path(args.out), nodes=nodes)
+                print(f"wrote nodes/<name> and nodes/<name>.pub for {nodes} to {args.out}")
+                return 0
             make_deployment_pki(Path(args.out), nodes=nodes, hosts=args.host or ["127.0.0.1", "localhost"])
             print(f"wrote ca.crt, server.crt/.key and nodes/<name>(.pub) for {nodes} to {args.out}")
             return 0

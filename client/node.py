@@ -2,7 +2,9 @@
 
 Flower starts a SuperNode even when its data file is missing and fails only when the first
 message arrives. This refuses to start, with a message, when the node config's data file is
-missing or unreadable or lacks the named columns, or when a certificate or key is unreadable.
+missing or unreadable or has the columns of neither task (classification: text and label;
+causal-lm: instruction and response, renamed by the node config's *-column keys), when a
+certificate or key is unreadable, or when the node's private and public keys are not one pair.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
-from common.data import load_source
+from common.data import load_instructions, load_source
 from common.errors import ConfigError, DataError
 
 FILE_FLAGS = ("--root-certificates", "--auth-supernode-private-key", "--auth-supernode-public-key")
@@ -66,13 +68,53 @@ def check_node(args: list[str]) -> dict:
     path = str(node["data-path"])
     if not os.access(path, os.R_OK):
         raise DataError(f"data-path: expected a readable file, got {path!r} (missing or unreadable)")
-    data = load_source(path, data_format=str(node.get("data-format", "auto")),
-                       text_column=str(node.get("text-column", "text")),
-                       label_column=str(node.get("label-column", "label")),
-                       column_names=str(node.get("column-names", "")))
+    check_key_pair(_flag(args, "--auth-supernode-private-key"), _flag(args, "--auth-supernode-public-key"))
+    data = node_examples(path, node)
     if len(data) == 0:
         raise DataError(f"data-path {path!r}: expected at least one example, got none")
     return node
+
+
+def node_examples(path: str, node: dict):
+    """The node's data read for either task: the server's run config decides which one trains,
+    so the file must fit at least one (the error names both when it fits neither)."""
+    fmt, names = str(node.get("data-format", "auto")), str(node.get("column-names", ""))
+    try:
+        return load_source(path, data_format=fmt, column_names=names,
+                           text_column=str(node.get("text-column", "text")),
+                           label_column=str(node.get("label-column", "label")))
+    except DataError as classification:
+        try:
+            return load_instructions(path, data_format=fmt, column_names=names,
+                                     instruction_column=str(node.get("instruction-column", "instruction")),
+                                     input_column=str(node.get("input-column", "input")),
+                                     response_column=str(node.get("response-column", "response")),
+                                     group_column=str(node.get("group-column", "")))
+        except DataError as instructions:
+            raise DataError(f"data-path {path!r} fits neither task: classification: {classification}; "
+                            f"causal-lm: {instructions}") from None
+
+
+def check_key_pair(private_path: str | None, public_path: str | None) -> None:
+    """The node authenticates with its private key and is registered by its public key: they must be one pair."""
+    if private_path is None or public_path is None:
+        return
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        private = serialization.load_ssh_private_key(Path(private_path).read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as err:
+        raise ConfigError(f"--auth-supernode-private-key: expected an OpenSSH private key, got {private_path!r} "
+                          f"({err})") from None
+    try:
+        public = serialization.load_ssh_public_key(Path(public_path).read_bytes())
+    except (ValueError, TypeError, OSError) as err:
+        raise ConfigError(f"--auth-supernode-public-key: expected an OpenSSH public key, got {public_path!r} "
+                          f"({err})") from None
+    raw = (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if private.public_key().public_bytes(*raw) != public.public_bytes(*raw):
+        raise ConfigError(f"--auth-supernode-public-key: expected the public key of {private_path!r}, got "
+                          f"{public_path!r}, which belongs to another key pair")
 
 
 def exec_supernode(args: list[str]) -> None:

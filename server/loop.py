@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from common.budget import privacy_dir
 from common.config import FedtuneConfig
 from common.data import LabelMap
-from common.errors import CheckpointError, FedtuneError
+from common.errors import CheckpointError, ConfigError, FedtuneError
 from common.federation_data import federation_labels, heldout_set
 from common.ledger import Ledger
 from common.model import (
@@ -209,7 +209,13 @@ def fresh_start(state: ServerState) -> int:
 
 
 def refuse_checkpoints(run: RunDir) -> None:
-    """A new run starts in an empty run directory: it never overwrites another run's checkpoints."""
+    """A new run starts in an empty run directory: it never overwrites another run's checkpoints,
+    nor a folder that holds files other than a fedtune run's."""
+    foreign = run.foreign_files()
+    if foreign:
+        raise ConfigError(f"run-dir {run.path}: expected an empty folder or a fedtune run directory for a new run, "
+                          f"but it holds files fedtune did not write: {foreign[:5]}{'...' if len(foreign) > 5 else ''}"
+                          "; choose another run-dir")
     if latest_checkpoint(run.checkpoints) is not None:
         raise CheckpointError(
             f"run-dir {run.path} already holds checkpoints: expected an empty run directory "

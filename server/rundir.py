@@ -22,6 +22,15 @@ from pathlib import Path
 from common.config import FedtuneConfig
 
 
+# What fedtune writes into a run directory (and `fedtune audit` beside it): a new run refuses a
+# folder holding anything else, rather than writing over a user's files.
+RUN_FILES = frozenset({
+    "config.json", "clients.json", "metrics.jsonl", "metrics.csv", "metrics.png", "rounds.jsonl", "status.json",
+    "privacy-ledger.jsonl", "samples.jsonl", "adapters", "checkpoints",
+    "audit.csv", "audit.json", "audit-epsilon.png", "audit-accuracy.png",
+})
+
+
 class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -33,6 +42,12 @@ class RunDir:
         path = Path(cfg.run_dir) if cfg.run_dir else Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")
         path.mkdir(parents=True, exist_ok=True)
         return cls(path.resolve())
+
+    def foreign_files(self) -> list[str]:
+        """Names in the directory that fedtune did not write (temporary files of its atomic writes aside)."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
 
     def write_json(self, name: str, obj) -> None:
         (self.path / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

@@ -153,15 +153,18 @@ def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path
     (["--num-clients", "5000"], "at least 2 examples per client"),
     (["-c", "data=WRONG_COLUMNS"], "expected columns 'text' (text) and 'label' (label), found columns ['sentence', 'stars']"),
     (["-c", "labels=a,b"], "are not in the federation's labels ['a', 'b']"),
+    (["-c", "run-dir=TMP"], "expected an empty folder or a fedtune run directory for a new run, but it holds files "
+                            "fedtune did not write: ['wrong.csv']"),  # the user's file stays (hardening class 6)
 ])
 def test_bad_input_fails_before_round_one(tmp_path, args, message):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("sentence,stars\ngreat,5\nawful,1\n")
-    args = [a.replace("WRONG_COLUMNS", str(wrong)) for a in args]
+    args = [a.replace("WRONG_COLUMNS", str(wrong)).replace("TMP", f'"{tmp_path}"') for a in args]
     result = fedtune("simulate", *args, timeout=60)
     assert result.returncode == 2, result.stdout[-2000:]
     assert message in result.stdout
     assert "round 1" not in result.stdout
+    assert wrong.read_text() == "sentence,stars\ngreat,5\nawful,1\n" and sorted(tmp_path.iterdir()) == [wrong]
 
 
 def test_flwr_run_dot_runs_the_same_app(tmp_path):

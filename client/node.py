@@ -48,8 +48,8 @@ def check_node(args: list[str]) -> dict:
     """Validate what a SuperNode will need; returns the parsed node config."""
     for flag in FILE_FLAGS:
         path = _flag(args, flag)
-        if path is not None and not os.access(path, os.R_OK):
-            raise ConfigError(f"{flag}: expected a readable file, got {path!r} (missing or unreadable)")
+        if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK)):
+            raise ConfigError(f"{flag}: expected a readable file, got {path!r} (missing, unreadable or a directory)")
     if _flag(args, "--root-certificates"):
         from cryptography import x509
 
@@ -66,8 +66,8 @@ def check_node(args: list[str]) -> dict:
     if "data-path" not in node:
         raise ConfigError(f"--node-config: expected a data-path key, got keys {sorted(node)}")
     path = str(node["data-path"])
-    if not os.access(path, os.R_OK):
-        raise DataError(f"data-path: expected a readable file, got {path!r} (missing or unreadable)")
+    if not (Path(path).is_file() and os.access(path, os.R_OK)):
+        raise DataError(f"data-path: expected a readable file, got {path!r} (missing, unreadable or a directory)")
     check_key_pair(_flag(args, "--auth-supernode-private-key"), _flag(args, "--auth-supernode-public-key"))
     data = node_examples(path, node)
     if len(data) == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -203,11 +204,18 @@ def _chatterbot_conversations():
 def _read_rows(file: Path, data_format: str, column_names: str) -> list[dict]:
     fmt = _detect_format(file) if data_format == "auto" else data_format
     names = [c.strip() for c in column_names.split(",") if c.strip()] or None
+    if fmt == "parquet":
+        return _read_parquet(file)
+    blob = file.read_bytes()
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = blob[:err.start].count(b"\n") + 1
+        raise DataError(f"{file}:{line}: expected UTF-8 text, got the byte {blob[err.start]:#04x}, which is not "
+                        "UTF-8 (save the file as UTF-8)") from None
     if fmt in ("csv", "tsv"):
-        return _read_delimited(file, "\t" if fmt == "tsv" else ",", names)
-    if fmt == "jsonl":
-        return _read_jsonl(file)
-    return _read_parquet(file)
+        return _read_delimited(file, text, "\t" if fmt == "tsv" else ",", names)
+    return _read_jsonl(file, text)
 
 
 def _hf_rows(spec: str) -> list[dict]:
@@ -266,9 +274,9 @@ def _detect_format(file: Path) -> str:
     return formats[suffix]
 
 
-def _read_delimited(file: Path, delimiter: str, names: list[str] | None) -> list[dict]:
-    with file.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+def _read_delimited(file: Path, text: str, delimiter: str, names: list[str] | None) -> list[dict]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL)
+    try:
         header = names or next(reader, None)
         if header is None:
             return []
@@ -281,22 +289,24 @@ def _read_delimited(file: Path, delimiter: str, names: list[str] | None) -> list
                     f"{file}:{line}: expected {len(header)} fields ({header}), got {len(values)}"
                 )
             rows.append(dict(zip(header, values)))
+    except csv.Error as err:  # e.g. a field over csv's limit: usually a quote that is never closed
+        raise DataError(f"{file}:{reader.line_num}: expected {'tab' if delimiter == chr(9) else 'comma'}-separated "
+                        f"fields, got {err} (an unclosed quote?)") from None
     return rows
 
 
-def _read_jsonl(file: Path) -> list[dict]:
+def _read_jsonl(file: Path, text: str) -> list[dict]:
     rows = []
-    with file.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{file}:{line}: expected one JSON object per line, got invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{file}:{line}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for line, raw in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit inside a string
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{file}:{line}: expected one JSON object per line, got invalid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{file}:{line}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -79,7 +80,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         header = json.loads(blob[8 : 8 + header_len])
         meta = header.get("__metadata__", {})
         server_round, extra = int(meta["round"]), json.loads(meta["meta"])
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, SafetensorError) as err:  # e.g. truncated, with its hash file rewritten to match
         raise CheckpointError(f"checkpoint {path}: expected fedtune checkpoint metadata, got an unreadable file ({err})") from None
     adapter = {k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")}
     strategy = {k[len("strategy/"):]: v for k, v in tensors.items() if k.startswith("strategy/")}

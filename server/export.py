@@ -24,6 +24,8 @@ from server.checkpoint import latest_checkpoint, load_checkpoint
 def export_run(run_dir: str | Path, out: str | Path, *, merged: bool) -> tuple[Path, int]:
     """Write the export; returns its directory and the round it comes from."""
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export: expected a new or empty output directory, got {str(out)!r}, which is a file")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"export: expected a new or empty output directory, got {str(out)!r} which holds "
                           "files; refusing to overwrite them")

@@ -37,6 +37,19 @@ def test_edited_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_truncated_checkpoint_with_a_rewritten_hash_is_refused_without_a_traceback(tmp_path):
+    """Hardening class 7: the hash matches (someone rewrote it), the content is cut short."""
+    import hashlib
+
+    path = save_checkpoint(tmp_path, ckpt(1))
+    cut = path.read_bytes()[:200]
+    path.write_bytes(cut)
+    path.with_suffix(".sha256").write_text(hashlib.sha256(cut).hexdigest())
+    with pytest.raises(CheckpointError, match="expected fedtune checkpoint metadata, got an unreadable file"):
+        load_checkpoint(path)
+    count("bad_inputs_rejected", "truncated checkpoint with a matching hash")
+
+
 def test_missing_hash_and_missing_file_are_refused(tmp_path):
     path = save_checkpoint(tmp_path, ckpt(1))
     path.with_suffix(".sha256").unlink()

@@ -59,6 +59,12 @@ def test_headerless_csv_with_column_names(tmp_path):
     (lambda p: (p / "j.jsonl").write_text("{not json\n") and p / "j.jsonl", "invalid JSON"),
     (lambda p: (p / "l.jsonl").write_text("[1, 2]\n") and p / "l.jsonl", "JSON object"),
     (lambda p: (p / "p.parquet").write_text("not parquet") and p / "p.parquet", "Parquet"),
+    # Hardening class 7: these were raw tracebacks (UnicodeDecodeError, csv.Error)
+    (lambda p: (p / "latin1.csv").write_bytes("review,sentiment\nfine,pos\ncaf\xe9,neg\n".encode("latin-1"))
+     and p / "latin1.csv", r"latin1.csv:3: expected UTF-8 text, got the byte 0xe9"),
+    (lambda p: (p / "big.csv").write_text('review,sentiment\n"' + "x" * 200_000 + '",pos\n') and p / "big.csv",
+     r"big.csv:\d+: expected comma-separated fields, got field larger than field limit"),
+    (lambda p: (p / "dir.csv").mkdir() or p / "dir.csv", "not found"),
 ])
 def test_bad_files_are_refused_with_a_clear_message(tmp_path, make, message):
     with pytest.raises(DataError, match=message):

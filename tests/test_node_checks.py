@@ -49,3 +49,25 @@ def test_a_private_key_with_another_nodes_public_key_is_refused(tmp_path):
         check_node(node_args(data, "--auth-supernode-private-key", str(tmp_path / "garbage"),
                              "--auth-supernode-public-key", str(tmp_path / "site-a.pub")))
     count("bad_inputs_rejected", "supernode keys that are not one pair")
+
+
+def test_a_directory_where_a_certificate_or_data_file_belongs_is_refused(tmp_path):
+    """Hardening class 7: a directory passed os.access() and then failed with IsADirectoryError."""
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\ngreat,pos\nawful,neg\n")
+    with pytest.raises(ConfigError, match="--root-certificates: expected a readable file, got .*a directory"):
+        check_node(node_args(data, "--root-certificates", str(tmp_path)))
+    with pytest.raises(DataError, match="data-path: expected a readable file, got .*a directory"):
+        check_node(node_args(tmp_path))
+    count("bad_inputs_rejected", "supernode given a directory for a file")
+
+
+def test_export_onto_an_existing_file_is_refused(tmp_path):
+    from server.export import export_run
+
+    target = tmp_path / "adapter.bin"
+    target.write_text("the user's file")
+    with pytest.raises(ConfigError, match="expected a new or empty output directory, got .*which is a file"):
+        export_run(tmp_path / "run", target, merged=False)
+    assert target.read_text() == "the user's file"
+    count("bad_inputs_rejected", "export onto an existing file")

@@ -74,6 +74,10 @@ def federation_labels(cfg: FedtuneConfig) -> LabelMap:
         labels = LabelMap.parse(cfg.labels)
     else:
         pool, heldout = train_and_heldout(cfg)
+        unlearnable = sorted(set(heldout.labels) - set(pool.labels))
+        if unlearnable and cfg.task == "classification":
+            raise DataError(f"held-out set: expected its labels among the training data's {sorted(set(pool.labels))}, "
+                            f"got {unlearnable} only in {cfg.heldout_data or cfg.data!r}: no client could learn them")
         labels = LabelMap.from_labels(pool.labels + heldout.labels)
     if len(labels) < 2 and cfg.task == "classification":
         raise DataError(f"labels: expected at least 2 classes, got {list(labels.names)}")

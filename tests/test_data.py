@@ -129,3 +129,14 @@ def test_ag_news_layout_loads_by_configuration_alone():
     pool, heldout = train_and_heldout(cfg)
     assert len(pool) == 5000 and len(heldout) == 1000
     assert federation_labels(cfg).names == ("0", "1", "2", "3")
+
+
+def test_a_label_only_in_the_held_out_file_is_refused(tmp_path):
+    """Hardening class 5: it used to become a class no client could learn, silently."""
+    train, held = tmp_path / "train.csv", tmp_path / "held.csv"
+    train.write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(8)))
+    held.write_text("text,label\nx,a\ny,b\nz,c\n")
+    cfg = FedtuneConfig(data=str(train), heldout_data=str(held))
+    with pytest.raises(DataError, match=r"expected its labels among the training data's \['a', 'b'\], got \['c'\] only in"):
+        federation_labels(cfg)
+    count("bad_inputs_rejected", "a label only in the held-out file")

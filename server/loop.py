@@ -42,7 +42,7 @@ from server.privacy import (
 )
 from server.rundir import RunDir
 from server.sampling import least_sampled, participation, send_to
-from server.strategy import build_strategy, load_strategy_state, strategy_state
+from server.strategy import build_strategy, load_strategy_state, robust_capacity_problem, strategy_state
 from server.validation import Policy, ValidatedStrategy
 
 # Keys that may differ between a run and its resumption.
@@ -113,6 +113,9 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
         end_run(state, "not-enough-clients", str(err))
     check_sample_level_plan(cfg, state.declared, trainable=sum(v.size for v in state.initial.values()),
                             connected=len(state.declared))
+    problem = robust_capacity_problem(cfg, cfg.train_sample_size(len(state.declared)))
+    if problem:
+        end_run(state, "not-enough-clients", problem)
     if start_round == 0:
         state.history = [evaluation_row(state, 0)]
         commit_round(state, strategy, 0)

@@ -14,6 +14,18 @@ WEIGHT_KEY = "num-examples"
 STATEFUL_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 
 
+def robust_capacity_problem(cfg: FedtuneConfig, sampled: int) -> str | None:
+    """Why the robust strategy cannot tolerate num-malicious-clients among `sampled` updates a round
+    (Krum and Multi-Krum need n >= 2f + 3, Blanchard et al. 2017; Bulyan n >= 4f + 3, El Mhamdi et
+    al. 2018), or None."""
+    f = cfg.num_malicious_clients
+    need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(cfg.strategy)
+    if need is None or sampled >= need:
+        return None
+    return (f"strategy {cfg.strategy} with num-malicious-clients = {f}: expected at least {need} clients sampled a "
+            f"round, got {sampled}; lower num-malicious-clients or sample more clients")
+
+
 def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
     common = dict(
         fraction_train=cfg.fraction_train,

@@ -53,6 +53,11 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
     cfg = parse_run_config(overrides)
     if num_clients < 1:
         raise ConfigError(f"num-clients: expected at least 1, got {num_clients}")
+    from server.strategy import robust_capacity_problem
+
+    problem = robust_capacity_problem(cfg, cfg.train_sample_size(num_clients))
+    if problem:
+        raise ConfigError(problem)
     if cfg.min_available_clients > num_clients or cfg.min_train_clients > num_clients:
         raise ConfigError(
             f"min-available-clients / min-train-clients: expected at most num-clients={num_clients}, "

@@ -153,6 +153,8 @@ def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path
     (["--num-clients", "5000"], "at least 2 examples per client"),
     (["-c", "data=WRONG_COLUMNS"], "expected columns 'text' (text) and 'label' (label), found columns ['sentence', 'stars']"),
     (["-c", "labels=a,b"], "are not in the federation's labels ['a', 'b']"),
+    (["-c", "strategy=krum"], "strategy krum with num-malicious-clients = 1: expected at least 5 clients sampled a "
+                              "round, got 3"),  # Krum cannot tolerate f = 1 among 3 (hardening class 5)
     (["-c", "run-dir=TMP"], "expected an empty folder or a fedtune run directory for a new run, but it holds files "
                             "fedtune did not write: ['wrong.csv']"),  # the user's file stays (hardening class 6)
 ])

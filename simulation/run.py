@@ -3,15 +3,23 @@
     fedtune simulate --num-clients 3 -c num-server-rounds=3 -c partitioner=iid
 
 The config is parsed and the data partitioned before the engine starts, so a bad value
-or an empty partition fails in seconds with a message, not inside a worker.
+or an empty partition fails in seconds with a message, not inside a worker. One Ctrl-C ends
+the simulation at once: it records `interrupted` in status.json and stops every process the
+engine started; the last completed round's checkpoint is intact, so `-c resume=true` continues.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import signal
+import sys
+import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from common.config import FedtuneConfig, parse_run_config
@@ -51,6 +59,8 @@ def plan_resources(clients_training: int, cpus: int | None = None) -> tuple[int,
 def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
     """Parse and validate everything that can be checked before round 1."""
     cfg = parse_run_config(overrides)
+    if not cfg.run_dir:  # named here, so that an interrupted run can say where it stopped
+        cfg = cfg.replace(run_dir=str(Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")))
     if num_clients < 1:
         raise ConfigError(f"num-clients: expected at least 1, got {num_clients}")
     from server.strategy import robust_capacity_problem
@@ -105,5 +115,38 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
         "client_resources": {"num_cpus": max(1, threads), "num_gpus": 0.0},
         "init_args": {"num_cpus": parallel * max(1, threads), "include_dashboard": False},
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                   backend_config=backend_config)
+    with stop_on_interrupt(Path(cfg.run_dir)):
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
+                       backend_config=backend_config)
+
+
+@contextmanager
+def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
+    """SIGINT (Ctrl-C) ends the run at once. Flower's engine would stop its clients and leave the
+    ServerApp thread waiting for their replies until round-timeout; instead the run is recorded as
+    `interrupted` (with the last completed round) and every process the engine started is ended."""
+    def interrupted(signum, frame) -> None:
+        import psutil
+
+        from server.checkpoint import NAME, latest_checkpoint
+
+        last = latest_checkpoint(run_dir / "checkpoints")
+        rounds = int(NAME.search(last.name).group(1)) if last is not None else 0
+        if run_dir.is_dir():
+            (run_dir / "status.json").write_text(json.dumps(
+                {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)", "rounds_completed": rounds},
+                indent=2) + "\n")
+        print(f"\nfedtune: interrupted after round {rounds}; results so far in {run_dir}; continue with "
+              f"-c run-dir={run_dir} -c resume=true", file=sys.stderr, flush=True)
+        for child in psutil.Process().children(recursive=True):  # Ray's GCS, raylet and client actors
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

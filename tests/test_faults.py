@@ -22,7 +22,7 @@ from tests.invariants import check_run_invariants
 from tests.procs import run_cli
 from tests.reliability import count
 
-pytestmark = [pytest.mark.slow, pytest.mark.minutes(4)]
+pytestmark = [pytest.mark.slow, pytest.mark.minutes(6)]
 
 SMALL = ["max-train-examples=360", "max-heldout-examples=120", "local-steps=4", "batch-size=16", "max-length=32",
          "partitioner=iid", "fraction-evaluate=0.0"]
@@ -128,3 +128,46 @@ def test_error_reply_the_superlink_sends_for_a_lost_node_counts_against_that_nod
     entry = round_entry(1, messages, [*ok, lost], failed, refused, [], clients, sent)
     assert entry["failed"] == ["site-2"] and entry["timed_out"] == [] and entry["aggregated"] == ["site-0", "site-1"]
     count("invariant_checks_passed", "I4-ledger-closes")
+
+
+def test_one_ctrl_c_records_interrupted_stops_every_process_and_the_run_resumes(tmp_path):
+    """Hardening class 6 (hangs): SIGINT to the whole foreground group, as a terminal's Ctrl-C
+    sends it, while round 1 trains. The run used to wait at 0% CPU until round-timeout; now it
+    ends within seconds with status `interrupted`, no process of it remains, round 0's
+    checkpoint is intact, and `resume=true` completes the run."""
+    import os
+    import signal
+    import subprocess
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "simulation.cli", "simulate"]
+    for item in [*SMALL, f'run-dir="{run}"', "num-server-rounds=2", "local-steps=40"]:
+        args += ["-c", item]
+    env = {**os.environ, "FEDTUNE_TEST_RUN": str(run)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "round-0000.safetensors").exists():  # round 1 is training
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached round 1"
+            time.sleep(0.5)
+        time.sleep(3)
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        stopped_in = time.monotonic() - start
+    finally:
+        for p in processes_of(run):
+            p.kill()
+        proc.kill()
+    assert proc.returncode == 130 and stopped_in < 30, (proc.returncode, stopped_in, out[-2000:])
+    assert f"interrupted after round 0; results so far in {run}" in out
+    assert json.loads((run / "status.json").read_text()) == {
+        "status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)", "rounds_completed": 0}
+    time.sleep(1)
+    assert not processes_of(run)
+    again = run_cli([*args, "-c", "resume=true"], timeout=300, env={"FEDTUNE_TEST_RUN": str(run)})
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    check_run_invariants(run, 2)
+    count("faults_survived", "one Ctrl-C: interrupted, nothing left running, resumed")

@@ -6,7 +6,7 @@
 
 review: 4 IID clients on 8,000 training examples, 3 rounds, epsilon 8 (the reviewer's check;
   `-c` overrides are appended, e.g. `-c dp-batch-size=16` for the old batch).
-table: 10 IID clients on a 20,000-example subset, 4 rounds: no DP, epsilon 1 / 3 / 8, and
+table: 10 IID clients on a 20,000-example subset, 3 rounds: no DP, epsilon 1 / 3 / 8, and
   epsilon 3 with FFA-LoRA (`lora-freeze-a`).
 headline: 10 IID clients on all of SST-2 train (67,349), epsilon 3, 5 rounds.
 
@@ -35,7 +35,7 @@ SST2 = Path(os.environ.get("FEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data
 DP = ["dp-sample=true"]
 SETTINGS = {
     "review": (4, 3, ["max-train-examples=8000"], {"eps8": [*DP, "dp-target-epsilon=8"]}),
-    "table": (10, 4, ["max-train-examples=20000"], {
+    "table": (10, 3, ["max-train-examples=20000"], {
         "nodp": [], "eps1": [*DP, "dp-target-epsilon=1"], "eps3": [*DP, "dp-target-epsilon=3"],
         "eps8": [*DP, "dp-target-epsilon=8"], "eps3-ffa": [*DP, "dp-target-epsilon=3", "lora-freeze-a=true"]}),
     "headline": (10, 5, [], {"eps3": [*DP, "dp-target-epsilon=3"]}),

@@ -110,28 +110,30 @@ def check_node_names(nodes: list[str]) -> None:
         raise ConfigError(f"certs: expected distinct node names, got {nodes}")
 
 
-def make_node_key_pairs(out: Path, *, nodes: list[str]) -> None:
-    """Only the node key pairs, into out/nodes/ (an existing deployment folder or a new one)."""
+def check_node_names_free(out: Path, nodes: list[str]) -> None:
+    """Valid, distinct names whose key files do not exist yet under out/nodes/."""
     check_node_names(nodes)
     taken = [str(out / "nodes" / f) for n in nodes for f in (n, f"{n}.pub") if (out / "nodes" / f).exists()]
     if taken:
         raise ConfigError(f"certs: expected new node names, but {taken} exist; refusing to overwrite them")
+
+
+def make_node_key_pairs(out: Path, *, nodes: list[str]) -> None:
+    """Only the node key pairs, into out/nodes/ (an existing deployment folder or a new one)."""
+    check_node_names_free(out, nodes)
     (out / "nodes").mkdir(parents=True, exist_ok=True)
     for name in nodes:
         make_node_keys(out / "nodes", name)
 
 
 def make_deployment_pki(out: Path, *, nodes: list[str], hosts: list[str]) -> None:
-    check_node_names(nodes)
+    check_node_names_free(out, nodes)
     existing = [f for f in ("ca.crt", "ca.key", "server.crt", "server.key") if (out / f).exists()]
     if existing:
         raise ConfigError(f"certs: expected a new directory, but {out} holds {existing}; refusing to replace a "
                           "deployment's CA (add nodes to it with --keys-only)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"certs: expected a directory, got the file {out}")
-    taken = [str(out / "nodes" / f) for n in nodes for f in (n, f"{n}.pub") if (out / "nodes" / f).exists()]
-    if taken:
-        raise ConfigError(f"certs: expected new node names, but {taken} exist; refusing to overwrite them")
     out.mkdir(parents=True, exist_ok=True)
     (out / "nodes").mkdir(exist_ok=True)
     ca_cert, ca_key = make_ca(out)

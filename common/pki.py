@@ -127,13 +127,14 @@ def make_node_key_pairs(out: Path, *, nodes: list[str]) -> None:
 
 
 def make_deployment_pki(out: Path, *, nodes: list[str], hosts: list[str]) -> None:
-    check_node_names_free(out, nodes)
+    check_node_names(nodes)
     existing = [f for f in ("ca.crt", "ca.key", "server.crt", "server.key") if (out / f).exists()]
     if existing:
         raise ConfigError(f"certs: expected a new directory, but {out} holds {existing}; refusing to replace a "
                           "deployment's CA (add nodes to it with --keys-only)")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"certs: expected a directory, got the file {out}")
+    check_node_names_free(out, nodes)
     out.mkdir(parents=True, exist_ok=True)
     (out / "nodes").mkdir(exist_ok=True)
     ca_cert, ca_key = make_ca(out)

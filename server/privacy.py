@@ -50,9 +50,10 @@ def check_sample_level_plan(cfg: FedtuneConfig, declared: dict[int, int], *, tra
     """Before round 1: log the DP-SGD plan of the smallest client (the noisiest: its batch is the
     smallest), and warn, without refusing, when it cannot learn or wastes budget, with a batch
     size that fixes it. Returns the problems found."""
-    if not cfg.dp_sample or not declared:
+    sizes = [n for n in declared.values() if n > 0]  # a node without training data trains nothing
+    if not cfg.dp_sample or not sizes:
         return []
-    examples = min(declared.values())
+    examples = min(sizes)
     plan = plan_for_config(cfg, examples, trainable=trainable, clients_per_round=cfg.train_sample_size(connected))
     log(INFO, "fedtune: DP-SGD on the smallest client (%d examples): expected batch %.0f, rate %.4f, %d steps a "
         "round, noise multiplier %.3f, noise per coordinate %.2g, noise/signal %.2f (%.2f averaged over %d clients)",

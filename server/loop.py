@@ -38,7 +38,8 @@ from common.train import evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from server.moments import average_moments, expected_moments, misfit, take_moments
 from server.privacy import (
-    check_sample_level_plan, client_entries, current_clipping_norm, federation_entry, federation_would_exceed, wrap_client_dp,
+    check_sample_level_plan, client_entries, current_clipping_norm, federation_entry, federation_would_exceed,
+    wrap_client_dp,
 )
 from server.rundir import RunDir
 from server.sampling import least_sampled, participation, send_to

@@ -14,8 +14,8 @@ from flwr.app import ConfigRecord
 
 from common.budget import PrivacyRecord, data_fingerprint, privacy_dir
 from common.config import FedtuneConfig
-from common.privacy import Mechanism, calibrate_noise
-from common.privacy_plan import dp_batch_size, poisson_rate, steps_per_round
+from common.privacy import Mechanism
+from common.privacy_plan import dp_batch_size, plan_for_config
 from common.train import round_schedule
 
 BUDGET_EXHAUSTED = "budget-exhausted"
@@ -24,15 +24,10 @@ TRAINED = "trained"
 
 @functools.lru_cache(maxsize=64)
 def planned_mechanism(cfg: FedtuneConfig, num_examples: int) -> Mechanism:
-    """This client's DP-SGD mechanism for one round: the batch, rate and steps of `common.privacy_plan`,
-    and the noise multiplier given or calibrated for the target over all planned rounds."""
-    batch = dp_batch_size(cfg.dp_batch_size, num_examples)
-    rate = poisson_rate(batch, num_examples)
-    steps = steps_per_round(batch_size=batch, examples=num_examples, local_epochs=cfg.local_epochs,
-                            local_steps=cfg.local_steps)
-    sigma = cfg.dp_noise_multiplier or calibrate_noise(target_epsilon=cfg.dp_target_epsilon, delta=cfg.dp_delta,
-                                                       sample_rate=rate, steps=steps * cfg.num_server_rounds)
-    return Mechanism(noise_multiplier=sigma, steps=steps, sample_rate=rate)
+    """This client's DP-SGD mechanism for one round, as `common.privacy_plan` plans it: the batch, rate
+    and steps, and the noise multiplier given or calibrated for the target over all planned rounds."""
+    plan = plan_for_config(cfg, num_examples, trainable=0, clients_per_round=1)  # d and K only judge the plan
+    return Mechanism(noise_multiplier=plan.noise_multiplier, steps=plan.steps_per_round, sample_rate=plan.sample_rate)
 
 
 @dataclass

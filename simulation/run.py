@@ -95,6 +95,11 @@ def load_client_app(spec: str):
 
 def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "client.app:app") -> None:
     """Start the simulation engine with fedtune's ServerApp and a ClientApp."""
+    # Ray has no authentication: its GCS, raylet and workers must listen on loopback only. On
+    # Linux Ray takes the machine's network address as the node's and listens on all interfaces
+    # unless clustering is switched off (Ray's switch for a one-machine instance), which this
+    # one-machine engine never needs. Set before Ray is imported: Ray reads it at import.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 

@@ -107,6 +107,23 @@ def processes_of(run_dir) -> list[psutil.Process]:
     return found
 
 
+def listening_addresses(procs: list[psutil.Process]) -> list[tuple[psutil.Process, str]]:
+    found = []
+    for proc in procs:
+        try:
+            found += [(proc, c.laddr.ip) for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
 def test_error_reply_the_superlink_sends_for_a_lost_node_counts_against_that_node():
     """RELIABILITY fault 'a SuperNode killed mid-round', server side (I4): when a node stops
     heartbeating, the SuperLink answers its message with an error from the SuperLink's own
@@ -131,7 +148,8 @@ def test_error_reply_the_superlink_sends_for_a_lost_node_counts_against_that_nod
 
 
 def test_one_ctrl_c_records_interrupted_stops_every_process_and_the_run_resumes(tmp_path):
-    """Hardening class 6 (hangs): SIGINT to the whole foreground group, as a terminal's Ctrl-C
+    """Hardening class 8 (network exposure): while round 1 trains, every process of the
+    simulation listens on loopback only. Hardening class 6 (hangs): SIGINT to the whole foreground group, as a terminal's Ctrl-C
     sends it, while round 1 trains. The run used to wait at 0% CPU until round-timeout; now it
     ends within seconds with status `interrupted`, no process of it remains, round 0's
     checkpoint is intact, and `resume=true` completes the run."""
@@ -152,6 +170,7 @@ def test_one_ctrl_c_records_interrupted_stops_every_process_and_the_run_resumes(
             assert proc.poll() is None and time.monotonic() < deadline, "the run never reached round 1"
             time.sleep(0.5)
         time.sleep(3)
+        exposed = [(p.name(), a) for p, a in listening_addresses(processes_of(run)) if not is_loopback(a)]
         start = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
@@ -160,6 +179,9 @@ def test_one_ctrl_c_records_interrupted_stops_every_process_and_the_run_resumes(
         for p in processes_of(run):
             p.kill()
         proc.kill()
+    # Hardening class 8: Ray (no authentication) used to listen on all interfaces ('::').
+    assert not exposed, f"simulation processes listen beyond loopback: {exposed}"
+    count("invariant_checks_passed", "class 8: the simulation listens on loopback only")
     assert proc.returncode == 130 and stopped_in < 30, (proc.returncode, stopped_in, out[-2000:])
     assert f"interrupted after round 0; results so far in {run}" in out
     assert json.loads((run / "status.json").read_text()) == {

@@ -10,9 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
+import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from peft import PeftModel
@@ -175,14 +179,27 @@ def test_flwr_run_dot_runs_the_same_app(tmp_path):
     bin_dir = os.path.dirname(sys.executable)  # flwr starts flower-superlink from PATH
     env = {"FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",  # use this venv; no `uv sync` of torch
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # the README's setting: Ray on loopback only
            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     flwr = os.path.join(bin_dir, "flwr")
+    superlink = f"{home}/local-superlink"  # in the detached SuperLink's command line (its log and database)
     try:
         result = run_cli([flwr, "run", ".", "--stream", "--run-config", cfg, "--federation-config",
                           "num-supernodes=3 client-resources-num-cpus=1"], timeout=420, env=env, cwd=REPO)
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert any(superlink in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+        # Hardening class 8: the README's stop command ends that SuperLink and matches nothing else
+        # (it used to say `pkill -f flower-superlink`: every SuperLink on the machine).
+        if shutil.which("pkill"):
+            subprocess.run(["pkill", "-f", superlink], check=True)
+        else:
+            kill_matching(superlink)
+        deadline = time.monotonic() + 20
+        while any(superlink in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])):
+            assert time.monotonic() < deadline, "the README's pkill left the local SuperLink running"
+            time.sleep(0.5)
     finally:
         kill_matching(str(home))  # the detached local SuperLink and its children
-    assert result.returncode == 0, result.stdout[-4000:]
     rows = check_run_invariants(tmp_path / "run", 1)
     assert rows[1]["clients_ok"] == 3
     assert not (REPO / "pyproject.toml").read_text().count("MIGRATION")  # flwr left our file alone

@@ -79,9 +79,13 @@ def with_lora(base, model: str, *, task_type: TaskType, r: int, alpha: float, dr
     try:
         peft_model = get_peft_model(base, config)
     except ValueError as err:
+        heads = {"classifier", "score", "lm_head"}  # trained whole, not adapted
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules()
+                         if isinstance(m, torch.nn.Linear)} - heads)
+        asked = ",".join(target_modules) if target_modules else "PEFT's default for this model type"
         raise ConfigError(
-            f"lora-target-modules: {err} (model type {base.config.model_type!r}; name its attention "
-            "projections, e.g. 'query,value', 'q_proj,v_proj' or 'c_attn')"
+            f"lora-target-modules: expected names of this {base.config.model_type!r} model's linear layers "
+            f"({', '.join(linear)}; usually its attention projections), got {asked!r} (PEFT: {err})"
         ) from err
     if freeze_a:
         for name, p in peft_model.named_parameters():

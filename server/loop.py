@@ -102,6 +102,7 @@ class ServerState:
 def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     """Run (or resume) a whole federated fine-tuning run; returns the per-round rows."""
     cfg, labels = with_labels(cfg)
+    model_for_config(cfg, len(labels))  # a bad model or lora-target-modules fails before the run dir exists
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)
     model, state = initial_state(cfg, labels, run)
@@ -158,14 +159,18 @@ def initial_state(cfg: FedtuneConfig, labels: LabelMap, run: RunDir):
 def preflight(cfg: FedtuneConfig) -> None:
     """run_server's checks of the run directory, for a caller that can make them before the
     federation starts: the simulation makes them before its engine does, so a refusal takes
-    seconds rather than the engine's start-up. An empty run-dir names a new, timestamped one."""
+    seconds rather than the engine's start-up. An empty run-dir names a new, timestamped one.
+    The model is loaded here too (cached: the server's run reuses it), so a model path or a
+    `lora-target-modules` that cannot work is refused before the engine starts."""
+    cfg, labels = with_labels(cfg)
+    model_for_config(cfg, len(labels))
     if not cfg.run_dir:
         return
     run = RunDir(Path(cfg.run_dir).resolve())
     if not cfg.resume:
         refuse_checkpoints(run)
         return
-    checked_checkpoint(initial_state(*with_labels(cfg), run)[1])
+    checked_checkpoint(initial_state(cfg, labels, run)[1])
 
 
 # Named endings that are failures: the run stops fast, says why, and exits non-zero.

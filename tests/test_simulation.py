@@ -161,15 +161,22 @@ def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path
                               "round, got 3"),  # Krum cannot tolerate f = 1 among 3 (hardening class 5)
     (["-c", "run-dir=TMP"], "expected an empty folder or a fedtune run directory for a new run, but it holds files "
                             "fedtune did not write: ['wrong.csv']"),  # the user's file stays (hardening class 6)
+    # Hardening class 7: these came only after the engine's start-up and left an empty run dir.
+    (["-c", "model=/no/such/model", "-c", "run-dir=NEWRUN"],
+     "model: expected an existing directory, got '/no/such/model' which does not exist"),
+    (["-c", "lora-target-modules=qkv_nope", "-c", "run-dir=NEWRUN"],
+     "lora-target-modules: expected names of this 'bert' model's linear layers (dense, key, query, value; "
+     "usually its attention projections), got 'qkv_nope'"),
 ])
 def test_bad_input_fails_before_round_one(tmp_path, args, message):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("sentence,stars\ngreat,5\nawful,1\n")
-    args = [a.replace("WRONG_COLUMNS", str(wrong)).replace("TMP", f'"{tmp_path}"') for a in args]
+    args = [a.replace("WRONG_COLUMNS", str(wrong)).replace("NEWRUN", f'"{tmp_path / "run"}"')
+            .replace("TMP", f'"{tmp_path}"') for a in args]
     result = fedtune("simulate", *args, timeout=60)
     assert result.returncode == 2, result.stdout[-2000:]
-    assert message in result.stdout
-    assert "round 1" not in result.stdout
+    assert message in result.stdout, result.stdout[-2000:]
+    assert "round 1" not in result.stdout and SERVER_STARTED not in result.stdout
     assert wrong.read_text() == "sentence,stars\ngreat,5\nawful,1\n" and sorted(tmp_path.iterdir()) == [wrong]
 
 

@@ -8,6 +8,8 @@ file. The server never sees client data, only the held-out set.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -66,6 +68,16 @@ def train_and_heldout(cfg: FedtuneConfig) -> tuple[TextDataset, TextDataset]:
     if len(heldout) == 0:
         raise DataError(f"held-out set: expected at least one example, got none from {cfg.heldout_data or cfg.data!r}")
     return pool, heldout
+
+
+def data_fingerprint(cfg: FedtuneConfig) -> str:
+    """SHA-256 (16 hex digits) of the training pool and held-out set as this run reads them
+    (texts, labels and other columns, after sampling): a resumed run must read the data it was
+    trained on."""
+    digest = hashlib.sha256()
+    for part in train_and_heldout(cfg):
+        digest.update(json.dumps([part.texts, part.labels, part.columns], ensure_ascii=False, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
 
 
 def federation_labels(cfg: FedtuneConfig) -> LabelMap:

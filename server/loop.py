@@ -26,7 +26,7 @@ from common.budget import privacy_dir
 from common.config import FedtuneConfig
 from common.data import LabelMap
 from common.errors import CheckpointError, ConfigError, FedtuneError
-from common.federation_data import federation_labels, heldout_set
+from common.federation_data import data_fingerprint, federation_labels, heldout_set
 from common.ledger import Ledger
 from common.model import (
     check_adapter_state, frozen_fingerprint, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
@@ -84,6 +84,7 @@ class ServerState:
     rounds: list[dict] = field(default_factory=list)  # the round ledger (I4)
     status: str = "running"
     frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
+    data: str = ""  # fingerprint of the training data and held-out set (data_fingerprint): resume checks it
     moment_shapes: dict = field(default_factory=dict)  # shared-moments: key -> shape of what clients send
     moments: dict = field(default_factory=dict)  # shared-moments: the last round's averaged AdamW moments
 
@@ -151,7 +152,7 @@ def initial_state(cfg: FedtuneConfig, labels: LabelMap, run: RunDir):
     model = model_for_config(cfg, len(labels))
     initial = get_adapter_state(model)
     state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
-                        frozen=frozen_fingerprint(model),
+                        frozen=frozen_fingerprint(model), data=data_fingerprint(cfg),
                         moment_shapes=expected_moments(model, cfg.shared_moments) if cfg.shared_moments != "none" else {})
     return model, state
 
@@ -245,6 +246,12 @@ def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
     if changed:
         diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"resume: expected the checkpoint's config, but these keys differ: {diffs}")
+    data = state.data
+    if ckpt.meta.get("data", data) != data:
+        raise CheckpointError(
+            f"resume: expected the data the run was trained on (fingerprint {ckpt.meta['data']} of the training "
+            f"data and held-out set), got {data}: {state.cfg.data!r} or {state.cfg.heldout_data or 'its held-out part'!r} "
+            "changed since; train on the new data in a new run-dir")
     try:
         check_adapter_state(state.initial, ckpt.adapter)
     except FedtuneError as err:
@@ -535,7 +542,7 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     save_checkpoint(run.checkpoints, Checkpoint(
         server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy), moments=state.moments,
         meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries,
-              "rounds": state.rounds, "frozen": state.frozen},
+              "rounds": state.rounds, "frozen": state.frozen, "data": state.data},
     ))
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:

@@ -100,6 +100,38 @@ def test_resumed_run_ends_with_the_same_adapter_and_a_reused_or_changed_run_dir_
     assert len(list((tmp_path / "full" / "checkpoints").glob("*.safetensors"))) == 3  # nothing lost
 
 
+def test_resume_on_changed_data_is_refused_before_the_engine_starts(tmp_path):
+    """Hardening class 5: a resume on a data file whose labels all changed used to train on.
+    Every label flipped (same names, same config) and labels renamed are both refused, naming
+    what changed, before the engine starts; the checkpoints stay as they were."""
+    data = tmp_path / "reviews.csv"
+    rows = [("a fine and lovely film", "pos"), ("a dull and awful film", "neg")] * 60
+    write = lambda pairs: data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in pairs))  # noqa: E731
+    write(rows)
+    run = tmp_path / "run"
+    simulate(run, f'data="{data}"', "num-server-rounds=1", clients=2)
+    resume = ["simulate", "--num-clients", "2", *sum([["-c", s] for s in [
+        *SMALL, f'data="{data}"', f'run-dir="{run}"', "num-server-rounds=2", "resume=true"]], [])]
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+
+    write([(t, {"pos": "neg", "neg": "pos"}[y]) for t, y in rows])
+    flipped = fedtune(*resume, timeout=120)
+    assert flipped.returncode == 2, flipped.stdout[-3000:]
+    assert "resume: expected the data the run was trained on (fingerprint " in flipped.stdout
+    assert f"{str(data)!r} or 'its held-out part' changed since; train on the new data in a new run-dir" in flipped.stdout
+
+    write([(t, {"pos": "good", "neg": "bad"}[y]) for t, y in rows])
+    renamed = fedtune(*resume, timeout=120)
+    assert renamed.returncode == 2 and "labels: checkpoint 'neg,pos', now 'bad,good'" in renamed.stdout
+    assert SERVER_STARTED not in flipped.stdout + renamed.stdout
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before  # nothing lost
+    write(rows)  # the original data resumes
+    assert "resumed from round-0001" in fedtune(*resume, timeout=300).stdout
+    check_run_invariants(run, 2)
+    count("bad_inputs_rejected", "resume on data whose labels all flipped")
+    count("bad_inputs_rejected", "resume on data whose labels were renamed")
+
+
 def test_balanced_sampling_takes_the_clients_not_yet_trained(tmp_path):
     """client-sampling = balanced, 2 of 4 clients a round: round 2 takes the two clients round 1
     did not (with random sampling this seed draws an overlapping pair). That a restarted server

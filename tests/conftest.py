@@ -62,9 +62,22 @@ class _ReliabilityFromWorkers:
     def pytest_testnodedown(self, node, error):
         import json
 
-        from tests.reliability import merge
+        from tests.reliability import FAILED, merge
 
-        merge(json.loads(node.workeroutput.get("reliability", "{}")))
+        worker = json.loads(node.workeroutput.get("reliability", "{}"))
+        merge(worker)
+        FAILED.extend(worker.get("failed", []))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test's reliability counts enter the report only when the test passed (call phase)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        from tests.reliability import settle
+
+        settle(item.nodeid, passed=report.passed)
 
 
 @pytest.fixture(autouse=True)
@@ -79,14 +92,16 @@ def pytest_sessionfinish(session, exitstatus):
     """Write the reliability report: what the tests that passed actually rejected, survived, checked."""
     import json
 
-    from tests.reliability import REPORT, totals
+    from tests.reliability import FAILED, REPORT, totals
 
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller writes the report
-        session.config.workeroutput["reliability"] = json.dumps(REPORT)
+        session.config.workeroutput["reliability"] = json.dumps({**REPORT, "failed": FAILED})
         return
-    out = REPO / "build" / "reliability-report.json"
+    out = Path(os.environ.get("FEDTUNE_RELIABILITY_REPORT", REPO / "build" / "reliability-report.json"))
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"totals": totals(), **REPORT}, indent=1, sort_keys=True))
+    outcome = "passed" if exitstatus == 0 else "failed"
+    out.write_text(json.dumps({"session": outcome, "tests_failed_not_counted": sorted(FAILED), "totals": totals(),
+                               **REPORT}, indent=1, sort_keys=True))
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -94,7 +109,11 @@ def pytest_terminal_summary(terminalreporter):
 
     t = totals()
     if any(t.values()):
+        from tests.reliability import FAILED
+
+        left_out = f"; {len(FAILED)} failing tests not counted" if FAILED else ""
         terminalreporter.write_line(
             f"reliability report: {t['bad_inputs_rejected']} bad inputs rejected, {t['faults_survived']} faults "
-            f"survived, {t['invariant_checks_passed']} invariant checks passed (build/reliability-report.json)"
+            f"survived, {t['invariant_checks_passed']} invariant checks passed, by tests that passed{left_out} "
+            "(build/reliability-report.json)"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -59,25 +61,41 @@ def test_missing_hash_and_missing_file_are_refused(tmp_path):
         load_checkpoint(tmp_path / "round-0009.safetensors")
 
 
-def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+KILL_AT_REPLACE = """
+import os, signal, sys
+from pathlib import Path
+import server.checkpoint as mod
+from tests.test_checkpoint import ckpt
+calls, real = [0], os.replace
+def replace(src, dst):
+    if calls[0] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no exception handler or finally runs
+    calls[0] += 1
+    return real(src, dst)
+mod.os.replace = replace
+mod.save_checkpoint(Path(sys.argv[1]), ckpt(2))
+"""
+
+
+@pytest.mark.parametrize("kill_at", [0, 1], ids=["before-the-hash-file-rename", "before-the-data-file-rename"])
+def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path, kill_at):
+    """RELIABILITY fault 'a kill during a checkpoint write': the process writing round 2 is
+    SIGKILLed at each of the write's renames; round 1 stays the latest loadable checkpoint and
+    the leftovers do not stop round 2 from being written again."""
+    import signal
+    import subprocess
+
+    from tests.conftest import REPO
+
     save_checkpoint(tmp_path, ckpt(1))
-    import server.checkpoint as mod
-
-    real_replace = mod.os.replace
-
-    def crash_on_data_file(src, dst):
-        if str(dst).endswith(".safetensors"):
-            raise KeyboardInterrupt("killed mid-write")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(mod.os, "replace", crash_on_data_file)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, ckpt(2))
-    monkeypatch.setattr(mod.os, "replace", real_replace)
+    child = subprocess.run([sys.executable, "-c", KILL_AT_REPLACE, str(tmp_path), str(kill_at)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "round-0001.safetensors"
     assert load_checkpoint(latest).server_round == 1
-    count("faults_survived", "kill-during-checkpoint-write")
+    assert load_checkpoint(save_checkpoint(tmp_path, ckpt(2))).server_round == 2
+    count("faults_survived", f"SIGKILL during a checkpoint write ({kill_at and 'data' or 'hash'} file rename)")
 
 
 def test_wrapped_strategy_state_round_trip():

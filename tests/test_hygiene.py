@@ -3,7 +3,9 @@ common/ stays framework-free (only the Flower glue module imports flwr)."""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import pytest
 
@@ -74,3 +76,29 @@ print(answer["client-id"], answer["train-examples"] > 0, sorted(m for m in ("tor
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "partition-0 True []"
+
+
+def test_the_reliability_report_counts_only_tests_that_passed_each_case_once(tmp_path):
+    """Hardening class 10 (the report's honesty): a case counted before an assertion that then
+    fails is left out and the failing test named; a case counted by two tests (one input in two
+    orders) is one case; invariant checks add up; the session's outcome is in the report."""
+    import json
+    import subprocess
+
+    (tmp_path / "test_synthetic.py").write_text(
+        "from tests.reliability import count\n"
+        "def test_a():\n    count('bad_inputs_rejected', 'nan-update')\n    count('invariant_checks_passed', 'I1')\n"
+        "def test_b():\n    count('bad_inputs_rejected', 'nan-update')\n    count('invariant_checks_passed', 'I1')\n"
+        "def test_c():\n    count('faults_survived', 'kill')\n    assert False\n")
+    report = tmp_path / "report.json"
+    env = {**os.environ, "FEDTUNE_RELIABILITY_REPORT": str(report), "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-c", os.devnull,
+                          "--rootdir", str(tmp_path), str(tmp_path / "test_synthetic.py")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout[-2000:]
+    got = json.loads(report.read_text())
+    assert got["session"] == "failed"
+    assert got["tests_failed_not_counted"] == ["test_synthetic.py::test_c"]
+    assert got["totals"] == {"bad_inputs_rejected": 1, "faults_survived": 0, "invariant_checks_passed": 2}
+    assert "1 bad inputs rejected, 0 faults survived, 2 invariant checks passed, by tests that passed; " \
+           "1 failing tests not counted" in run.stdout

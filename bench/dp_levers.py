@@ -17,6 +17,9 @@ averages 4 such clients: its rounds 1-3 gave 0.520, 0.544, 0.758; this probe's b
     clip-X       clipping norm X
     head-only    LoRA frozen, only the head trains
     normalize    the pooled vector is L2-normalised (all-MiniLM-L6-v2's Normalize module)
+    group-F      per-layer clipping (Opacus' DPPerLayerOptimizer): each trainable tensor is clipped
+                 on its own, the head's tensors sharing a fraction F of the squared clipping norm and
+                 the LoRA tensors the rest, so the total norm (and the noise) stays that of clip 1
 
 Prints one LEVER line each: (train loss, dev accuracy) per round and the wall time.
 Needs ../shared/data/sst2 (or FEDTUNE_SHARED_DATA).
@@ -30,7 +33,9 @@ import time
 from pathlib import Path
 
 import torch
+from opacus.optimizers import DPPerLayerOptimizer
 
+import common.dp_train
 import common.model
 from common.config import FedtuneConfig
 from common.dp_train import dp_train
@@ -42,7 +47,7 @@ SST2 = Path(os.environ.get("FEDTUNE_SHARED_DATA", Path(__file__).resolve().paren
 
 
 def run(lever: str, client, dev, pad_id: int) -> list[tuple[float, float]]:
-    value = float(lever.split("-", 1)[1]) if lever.startswith(("lr-", "clip-", "noise-")) else None
+    value = float(lever.split("-", 1)[1]) if lever.startswith(("lr-", "clip-", "noise-", "group-")) else None
     lr = value if lever.startswith("lr-") else 5e-3
     clip = value if lever.startswith("clip-") else 1.0
     sigma = value if lever.startswith("noise-") else 0.762
@@ -59,6 +64,9 @@ def run(lever: str, client, dev, pad_id: int) -> list[tuple[float, float]]:
                 p.requires_grad_(False)
     schedule = (lambda f: lr * min(1.0, f / 0.5)) if lever == "warmup" else None
     rows = []
+    optimizer_class = common.dp_train.DPOptimizer
+    if lever.startswith("group-"):
+        common.dp_train.DPOptimizer = per_layer(model, head_share=value)
     try:
         for r in range(1, 4):
             res, _ = dp_train(model, client, pad_id=pad_id, steps=8, batch_size=225, learning_rate=lr,
@@ -68,7 +76,22 @@ def run(lever: str, client, dev, pad_id: int) -> list[tuple[float, float]]:
             rows.append((round(res.loss, 3), round(acc, 3)))
     finally:
         common.model.pool = pool
+        common.dp_train.DPOptimizer = optimizer_class
     return rows
+
+
+def per_layer(model, *, head_share: float):
+    """A DPOptimizer stand-in that clips head and LoRA tensors separately (total norm = clip)."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+
+    def build(optimizer, *, noise_multiplier, max_grad_norm, expected_batch_size, generator):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        head = [("lora_" not in names[id(p)]) for p in params]
+        n_head, n_lora = sum(head), len(head) - sum(head)
+        norms = [max_grad_norm * (head_share / n_head if h else (1 - head_share) / n_lora) ** 0.5 for h in head]
+        return DPPerLayerOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=norms,
+                                   expected_batch_size=expected_batch_size, generator=generator)
+    return build
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from common.config import FedtuneConfig
 import common.dp_train  # noqa: F401  (imports Opacus without its logging side effect)
 from common.federation_data import federation_labels, train_and_heldout
-from common.model import load_tokenizer, model_for_config
+from common.model import load_tokenizer
+from common.lm import model_for_config
 from common.train import collate, encode
 
 REPO = Path(__file__).resolve().parents[1]

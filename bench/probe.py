@@ -31,7 +31,8 @@ from simulation.run import parse_overrides  # noqa: E402
 def centralized_curve(overrides: dict, passes: int, clients: int, every: int) -> dict:
     from common.data import TextDataset
     from common.federation_data import federation_labels, heldout_set, simulated_client_data
-    from common.model import load_tokenizer, model_for_config
+    from common.model import load_tokenizer
+    from common.lm import model_for_config
     from common.train import encode, evaluate, round_schedule, train
 
     cfg = suite.config_from({**overrides, "partitioner": "iid"})

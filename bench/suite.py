@@ -35,7 +35,8 @@ from common.config import FedtuneConfig, parse_run_config  # noqa: E402
 from common.data import TextDataset  # noqa: E402
 from common.errors import FedtuneError  # noqa: E402
 from common.federation_data import federation_labels, heldout_set, simulated_client_data, train_and_heldout  # noqa: E402
-from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state  # noqa: E402
+from common.model import get_adapter_state, load_tokenizer, set_adapter_state  # noqa: E402
+from common.lm import model_for_config  # noqa: E402
 from common.records import state_to_record  # noqa: E402
 from common.train import batch_order, encode, evaluate, padding_efficiency, round_schedule, train  # noqa: E402
 

@@ -14,14 +14,15 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from client.app import OPTIMIZER_KEY, client_record, message_config, node_data
+from client.messages import OPTIMIZER_KEY, client_record, message_config, node_data
 from client.privacy import decide, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData
 from common.records import FROZEN_KEY, MOMENTS_KEY, TRAIN_METRICS, record_to_state, state_to_record
-from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
+from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, set_adapter_state
+from common.lm import model_for_config
 from common.lm import encode_for_task
 from common.train import evaluate, round_schedule, shareable_moments, train, warm_adam_state
 

@@ -5,6 +5,9 @@ An example is an instruction (plus optional input) and a response. The prompt is
 with the tokenizer's chat template when it has one (prompt-template = auto), else with the
 Alpaca layout; the response follows it and ends with the EOS token. Token labels are -100 on
 the prompt and on padding, so the loss covers only the response.
+
+`encode_for_task` and `model_for_config` choose between this and classification (common.model)
+by the run's task, so callers need not.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.data import TextDataset
 from common.errors import ConfigError, DataError
-from common.model import LOAD_COUNT, resolve_model_path, with_lora
+from common.model import LOAD_COUNT, load_lora_model, resolve_model_path, with_lora
 from common.train import IGNORE_INDEX as IGNORE
 from common.train import TOKENIZE_COUNT, EncodedData, encode
 ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
@@ -180,3 +183,17 @@ def encode_for_task(cfg, data: TextDataset, tokenizer, labels, *, where: str) ->
         return encode_lm(data, tokenizer, template=cfg.prompt_template, max_length=cfg.max_length,
                          packing=cfg.packing)
     return encode(data, tokenizer, labels, max_length=cfg.max_length, where=where)
+
+
+def model_for_config(cfg, num_labels: int) -> PeftModel:
+    """The process's LoRA model for this run's task (num_labels is unused for causal-lm)."""
+    if cfg.task == "causal-lm":
+        return load_lora_causal_lm(
+            cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+            target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
+            load_in=cfg.load_in, compute_dtype=cfg.compute_dtype,
+        )
+    return load_lora_model(
+        cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+        target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
+    )

@@ -241,22 +241,6 @@ def load_lora_model(
                      target_modules=target_modules, freeze_a=freeze_a)
 
 
-def model_for_config(cfg, num_labels: int) -> PeftModel:
-    """The process's LoRA model for this run's task (num_labels is unused for causal-lm)."""
-    if cfg.task == "causal-lm":
-        from common.lm import load_lora_causal_lm
-
-        return load_lora_causal_lm(
-            cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-            target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-            load_in=cfg.load_in, compute_dtype=cfg.compute_dtype,
-        )
-    return load_lora_model(
-        cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-    )
-
-
 def get_adapter_state(model: torch.nn.Module) -> AdapterState:
     """The trainable weights, by parameter name, as float32 numpy copies."""
     return {

@@ -29,9 +29,10 @@ from common.errors import CheckpointError, ConfigError, FedtuneError
 from common.federation_data import data_fingerprint, federation_labels, heldout_set
 from common.ledger import Ledger
 from common.model import (
-    check_adapter_state, frozen_fingerprint, get_adapter_state, load_tokenizer, model_for_config, save_adapter,
+    check_adapter_state, frozen_fingerprint, get_adapter_state, load_tokenizer, save_adapter,
     set_adapter_state,
 )
+from common.lm import model_for_config
 from common.lm import encode_for_task, generate, sample_prompts
 from common.records import FROZEN_KEY, MOMENTS_KEY, record_to_state, state_to_record
 from common.train import evaluate

@@ -111,7 +111,8 @@ def print_plan(args) -> None:
 def trainable_values(overrides: list[str]) -> int:
     """d for `fedtune plan`: the adapter size of the configured model and LoRA (loads the model)."""
     from common.config import parse_run_config
-    from common.model import get_adapter_state, model_for_config
+    from common.model import get_adapter_state
+    from common.lm import model_for_config
     from simulation.run import parse_overrides
 
     cfg = parse_run_config(parse_overrides(overrides))

@@ -21,7 +21,8 @@ from common.config import FedtuneConfig
 from common.data import TextDataset, load_instructions
 from common.errors import ConfigError, DataError
 from common.lm import IGNORE, encode_example, encode_lm, load_lora_causal_lm, pack, prompt_text
-from common.model import get_adapter_state, load_tokenizer, model_for_config
+from common.model import get_adapter_state, load_tokenizer
+from common.lm import model_for_config
 from common.train import batch_loss, collate, evaluate
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import OPTIMIZER_KEY, evaluate_handler, query, train_handler
+from client.app import evaluate_handler, query, train_handler
+from client.messages import OPTIMIZER_KEY
 from common.config import FedtuneConfig
 from common.federation_data import federation_labels
-from common.model import get_adapter_state, model_for_config
+from common.model import get_adapter_state
+from common.lm import model_for_config
 from common.records import record_to_state, state_to_record
 from tests.reliability import count
 

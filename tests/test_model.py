@@ -17,9 +17,10 @@ from common.config import FedtuneConfig
 from common.errors import AdapterMismatchError, ConfigError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import (
-    LOAD_COUNT, PooledClassifier, base_classifier, frozen_fingerprint, get_adapter_state, load_lora_model, load_tokenizer, model_for_config,
+    LOAD_COUNT, PooledClassifier, base_classifier, frozen_fingerprint, get_adapter_state, load_lora_model, load_tokenizer,
     pool, resolve_model_path, save_adapter, sentence_pooling, set_adapter_state,
 )
+from common.lm import model_for_config
 from common.train import (
     TOKENIZE_COUNT, WARM_STEP, cosine_lr, encode, evaluate, macro_f1, round_schedule, shareable_moments, train,
     warm_adam_state,

@@ -26,7 +26,8 @@ from common.data import TextDataset
 from common.dp_train import DPTrainingError, dp_train, poisson_loader
 from common.errors import ConfigError, PrivacyBudgetError
 from common.federation_data import federation_labels, simulated_client_data
-from common.model import get_adapter_state, load_tokenizer, model_for_config, set_adapter_state
+from common.model import get_adapter_state, load_tokenizer, set_adapter_state
+from common.lm import model_for_config
 from common.privacy import (
     PLD_DISCRETIZATION, RDP_ORDERS, WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, composed_event, epsilon_pld,
     epsilon_rdp, gaussian_noise_std, grouped, smallest_noise,

@@ -1,0 +1,38 @@
+"""What the ClientApp's handlers share: the run config and round a message carries, this node's
+data, and the record that says who replies (client/app.py and client/training.py use them)."""
+
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from common.config import FedtuneConfig, parse_run_config
+from common.errors import ConfigError
+from common.federation_data import ClientData, deployed_client_data, simulated_client_data
+from common.records import FROZEN_KEY
+
+TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flower, its DP wrappers and the server
+OPTIMIZER_KEY = "fedtune.optimizer"  # keep-optimizer-state: this node's AdamW moments, in its Context state
+
+
+def message_config(msg: Message) -> tuple[FedtuneConfig, int]:
+    """The run config and round the server sent with this message."""
+    raw = dict(msg.content["config"])
+    return parse_run_config(raw, ignore=TRANSPORT_KEYS), int(raw.get("server-round", 0))
+
+
+def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
+    node = context.node_config
+    if "data-path" in node:
+        return deployed_client_data(cfg, node)
+    if "partition-id" in node and "num-partitions" in node:
+        return simulated_client_data(cfg, int(node["partition-id"]), int(node["num-partitions"]))
+    raise ConfigError(
+        f"node config: expected 'data-path' (deployment) or 'partition-id' and 'num-partitions' "
+        f"(simulation), got keys {sorted(node)}"
+    )
+
+
+def client_record(data: ClientData, server_round: int = 0) -> ConfigRecord:
+    """Who replies, and to which round (the server rejects replies tagged with another round)."""
+    return ConfigRecord({"client-id": data.client_id, "round": server_round})

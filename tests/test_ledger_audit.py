@@ -77,6 +77,17 @@ def test_overspend_is_caught():
     assert any("overspent" in p for p in audit_entries(ledger.entries).problems)
 
 
+def test_an_overspend_of_one_percent_is_caught_and_spending_exactly_the_budget_is_not():
+    """Hardening class 10 (a surviving planted mutant: an audit that tolerated overspend up to
+    twice the budget passed every test, whose overspends were all large)."""
+    spent = honest_ledger(rounds=3).entries[-1]["epsilon"]
+    over = audit_entries(honest_ledger(rounds=3, budget=spent * 0.99).entries).problems
+    assert [p for p in over if "overspent" in p] == [
+        f"entry 2 (round 3, c0): overspent: epsilon {spent:.4f} > budget {spent * 0.99:.4f}"]
+    assert audit_entries(honest_ledger(rounds=3, budget=spent).entries).ok
+    count("bad_inputs_rejected", "ledger overspending its budget by 1%")
+
+
 def anchored_run(run_dir, ledger: Ledger) -> None:
     """A run directory as the server leaves it: the ledger, its copy in the last checkpoint, the round ledger."""
     from common.config import FedtuneConfig

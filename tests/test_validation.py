@@ -101,6 +101,9 @@ def renamed(node: int):
 BAD = {
     "nan-update": (lambda n: with_arrays(n, {**update(seed=n), A: np.full((4, 6), np.nan, np.float32)}), "non-finite"),
     "inf-update": (lambda n: with_arrays(n, {**update(seed=n), B: np.full((6, 4), np.inf, np.float32)}), "non-finite"),
+    # one NaN among finite values (a planted mutant that checked `.any()` survived the all-NaN cases)
+    "one-nan-value": (lambda n: with_arrays(n, {**update(seed=n), A: np.where(np.eye(4, 6, dtype=bool), np.nan,
+                                                                             update(seed=n)[A])}), "non-finite"),
     "bigger-rank": (lambda n: with_arrays(n, {**update(seed=n), A: np.zeros((8, 6), np.float32)}), "schema-shape"),
     "transposed": (lambda n: with_arrays(n, {**update(seed=n), A: np.zeros((6, 4), np.float32)}), "schema-shape"),
     "broadcastable": (lambda n: with_arrays(n, {**update(seed=n), A: np.zeros((1,), np.float32)}), "schema-shape"),

@@ -1,12 +1,14 @@
 """Planted mutants of fedtune's privacy- and safety-critical code, and whether the tests kill them.
 
-    python bench/mutants.py [--only N,M] [--out bench/results/mutants.md]
+    python bench/mutants.py [--only N,M] [--rev REV] [--out bench/results/mutants.md]
 
 Each mutant is a realistic one-line bug (a sigma vs sigma*C mix-up, the looser budget winning,
 a hash that skips a chain field, norms measured against the wrong adapter, ...). For each, the
 script applies it to a scratch copy of the working tree (a `git worktree` of HEAD plus no other
 change), runs the tests that guard that module, and records killed (some test failed) or
 survived. It restores the file after each run. Output: one line per mutant and a Markdown table.
+`--rev` runs the same mutants against an older revision's code and tests (test files that did
+not exist there are skipped), to see what the tests of that time would have missed.
 About 10 minutes on 2 cores; mutmut over the same modules would take hours here.
 """
 
@@ -75,6 +77,7 @@ MUTANTS = [
 
 
 def run_tests(tree: Path, tests: list[str]) -> tuple[bool, float, str]:
+    tests = [t for t in tests if (tree / t).exists()]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-n0", "-x", "-q", "-p", "no:cacheprovider", *tests],
                           cwd=tree, capture_output=True, text=True, timeout=1800,
@@ -87,16 +90,16 @@ def run_tests(tree: Path, tests: list[str]) -> tuple[bool, float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated mutant numbers (1-based)")
+    parser.add_argument("--rev", default="HEAD", help="the revision whose code and tests are mutated and run")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "mutants.md"))
     args = parser.parse_args()
     chosen = [int(n) for n in args.only.split(",") if n] or list(range(1, len(MUTANTS) + 1))
     scratch = Path(tempfile.mkdtemp(prefix="fedtune-mutants-")) / "tree"
-    subprocess.run(["git", "worktree", "add", "--detach", str(scratch), "HEAD"], cwd=REPO, check=True,
+    subprocess.run(["git", "worktree", "add", "--detach", str(scratch), args.rev], cwd=REPO, check=True,
                    capture_output=True)
     rows = []
     try:
         baseline, seconds, _ = run_tests(scratch, sorted({t for m in MUTANTS for t in m[4]}))
-        (scratch / "bench" / "mutants.py").unlink(missing_ok=True)  # nothing of the runner in the tree under test
         if baseline:
             sys.exit("the tests fail without any mutant: fix that first")
         print(f"baseline: all guarding tests pass ({seconds:.0f}s)", flush=True)
@@ -104,8 +107,9 @@ def main() -> None:
             file, old, new, what, tests = MUTANTS[n - 1]
             path = scratch / file
             original = path.read_text()
-            if original.count(old) != 1:
-                sys.exit(f"mutant {n}: expected the text once in {file}, found it {original.count(old)} times")
+            if original.count(old) != 1:  # the code differs at this revision
+                print(f"MUTANT {n:2d} n/a      {file}: the text occurs {original.count(old)} times here", flush=True)
+                continue
             path.write_text(original.replace(old, new))
             try:
                 killed, seconds, by = run_tests(scratch, tests)
@@ -117,7 +121,7 @@ def main() -> None:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(scratch)], cwd=REPO, capture_output=True)
     killed = sum(r[3] == "killed" for r in rows)
-    lines = [f"# Planted mutants: {len(rows)} tried, {killed} killed, {len(rows) - killed} survived", "",
+    lines = [f"# Planted mutants at {args.rev}: {len(rows)} tried, {killed} killed, {len(rows) - killed} survived", "",
              "| # | file | bug | result | first failing test |", "|---|---|---|---|---|"]
     lines += [f"| {n} | `{f}` | {w} | {r} | {b.removeprefix('FAILED ')} |" for n, f, w, r, b, _ in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,7 @@ from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData
 from common.records import FROZEN_KEY, MOMENTS_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, set_adapter_state
-from common.lm import model_for_config
-from common.lm import encode_for_task
+from common.lm import encode_for_task, model_for_config
 from common.train import evaluate, round_schedule, shareable_moments, train, warm_adam_state
 
 PROGRESS_EVERY = 10

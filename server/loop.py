@@ -32,8 +32,7 @@ from common.model import (
     check_adapter_state, frozen_fingerprint, get_adapter_state, load_tokenizer, save_adapter,
     set_adapter_state,
 )
-from common.lm import model_for_config
-from common.lm import encode_for_task, generate, sample_prompts
+from common.lm import encode_for_task, generate, model_for_config, sample_prompts
 from common.records import FROZEN_KEY, MOMENTS_KEY, record_to_state, state_to_record
 from common.train import evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -251,7 +250,7 @@ def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
     if ckpt.meta.get("data", data) != data:
         raise CheckpointError(
             f"resume: expected the data the run was trained on (fingerprint {ckpt.meta['data']} of the training "
-            f"data and held-out set), got {data}: {state.cfg.data!r} or {state.cfg.heldout_data or 'its held-out part'!r} "
+            f"data and held-out set), got {data}: {' or '.join(repr(f) for f in (state.cfg.data, state.cfg.heldout_data) if f)} "
             "changed since; train on the new data in a new run-dir")
     try:
         check_adapter_state(state.initial, ckpt.adapter)

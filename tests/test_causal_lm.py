@@ -20,9 +20,8 @@ import torch
 from common.config import FedtuneConfig
 from common.data import TextDataset, load_instructions
 from common.errors import ConfigError, DataError
-from common.lm import IGNORE, encode_example, encode_lm, load_lora_causal_lm, pack, prompt_text
+from common.lm import IGNORE, encode_example, encode_lm, load_lora_causal_lm, model_for_config, pack, prompt_text
 from common.model import get_adapter_state, load_tokenizer
-from common.lm import model_for_config
 from common.train import batch_loss, collate, evaluate
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune

@@ -10,11 +10,10 @@ certificate or key is unreadable, or when the node's private and public keys are
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
-import tomllib
 from pathlib import Path
 
+from common.config import parse_key_values
 from common.data import load_instructions, load_source
 from common.errors import ConfigError, DataError
 
@@ -23,16 +22,7 @@ FILE_FLAGS = ("--root-certificates", "--auth-supernode-private-key", "--auth-sup
 
 def parse_node_config(text: str) -> dict:
     """Flower's node-config string 'k1="v" k2=3' -> mapping (TOML values)."""
-    out = {}
-    for pair in shlex.split(text):
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--node-config: expected key=value pairs, got {pair!r}")
-        try:
-            out[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = value
-    return out
+    return parse_key_values([text], what="--node-config")
 
 
 def _flag(args: list[str], name: str) -> str | None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import shlex
+import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_type_hints
 
@@ -349,3 +351,22 @@ def _check_min(name: str, value: float, lo: float) -> None:
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{name.replace('_', '-')}: expected a value > 0, got {value}")
+
+
+def parse_key_values(items: Sequence[str], *, what: str) -> dict[str, Any]:
+    """'key=value' pairs, several per item as Flower writes them ('k1="v" k2=3'), into a mapping.
+
+    Values are TOML (3, 0.5, true, "text"); a bare word is taken as a string. Used for `-c` run
+    config overrides and for a SuperNode's --node-config.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        for pair in shlex.split(item):
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"{what}: expected key=value, got {pair!r}")
+            try:
+                out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key.strip()] = value.strip()
+    return out

@@ -12,37 +12,22 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import sys
 import time
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common.config import FedtuneConfig, parse_run_config
+from common.config import FedtuneConfig, parse_key_values, parse_run_config
 from common.errors import ConfigError
 from common.federation_data import federation_labels, partition_summaries
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """'key=value' strings, several per item as with `flwr run --run-config 'k1=v1 k2=v2'`.
-
-    Values are TOML (3, 0.5, true, "text"); a bare word is taken as a string.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        for pair in shlex.split(item):
-            key, sep, value = pair.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"run config override: expected key=value, got {pair!r}")
-            try:
-                out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-            except tomllib.TOMLDecodeError:
-                out[key.strip()] = value.strip()
-    return out
+    """`-c key=value` items, several per item as with `flwr run --run-config 'k1=v1 k2=v2'`."""
+    return parse_key_values(items, what="run config override")
 
 
 def plan_resources(clients_training: int, cpus: int | None = None) -> tuple[int, int]:

@@ -23,7 +23,7 @@ from server.strategy import build_strategy
 from server.validation import Policy, ValidatedStrategy
 from tests.flower_messages import train_reply
 from tests.reliability import count
-from tests.test_client_app import CFG, context, message, setup, task_identity  # noqa: F401 (fixtures)
+from tests.test_client_app import context, message, setup, task_identity  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.minutes(2)
 

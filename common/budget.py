@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.data import TextDataset
 from common.errors import PrivacyBudgetError
+from common.files import atomic_write
 from common.privacy import Mechanism, epsilon, epsilon_rdp
 
 RECORD_VERSION = 1
@@ -88,10 +89,5 @@ class PrivacyRecord:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         doc = {"version": RECORD_VERSION, "fingerprint": self.fingerprint, "delta": self.delta, "entries": self.entries}
-        with open(tmp, "w") as handle:
-            json.dump(doc, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(doc, indent=1).encode())

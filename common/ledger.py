@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from common.files import atomic_write
 
 GENESIS = "0" * 64
 
@@ -36,12 +37,7 @@ class Ledger:
 
     def write(self, path: Path) -> None:
         """Rewrite the JSONL file from the entries (atomic), so it always matches a checkpoint."""
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.writelines(json.dumps(e, sort_keys=True) + "\n" for e in self.entries)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.entries).encode())
 
     @classmethod
     def read(cls, path: Path) -> Ledger:

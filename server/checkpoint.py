@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from common.errors import CheckpointError
+from common.files import atomic_write
 
 NAME = re.compile(r"round-(\d{4,})\.safetensors$")
 
@@ -32,20 +32,6 @@ class Checkpoint:
     strategy: dict[str, np.ndarray]
     meta: dict
     moments: dict[str, np.ndarray] = field(default_factory=dict)  # shared-moments: the averaged AdamW moments
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:

@@ -8,8 +8,7 @@ from flwr.serverapp import strategy as fl
 
 from common.config import FedtuneConfig
 from common.records import state_to_record
-
-WEIGHT_KEY = "num-examples"
+from server.validation import WEIGHT_KEY  # the averaging weight the validation wrapper has checked
 # Attributes of Flower's strategies that carry state from one round to the next.
 STATEFUL_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 

@@ -72,7 +72,7 @@ def replace(src, dst):
         os.kill(os.getpid(), signal.SIGKILL)  # a real kill: no exception handler or finally runs
     calls[0] += 1
     return real(src, dst)
-mod.os.replace = replace
+os.replace = replace  # common.files renames with os.replace
 mod.save_checkpoint(Path(sys.argv[1]), ckpt(2))
 """
 

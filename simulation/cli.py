@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             from pathlib import Path
 
-            from common.pki import make_deployment_pki, make_node_key_pairs
+            from server.pki import make_deployment_pki, make_node_key_pairs
 
             nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
             if args.keys_only:

@@ -13,7 +13,7 @@ import pytest
 
 from client.node import check_node
 from common.errors import ConfigError, DataError
-from common.pki import make_node_keys
+from server.pki import make_node_keys
 from tests.reliability import count
 
 

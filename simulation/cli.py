@@ -120,61 +120,79 @@ def trainable_values(overrides: list[str]) -> int:
     return sum(v.size for v in get_adapter_state(model_for_config(cfg, labels)).values())
 
 
+def run_config_listing(args) -> int:
+    for f in dataclasses.fields(FedtuneConfig):
+        print(f"{f.name.replace('_', '-'):24} {f.default!r:30} {f.metadata['help']}")
+    return 0
+
+
+def run_plan(args) -> int:
+    print_plan(args)
+    return 0
+
+
+def run_certs(args) -> int:
+    from pathlib import Path
+
+    from server.pki import make_deployment_pki, make_node_key_pairs
+
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if args.keys_only:
+        make_node_key_pairs(Path(args.out), nodes=nodes)
+        print(f"wrote nodes/<name> and nodes/<name>.pub for {nodes} to {args.out}")
+        return 0
+    make_deployment_pki(Path(args.out), nodes=nodes, hosts=args.host or ["127.0.0.1", "localhost"])
+    print(f"wrote ca.crt, server.crt/.key and nodes/<name>(.pub) for {nodes} to {args.out}")
+    return 0
+
+
+def run_supernode(args) -> int:
+    from client.node import exec_supernode
+
+    exec_supernode([a for a in args.args if a != "--"])
+    return 0
+
+
+def run_export(args) -> int:
+    from server.export import export_run
+
+    out, server_round = export_run(args.run_dir, args.out, merged=args.merged)
+    print(f"wrote the {'merged model' if args.merged else 'adapter'} of round {server_round} to {out}")
+    return 0
+
+
+def run_audit_command(args) -> int:
+    from pathlib import Path
+
+    from server.audit import render_table, run_audit
+
+    result = run_audit(Path(args.run_dir))
+    render_table(result)
+    return 0 if result.ok else 1
+
+
+def run_simulate(args) -> int:
+    from simulation.run import parse_overrides, prepare, simulate
+
+    cfg = prepare(parse_overrides(args.run_config), args.num_clients)
+    simulate(cfg, args.num_clients, args.client_app)
+    return 0
+
+
+COMMANDS = {"config": run_config_listing, "plan": run_plan, "certs": run_certs, "supernode": run_supernode,
+            "export": run_export, "audit": run_audit_command, "simulate": run_simulate}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["supernode"] and not {"-h", "--help"} & set(argv[1:2]):
         argv = ["supernode", "--", *argv[1:]]  # pass flower-supernode's own options through untouched
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "config":
-            for f in dataclasses.fields(FedtuneConfig):
-                print(f"{f.name.replace('_', '-'):24} {f.default!r:30} {f.metadata['help']}")
-            return 0
-        if args.command == "plan":
-            print_plan(args)
-            return 0
-        if args.command == "certs":
-            from pathlib import Path
-
-            from server.pki import make_deployment_pki, make_node_key_pairs
-
-            nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
-            if args.keys_only:
-                make_node_key_pairs(Path(args.out), nodes=nodes)
-                print(f"wrote nodes/<name> and nodes/<name>.pub for {nodes} to {args.out}")
-                return 0
-            make_deployment_pki(Path(args.out), nodes=nodes, hosts=args.host or ["127.0.0.1", "localhost"])
-            print(f"wrote ca.crt, server.crt/.key and nodes/<name>(.pub) for {nodes} to {args.out}")
-            return 0
-        if args.command == "supernode":
-            from client.node import exec_supernode
-
-            exec_supernode([a for a in args.args if a != "--"])
-            return 0
-        if args.command == "export":
-            from server.export import export_run
-
-            out, server_round = export_run(args.run_dir, args.out, merged=args.merged)
-            kind = "merged model" if args.merged else "adapter"
-            print(f"wrote the {kind} of round {server_round} to {out}")
-            return 0
-        if args.command == "audit":
-            from pathlib import Path
-
-            from server.audit import render_table, run_audit
-
-            result = run_audit(Path(args.run_dir))
-            render_table(result)
-            return 0 if result.ok else 1
-        from simulation.run import parse_overrides, prepare, simulate
-
-        cfg = prepare(parse_overrides(args.run_config), args.num_clients)
-        simulate(cfg, args.num_clients, args.client_app)
-        return 0
+        return COMMANDS[args.command](args)
     except FedtuneError as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

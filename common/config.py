@@ -29,7 +29,6 @@ PromptTemplate = Literal["auto", "alpaca", "plain"]
 LoadIn = Literal["none", "8bit", "4bit"]
 ComputeDtype = Literal["float32", "bfloat16"]
 LRSchedule = Literal["constant", "cosine"]
-ClientSampling = Literal["random", "balanced"]
 SharedMoments = Literal["none", "second", "both"]
 ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg")
 
@@ -41,6 +40,11 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
     return field(default=default, metadata={"help": help})
 
 
+# Options removed after they were measured to give no gain (bench/README.md), with the value that
+# made them do nothing: a checkpoint written before the removal with that value still resumes.
+REMOVED_KEYS = {"client-sampling": "random", "local-warmup-fraction": 0.0}
+
+
 @dataclass(frozen=True)
 class FedtuneConfig:
     """Every tunable of a run. Field names use underscores; run-config keys use dashes."""
@@ -50,7 +54,6 @@ class FedtuneConfig:
     strategy: Strategy = _f("fedavg", "Aggregation strategy.")
     fraction_train: float = _f(1.0, "Fraction of connected clients sampled for training each round.")
     min_train_clients: int = _f(2, "Minimum number of clients sampled for training.")
-    client_sampling: ClientSampling = _f("random", "random: Flower's uniform sample, drawn afresh each round; balanced: the clients sampled least so far first, ties broken at random, so every client takes part equally often (once every N/K rounds while the N clients stay connected). Not with dp-client, whose accounting rests on uniform sampling.")
     fraction_evaluate: float = _f(1.0, "Fraction of clients asked to evaluate on their local validation slice (0 disables).")
     min_evaluate_clients: int = _f(2, "Minimum number of clients sampled for federated evaluation.")
     min_available_clients: int = _f(2, "Clients that must be connected before a round starts.")
@@ -115,7 +118,6 @@ class FedtuneConfig:
     lr_schedule: LRSchedule = _f("constant", "constant, or cosine: decay from learning-rate to min-learning-rate over all rounds' local steps.")
     min_learning_rate: float = _f(0.0, "lr-schedule = cosine: the learning rate reached at the end of the last round.")
     warmup_fraction: float = _f(0.0, "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule over the rest.")
-    local_warmup_fraction: float = _f(0.0, "Scale each round's rate up linearly from 0 over this fraction of the round's local steps: each round starts a fresh AdamW, whose first steps move every weight by about the full rate.")
     keep_optimizer_state: bool = _f(False, "Each client keeps its AdamW moments from its last round (in its node's memory, for this run) and continues them when next sampled, instead of starting AdamW afresh every round; a restarted node starts afresh. Not with dp-sample.")
     shared_moments: SharedMoments = _f("none", "AdamW moments that travel with the global adapter: none (every round's AdamW starts afresh), second (clients send their bias-corrected second moments, the server averages them and sends the average with the next round's adapter) or both (the first moments too). Adds 1x (second) or 2x (both) the adapter's trainable bytes to each message. Not with DP, keep-optimizer-state or a robust strategy.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -146,7 +148,6 @@ class FedtuneConfig:
             _check_range(name, getattr(self, name), 0.0, 1.0)
         _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
         _check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, hi_open=True)
-        _check_range("local_warmup_fraction", self.local_warmup_fraction, 0.0, 1.0, hi_open=True)
         for name in ("num_server_rounds", "lora_r", "batch_size", "eval_batch_size", "max_length"):
             _check_min(name, getattr(self, name), 1)
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):
@@ -196,9 +197,6 @@ class FedtuneConfig:
         if self.dp_client == "off" and self.dp_client_epsilon_budget != 0:
             raise ConfigError(f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
                               "'off', so no client-level DP would run; expected a dp-client mode with it, or 0")
-        if self.dp_client != "off" and self.client_sampling != "random":
-            raise ConfigError(f"client-sampling: expected 'random' with dp-client = {self.dp_client!r} (the federation's "
-                              f"epsilon counts on amplification by uniform client sampling), got {self.client_sampling!r}")
         if self.keep_optimizer_state and self.dp_sample:
             raise ConfigError("keep-optimizer-state: expected false with dp-sample = true (Opacus's optimizer state "
                               "is not carried between rounds), got true")
@@ -266,15 +264,16 @@ def parse_run_config(raw: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) ->
     """Parse Flower's run-config into a FedtuneConfig; the only place this happens.
 
     Keys may use dashes or underscores. `ignore` names keys that belong to the transport
-    (for example Flower's own `server-round`) and are skipped.
+    (for example Flower's own `server-round`) and are skipped, as are REMOVED_KEYS at the value
+    that made them do nothing; at any other value they are unknown keys.
     """
     known = {f.name: f for f in dataclasses.fields(FedtuneConfig)}
     hints = get_type_hints(FedtuneConfig)
     kwargs: dict[str, Any] = {}
     unknown = []
     for key, value in raw.items():
-        if key in ignore:
-            continue
+        if key in ignore or REMOVED_KEYS.get(key.replace("_", "-"), object()) == value:
+            continue  # a transport key, or a removed option at its neutral value (an older run's config)
         name = key.replace("-", "_")
         if name not in known:
             unknown.append(key)

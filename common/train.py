@@ -129,19 +129,15 @@ def round_schedule(cfg, server_round: int) -> Callable[[float], float] | None:
 
     The schedule (warm-up, then constant or cosine) spans all rounds: round t covers progress
     [(t-1)/R, t/R), so every client of a round starts from the same rate, and a resumed run
-    continues the same curve (it depends only on the round number). With local-warmup-fraction
-    the rate is also scaled up from 0 over the first part of every round, where each client's
-    AdamW starts without moment estimates.
+    continues the same curve (it depends only on the round number).
     """
-    local = cfg.local_warmup_fraction
-    if cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0 and local == 0:
+    if cfg.lr_schedule == "constant" and cfg.warmup_fraction == 0:
         return None
     rounds, cosine = cfg.num_server_rounds, cfg.lr_schedule == "cosine"
 
     def lr_at(f: float) -> float:
-        lr = warmup_then(cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_fraction, cosine,
-                         (server_round - 1 + f) / rounds)
-        return lr * f / local if f < local else lr
+        return warmup_then(cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_fraction, cosine,
+                           (server_round - 1 + f) / rounds)
 
     return lr_at
 

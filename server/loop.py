@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.budget import privacy_dir
-from common.config import FedtuneConfig
+from common.config import REMOVED_KEYS, FedtuneConfig
 from common.data import LabelMap
 from common.errors import CheckpointError, ConfigError, FedtuneError
 from common.federation_data import data_fingerprint, federation_labels, heldout_set
@@ -42,7 +42,6 @@ from server.privacy import (
     wrap_client_dp,
 )
 from server.rundir import RunDir
-from server.sampling import least_sampled, participation, send_to
 from server.strategy import build_strategy, load_strategy_state, robust_capacity_problem, strategy_state
 from server.validation import Policy, ValidatedStrategy
 
@@ -242,6 +241,7 @@ def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
         raise CheckpointError(f"resume: expected checkpoints in {state.run.checkpoints}, found none")
     ckpt = load_checkpoint(path)
     saved, now = ckpt.meta["config"], state.cfg.to_run_config()
+    saved = {k: v for k, v in saved.items() if REMOVED_KEYS.get(k, object()) != v}  # options since removed, left neutral
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
@@ -339,10 +339,6 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     messages = list(strategy.configure_train(
         server_round, state_to_record(state.arrays), state.message_config(), ordered
     ))
-    if cfg.client_sampling == "balanced":  # the strategy chose how many and what; fedtune chooses who
-        chosen = least_sampled(ordered.get_node_ids(), state.clients, participation(state.rounds), len(messages),
-                               seed=round_seed(cfg.seed, server_round))
-        messages = send_to(messages, chosen)
     if state.moments:  # shared-moments: the same average goes to every sampled client
         moments = state_to_record(state.moments)
         for message in messages:

@@ -243,27 +243,6 @@ def test_warmup_rises_linearly_then_follows_the_schedule():
             cfg.replace(warmup_fraction=bad)
 
 
-def test_local_warmup_restarts_every_round_on_top_of_the_schedule():
-    """local-warmup-fraction: every round's rate rises from 0 over the first part of its local
-    steps, then is the run's schedule (cosine over all rounds) unchanged; it works with a
-    constant schedule too, and out-of-range values are refused."""
-    cfg = FedtuneConfig(learning_rate=1e-2, min_learning_rate=0.0, lr_schedule="cosine", num_server_rounds=4,
-                        local_warmup_fraction=0.25)
-    plain = cfg.replace(local_warmup_fraction=0.0)
-    for t in range(1, 5):
-        warm, base = round_schedule(cfg, t), round_schedule(plain, t)
-        assert warm(0.0) == 0.0
-        assert warm(0.125) == pytest.approx(0.5 * base(0.125))  # halfway through this round's warm-up
-        for f in (0.25, 0.5, 0.99):
-            assert warm(f) == pytest.approx(base(f))
-    flat = round_schedule(cfg.replace(lr_schedule="constant"), 3)
-    assert flat is not None and flat(0.1) == pytest.approx(4e-3) and flat(0.5) == pytest.approx(1e-2)
-    assert round_schedule(cfg.replace(lr_schedule="constant", local_warmup_fraction=0.0), 3) is None
-    for bad in (1.0, -0.1):
-        with pytest.raises(ConfigError, match="local-warmup-fraction"):
-            cfg.replace(local_warmup_fraction=bad)
-
-
 def test_schedule_sets_each_steps_learning_rate(setup):
     """train() follows lr_at: a zero rate leaves the adapter where it was, a constant schedule
     equals no schedule, and a decaying one moves the weights less than the constant peak."""

@@ -132,20 +132,6 @@ def test_resume_on_changed_data_is_refused_before_the_engine_starts(tmp_path):
     count("bad_inputs_rejected", "resume on data whose labels were renamed")
 
 
-def test_balanced_sampling_takes_the_clients_not_yet_trained(tmp_path):
-    """client-sampling = balanced, 2 of 4 clients a round: round 2 takes the two clients round 1
-    did not (with random sampling this seed draws an overlapping pair). That a restarted server
-    chooses as the uninterrupted one would rests on the checkpointed round ledger: see
-    tests/test_sampling.py and the resume test above."""
-    run = tmp_path / "run"
-    simulate(run, "num-server-rounds=2", "client-sampling=balanced", "fraction-train=0.5", "min-train-clients=2",
-             "fraction-evaluate=0.0", "local-steps=2", clients=4)
-    check_run_invariants(run, 2)
-    ledger = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
-    assert [len(entry["aggregated"]) for entry in ledger] == [2, 2]
-    assert sorted(c for entry in ledger for c in entry["sampled"]) == [f"partition-{i}" for i in range(4)]
-
-
 def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path):
     """lora-freeze-a end to end: only B and the head travel (A never changes), the exported
     PEFT adapter carries the seeded A so it loads without fedtune, and a checkpoint whose B was

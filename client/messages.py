@@ -12,7 +12,6 @@ from common.federation_data import ClientData, deployed_client_data, simulated_c
 from common.records import FROZEN_KEY
 
 TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flower, its DP wrappers and the server
-OPTIMIZER_KEY = "fedtune.optimizer"  # keep-optimizer-state: this node's AdamW moments, in its Context state
 
 
 def message_config(msg: Message) -> tuple[FedtuneConfig, int]:

@@ -14,7 +14,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from client.messages import OPTIMIZER_KEY, client_record, message_config, node_data
+from client.messages import client_record, message_config, node_data
 from client.privacy import decide, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
@@ -93,17 +93,14 @@ def train_reply(msg: Message, context: Context) -> Message:
                                         seed=seed, run=str(context.run_id), server_round=s.server_round,
                                         progress=progress)
     else:
-        start_from = kept_optimizer_state(cfg, context, s.data.client_id, s.server_round) or shared_moments(msg, s)
         result = train(
             s.model, encoded, pad_id=s.tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
             batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
             group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
-            optimizer_state=start_from, keep_optimizer_state=cfg.keep_optimizer_state or cfg.shared_moments != "none",
+            optimizer_state=shared_moments(msg, s), keep_optimizer_state=cfg.shared_moments != "none",
         )
-        if cfg.keep_optimizer_state:
-            context.state[OPTIMIZER_KEY] = state_to_record(result.optimizer_state)
     metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
     content = RecordDict({
         "arrays": state_to_record(get_adapter_state(s.model)),
@@ -127,20 +124,6 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
                             **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in names}})
     return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}),
                    reply_to=msg)
-
-
-def kept_optimizer_state(cfg: FedtuneConfig, context: Context, client_id: str, server_round: int) -> dict | None:
-    """keep-optimizer-state: the AdamW moments this node kept from its last round, if any.
-
-    They live in the node's Context state, which Flower keeps for the run in this node's
-    memory: not sent to the server, not in checkpoints; a restarted node starts afresh.
-    """
-    if not cfg.keep_optimizer_state or OPTIMIZER_KEY not in context.state:
-        return None
-    state = record_to_state(context.state[OPTIMIZER_KEY])
-    log(INFO, "fedtune: [round %d] %s continues its AdamW state from step %d", server_round, client_id,
-        int(state["0.step"][0]))
-    return state
 
 
 def shared_moments(msg: Message, s: Session) -> dict | None:

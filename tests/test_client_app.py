@@ -12,7 +12,6 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import evaluate_handler, query, train_handler
-from client.messages import OPTIMIZER_KEY
 from common.config import FedtuneConfig
 from common.federation_data import federation_labels
 from common.model import get_adapter_state
@@ -64,24 +63,6 @@ def test_train_reply_carries_only_the_adapter_and_numeric_metrics(setup):
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     assert metrics["train-steps"] == 2
     assert dict(reply.content["client"]) == {"client-id": "partition-0", "round": 1}
-
-
-def test_a_client_keeps_its_optimizer_state_between_its_rounds_only_when_asked(setup):
-    """keep-optimizer-state: the node's Context state carries AdamW's moments from one round to
-    the next (its step count grows), and nothing of it is in the reply; off, nothing is kept."""
-    cfg, initial = setup
-    node = context({"partition-id": 1, "num-partitions": 3})
-    kept = cfg.replace(keep_optimizer_state=True)
-    for server_round in (1, 2):
-        msg = message(MessageType.TRAIN, kept, initial)
-        msg.content["config"]["server-round"] = server_round
-        reply = train_handler(msg, node)
-        state = record_to_state(node.state[OPTIMIZER_KEY])
-        assert float(state["0.step"][0]) == 2 * server_round  # local-steps = 2 a round
-        assert set(record_to_state(reply.content["arrays"])) == set(initial)
-    plain = context({"partition-id": 1, "num-partitions": 3})
-    train_handler(message(MessageType.TRAIN, cfg, initial), plain)
-    assert OPTIMIZER_KEY not in plain.state
 
 
 def test_evaluate_and_query_replies(setup):

@@ -137,7 +137,7 @@ def test_training_is_deterministic_for_a_seed(setup):
 
 
 def test_kept_optimizer_state_continues_adamw_instead_of_restarting_it(setup):
-    """keep-optimizer-state: a second call given the first's AdamW state continues its step
+    """A second call given the first's AdamW state (shared-moments warms one) continues its step
     count and moments, so its first step is not the full-rate step a fresh AdamW takes
     (bias-corrected, every weight moves by about the rate); a state for other tensors is
     refused, naming what was expected and what arrived."""

@@ -48,9 +48,8 @@ def simulate(run_dir, *extra: str, clients: int = 3):
 
 def test_three_clients_two_rounds_learn_and_leave_a_readable_run_dir(tmp_path):
     run = tmp_path / "run"
-    out = simulate(run, "num-server-rounds=2", "keep-optimizer-state=true").stdout
+    out = simulate(run, "num-server-rounds=2").stdout
     rows = check_run_invariants(run, 2)
-    assert out.count("continues its AdamW state from step 6") == 3  # Flower kept each node's state for round 2
     assert rows[2]["heldout_accuracy"] > rows[0]["heldout_accuracy"]
     assert all(r["clients_ok"] == 3 for r in rows[1:])
     assert "round 2/2 | clients 3/3" in out  # one summary line per round

@@ -110,6 +110,10 @@ def main() -> None:
             if original.count(old) != 1:  # the code differs at this revision
                 print(f"MUTANT {n:2d} n/a      {file}: the text occurs {original.count(old)} times here", flush=True)
                 continue
+            if not any((scratch / t).exists() for t in tests):  # nothing at this revision guards it
+                rows.append((n, file, what, "SURVIVED", "no guarding test at this revision", 0.0))
+                print(f"MUTANT {n:2d} SURVIVED {file}: {what} (no guarding test at this revision)", flush=True)
+                continue
             path.write_text(original.replace(old, new))
             try:
                 killed, seconds, by = run_tests(scratch, tests)
@@ -123,7 +127,8 @@ def main() -> None:
     killed = sum(r[3] == "killed" for r in rows)
     lines = [f"# Planted mutants at {args.rev}: {len(rows)} tried, {killed} killed, {len(rows) - killed} survived", "",
              "| # | file | bug | result | first failing test |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | `{f}` | {w} | {r} | {b.removeprefix('FAILED ')} |" for n, f, w, r, b, _ in rows]
+    lines += [f"| {n} | `{f}` | {w} | {r} | {b.removeprefix('FAILED ') if r == 'killed' or b.startswith('no ') else ''} |"
+              for n, f, w, r, b, _ in rows]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -20,10 +20,10 @@ from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
 from common.federation_data import ClientData
-from common.records import FROZEN_KEY, MOMENTS_KEY, TRAIN_METRICS, record_to_state, state_to_record
+from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, set_adapter_state
 from common.lm import encode_for_task, model_for_config
-from common.train import evaluate, round_schedule, shareable_moments, train, warm_adam_state
+from common.train import evaluate, round_schedule, train
 
 PROGRESS_EVERY = 10
 
@@ -99,7 +99,6 @@ def train_reply(msg: Message, context: Context) -> Message:
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
             group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
-            optimizer_state=shared_moments(msg, s), keep_optimizer_state=cfg.shared_moments != "none",
         )
     metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
     content = RecordDict({
@@ -109,8 +108,6 @@ def train_reply(msg: Message, context: Context) -> Message:
     })
     if privacy is not None:
         content["privacy"] = privacy
-    if cfg.shared_moments != "none":  # never with DP (the config refuses it)
-        content[MOMENTS_KEY] = state_to_record(shareable_moments(result.optimizer_state, cfg.shared_moments))
     return Message(content=content, reply_to=msg)
 
 
@@ -124,17 +121,6 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
                             **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in names}})
     return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}),
                    reply_to=msg)
-
-
-def shared_moments(msg: Message, s: Session) -> dict | None:
-    """shared-moments: AdamW state warmed from the moments the server averaged over the last
-    round's clients (none in the first round, or before any client has sent some)."""
-    if s.cfg.shared_moments == "none" or MOMENTS_KEY not in msg.content.array_records:
-        return None
-    count = sum(1 for p in s.model.parameters() if p.requires_grad)
-    state = warm_adam_state(record_to_state(msg.content[MOMENTS_KEY]), count)
-    log(INFO, "fedtune: [round %d] %s starts AdamW from the server's shared moments", s.server_round, s.data.client_id)
-    return state
 
 
 def client_seed(seed: int, server_round: int, client_id: str) -> int:

@@ -29,8 +29,6 @@ PromptTemplate = Literal["auto", "alpaca", "plain"]
 LoadIn = Literal["none", "8bit", "4bit"]
 ComputeDtype = Literal["float32", "bfloat16"]
 LRSchedule = Literal["constant", "cosine"]
-SharedMoments = Literal["none", "second", "both"]
-ROBUST_STRATEGIES = ("krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg")
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -42,7 +40,8 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
 
 # Options removed after they were measured to give no gain (bench/README.md), with the value that
 # made them do nothing: a checkpoint written before the removal with that value still resumes.
-REMOVED_KEYS = {"client-sampling": "random", "local-warmup-fraction": 0.0, "keep-optimizer-state": False}
+REMOVED_KEYS = {"client-sampling": "random", "local-warmup-fraction": 0.0, "keep-optimizer-state": False,
+                "shared-moments": "none"}
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,6 @@ class FedtuneConfig:
     lr_schedule: LRSchedule = _f("constant", "constant, or cosine: decay from learning-rate to min-learning-rate over all rounds' local steps.")
     min_learning_rate: float = _f(0.0, "lr-schedule = cosine: the learning rate reached at the end of the last round.")
     warmup_fraction: float = _f(0.0, "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule over the rest.")
-    shared_moments: SharedMoments = _f("none", "AdamW moments that travel with the global adapter: none (every round's AdamW starts afresh), second (clients send their bias-corrected second moments, the server averages them and sends the average with the next round's adapter) or both (the first moments too). Adds 1x (second) or 2x (both) the adapter's trainable bytes to each message. Not with DP or a robust strategy.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
@@ -196,15 +194,6 @@ class FedtuneConfig:
         if self.dp_client == "off" and self.dp_client_epsilon_budget != 0:
             raise ConfigError(f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
                               "'off', so no client-level DP would run; expected a dp-client mode with it, or 0")
-        if self.shared_moments != "none":
-            clash = ("dp-sample = true (the moments come from unclipped, un-noised gradients and would leave the "
-                     "node outside the guarantee)" if self.dp_sample else
-                     f"dp-client = {self.dp_client!r} (the moments would leave the node outside the guarantee)"
-                     if self.dp_client != "off" else
-                     f"strategy = {self.strategy!r} (its updates are filtered robustly; the moments would be "
-                     "averaged unfiltered)" if self.strategy in ROBUST_STRATEGIES else "")
-            if clash:
-                raise ConfigError(f"shared-moments: expected 'none' with {clash}, got {self.shared_moments!r}")
         if self.dp_client != "off" and not self.validate_updates:
             raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), got false")
         if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:

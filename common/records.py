@@ -17,8 +17,6 @@ if TYPE_CHECKING:  # the server's and the client's query paths use this module w
 TRAIN_METRICS = ("num-examples", "train-loss", "train-steps", "train-seconds")
 # With lora-freeze-a, the server's fingerprint of the frozen A matrices, beside the run config.
 FROZEN_KEY = "frozen-fingerprint"
-# shared-moments: the ArrayRecord of AdamW moments beside the adapter, in train messages and replies.
-MOMENTS_KEY = "moments"
 
 
 def state_to_record(state: AdapterState) -> ArrayRecord:

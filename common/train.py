@@ -161,81 +161,6 @@ class TrainResult:
     examples: int
     seconds: float
     padding_efficiency: float = float("nan")  # real tokens / processed tokens
-    optimizer_state: dict[str, np.ndarray] | None = None  # AdamW's moments at the end (see adam_state)
-
-
-ADAM_SLOTS = ("step", "exp_avg", "exp_avg_sq")
-
-
-def adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    """AdamW's per-parameter state as named arrays: "<i>.step" (shape (1,), as Flower's
-    records keep scalars), "<i>.exp_avg", "<i>.exp_avg_sq" for the i-th trainable parameter."""
-    out = {}
-    for i, p in enumerate(params):
-        for slot, value in optimizer.state.get(p, {}).items():
-            out[f"{i}.{slot}"] = np.atleast_1d(value.detach().cpu().numpy()).copy()
-    return out
-
-
-def load_adam_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], state: dict[str, np.ndarray]) -> None:
-    """Put an `adam_state` back; it must name these parameters' slots with their shapes (a
-    parameter that never had a gradient has no state, so all three of its slots may be absent)."""
-    stepped = {int(k.split(".")[0]) for k in state if k.split(".")[0].isdigit()}
-    expected = {f"{i}.{slot}": ((1,) if slot == "step" else tuple(p.shape))
-                for i, p in enumerate(params) if i in stepped for slot in ADAM_SLOTS}
-    got = {k: tuple(np.shape(v)) for k, v in state.items()}
-    if got != expected:
-        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))[:4]
-        raise ValueError("optimizer state: expected AdamW moments for the "
-                         f"{len(params)} trainable tensors of this adapter, got {len(got)} arrays that differ at "
-                         + ", ".join(f"{k} (expected {expected.get(k, 'none')}, got {got.get(k, 'none')})" for k in wrong))
-    for i, p in ((i, p) for i, p in enumerate(params) if i in stepped):
-        optimizer.state[p] = {"step": torch.tensor(float(state[f"{i}.step"][0]), dtype=torch.float32),
-                              **{slot: torch.tensor(state[f"{i}.{slot}"], dtype=p.dtype) for slot in ADAM_SLOTS[1:]}}
-
-
-ADAM_BETAS = (0.9, 0.999)  # torch's defaults, named because shared moments undo their bias correction
-# The step count a client resumes at from shared moments: AdamW's bias corrections 1 - beta^t
-# are 1 to within 5e-5 there, so the moments are used as they arrive.
-WARM_STEP = 10_000
-SHARED_SLOTS = {"second": ("exp_avg_sq",), "both": ("exp_avg", "exp_avg_sq")}
-
-
-def shareable_moments(state: dict[str, np.ndarray], which: str) -> dict[str, np.ndarray]:
-    """From an `adam_state`, the moments a client sends for averaging (shared-moments): the
-    second moment v / (1 - beta2^t), and with which == "both" also the first m / (1 - beta1^t),
-    each bias-corrected by its own step count t so that clients that took different numbers of
-    steps send estimates of the same thing. float32, keyed "<i>.exp_avg_sq" / "<i>.exp_avg"."""
-    out = {}
-    for key, value in state.items():
-        index, slot = key.split(".", 1)
-        if slot not in SHARED_SLOTS[which]:
-            continue
-        t = float(state[f"{index}.step"][0])
-        beta = ADAM_BETAS[1] if slot == "exp_avg_sq" else ADAM_BETAS[0]
-        out[key] = (value / (1.0 - beta**t)).astype(np.float32)
-    return out
-
-
-def warm_adam_state(moments: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
-    """An `adam_state` for `count` trainable tensors that continues from shared moments: step
-    WARM_STEP (no bias correction left), the shared second moment, and the shared first moment
-    or zeros where only the second was shared (the first then builds up over AdamW's first ~10
-    steps, a natural warm-up). Every tensor needs its moments; `load_adam_state` checks shapes."""
-    needed = {f"{i}.exp_avg_sq" for i in range(count)}
-    allowed = needed | {f"{i}.exp_avg" for i in range(count)}
-    if not needed <= set(moments) <= allowed:
-        odd = sorted((needed - set(moments)) | (set(moments) - allowed))[:4]
-        raise ValueError(f"shared moments: expected '<i>.exp_avg_sq' (and optionally '<i>.exp_avg') for the {count} "
-                         f"trainable tensors of this adapter, got {len(moments)} arrays; missing or unexpected: "
-                         + ", ".join(odd))
-    state = {}
-    for i in range(count):
-        v = moments[f"{i}.exp_avg_sq"]
-        state[f"{i}.step"] = np.array([WARM_STEP], dtype=np.float32)
-        state[f"{i}.exp_avg"] = moments.get(f"{i}.exp_avg", np.zeros_like(v))
-        state[f"{i}.exp_avg_sq"] = v
-    return state
 
 
 def train(
@@ -243,13 +168,8 @@ def train(
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
     proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
     group_by_length: bool = False, lr_at: Callable[[float], float] | None = None,
-    optimizer_state: dict[str, np.ndarray] | None = None, keep_optimizer_state: bool = False,
 ) -> TrainResult:
-    """Train the adapter with AdamW for `steps` steps, or `epochs` epochs when steps == 0.
-
-    `optimizer_state` (an earlier call's `TrainResult.optimizer_state`) continues AdamW's
-    moment estimates and step count instead of starting them afresh; with
-    `keep_optimizer_state` the result carries the state this call ends with.
+    """Train the adapter with AdamW (started afresh) for `steps` steps, or `epochs` epochs when steps == 0.
 
     `lr_at` maps the fraction of this call's steps done (0 <= f < 1) to the learning rate of
     the next step; without it the rate stays at `learning_rate`.
@@ -264,9 +184,7 @@ def train(
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=ADAM_BETAS, weight_decay=weight_decay)
-    if optimizer_state is not None:
-        load_adam_state(optimizer, params, optimizer_state)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)
     lengths = [len(s) for s in data.input_ids]
     model.train()
@@ -294,8 +212,7 @@ def train(
             if done >= total:
                 break
     return TrainResult(loss=loss_sum / seen, steps=done, examples=seen, seconds=time.perf_counter() - start,
-                       padding_efficiency=real_tokens / max(processed_tokens, 1),
-                       optimizer_state=adam_state(optimizer, params) if keep_optimizer_state else None)
+                       padding_efficiency=real_tokens / max(processed_tokens, 1))
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Durable checkpoints: one safetensors file per round, written atomically, with a hash.
 
 A checkpoint holds everything needed to resume: the round, the global adapter, the
-strategy's state, the averaged AdamW moments (shared-moments) and the per-round history
+strategy's state and the per-round history
 (as JSON metadata). The write goes to a temporary file that is fsync'ed and renamed, so a
 kill mid-write leaves the previous checkpoint intact; the SHA-256 beside it is checked on load.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +31,12 @@ class Checkpoint:
     adapter: dict[str, np.ndarray]
     strategy: dict[str, np.ndarray]
     meta: dict
-    moments: dict[str, np.ndarray] = field(default_factory=dict)  # shared-moments: the averaged AdamW moments
 
 
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"adapter/{k}": np.ascontiguousarray(v) for k, v in ckpt.adapter.items()}
     tensors.update({f"strategy/{k}": np.ascontiguousarray(v) for k, v in ckpt.strategy.items()})
-    tensors.update({f"moments/{k}": np.ascontiguousarray(v) for k, v in ckpt.moments.items()})
     meta = {"round": str(ckpt.server_round), "meta": json.dumps(ckpt.meta)}
     blob = st_save(tensors, metadata=meta)
     path = directory / f"round-{ckpt.server_round:04d}.safetensors"
@@ -70,8 +68,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: expected fedtune checkpoint metadata, got an unreadable file ({err})") from None
     adapter = {k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")}
     strategy = {k[len("strategy/"):]: v for k, v in tensors.items() if k.startswith("strategy/")}
-    moments = {k[len("moments/"):]: v for k, v in tensors.items() if k.startswith("moments/")}
-    return Checkpoint(server_round=server_round, adapter=adapter, strategy=strategy, meta=extra, moments=moments)
+    return Checkpoint(server_round=server_round, adapter=adapter, strategy=strategy, meta=extra)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

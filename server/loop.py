@@ -33,10 +33,9 @@ from common.model import (
     set_adapter_state,
 )
 from common.lm import encode_for_task, generate, model_for_config, sample_prompts
-from common.records import FROZEN_KEY, MOMENTS_KEY, record_to_state, state_to_record
+from common.records import FROZEN_KEY, record_to_state, state_to_record
 from common.train import evaluate
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from server.moments import average_moments, expected_moments, misfit, take_moments
 from server.privacy import (
     check_sample_level_plan, client_entries, current_clipping_norm, federation_entry, federation_would_exceed,
     wrap_client_dp,
@@ -84,8 +83,6 @@ class ServerState:
     status: str = "running"
     frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
     data: str = ""  # fingerprint of the training data and held-out set (data_fingerprint): resume checks it
-    moment_shapes: dict = field(default_factory=dict)  # shared-moments: key -> shape of what clients send
-    moments: dict = field(default_factory=dict)  # shared-moments: the last round's averaged AdamW moments
 
     @property
     def private(self) -> bool:
@@ -151,8 +148,7 @@ def initial_state(cfg: FedtuneConfig, labels: LabelMap, run: RunDir):
     model = model_for_config(cfg, len(labels))
     initial = get_adapter_state(model)
     state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
-                        frozen=frozen_fingerprint(model), data=data_fingerprint(cfg),
-                        moment_shapes=expected_moments(model, cfg.shared_moments) if cfg.shared_moments != "none" else {})
+                        frozen=frozen_fingerprint(model), data=data_fingerprint(cfg))
     return model, state
 
 
@@ -234,7 +230,7 @@ def refuse_checkpoints(run: RunDir) -> None:
 
 def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
     """The latest checkpoint of the run directory and its path, after every check against this
-    run: the same config (except RESUMABLE_CHANGES), an adapter, frozen A and shared moments that
+    run: the same config (except RESUMABLE_CHANGES), the same data, an adapter and frozen A that
     fit the model. Nothing is written or removed."""
     path = latest_checkpoint(state.run.checkpoints)
     if path is None:
@@ -261,16 +257,11 @@ def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
             f"checkpoint {path}: expected the frozen LoRA A matrices it was trained with (fingerprint "
             f"{ckpt.meta.get('frozen') or 'none'}), got {state.frozen or 'none'} from this model, seed and torch build"
         )
-    reason = misfit(ckpt.moments, state.moment_shapes) if ckpt.moments else None
-    if reason is not None:
-        raise CheckpointError(f"checkpoint {path}: expected shared AdamW moments that fit this adapter "
-                              f"({len(state.moment_shapes)} arrays), got {len(ckpt.moments)} that do not ({reason})")
     return path, ckpt
 
 
 def restore(state: ServerState, strategy) -> int:
     path, ckpt = checked_checkpoint(state)
-    state.moments = ckpt.moments
     state.arrays = ckpt.adapter
     state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]
     load_strategy_state(strategy, ckpt.strategy)
@@ -339,10 +330,6 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     messages = list(strategy.configure_train(
         server_round, state_to_record(state.arrays), state.message_config(), ordered
     ))
-    if state.moments:  # shared-moments: the same average goes to every sampled client
-        moments = state_to_record(state.moments)
-        for message in messages:
-            message.content[MOMENTS_KEY] = moments
     population = len(ordered.get_node_ids())
     dp_wrapper = strategy_with(strategy, "num_sampled_clients")
     if dp_wrapper is not None:  # Flower's DP noise is z*C/num_sampled_clients: use the real sample size
@@ -365,7 +352,6 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
             "privacy-dir (node config), else $FEDTUNE_PRIVACY_DIR, else ~/.fedtune/privacy (here: %s)",
             server_round, privacy_dir())
     summary = train_summary(ok, sampled=len(messages))
-    moments_sent = take_moments(ok) if cfg.shared_moments != "none" else {}
     aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
     rejected = list(getattr(strategy, "rejections", [])) if ok else []
     if aggregated is not None:
@@ -374,9 +360,6 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     state.rounds.append(entry)
     if entry["sampled"] and not entry["aggregated"] and not entry["refused"]:
         state.status = "all-clients-failed"
-    if moments_sent and entry["aggregated"]:
-        summary["moments_averaged"] = share_moments(state, server_round, ok, moments_sent, set(entry["aggregated"]),
-                                                    sent)
     privacy = record_privacy(state, strategy, server_round, ok, refused, failed, population=population,
                              sampled=len(messages), accepted=len(entry["aggregated"]))
     row = evaluation_row(state, server_round)
@@ -430,23 +413,6 @@ def classify_replies(replies: list[Message], clients: dict[int, str], sent: dict
         else:
             ok.append(reply)
     return failed, refused, ok
-
-
-def share_moments(state: ServerState, server_round: int, replies: list[Message], moments: dict, aggregated: set,
-                  sent: dict[str, int]) -> int:
-    """Average the moments of the clients whose updates were aggregated, with the weights the
-    strategy used (num-examples as the validation policy set it); the average goes out with the
-    next round's adapter. Returns how many clients' moments went in (a round where none was valid
-    keeps the previous average)."""
-    chosen = {}
-    for reply in replies:  # a node's first reply is the one validation judged; duplicates are extra
-        client_id = client_of(reply, state.clients, sent)
-        if client_id in aggregated and client_id not in chosen:
-            chosen[client_id] = (moments.get(reply.metadata.message_id), reply.content["metrics"]["num-examples"])
-    averaged, count = average_moments([(c, m, w) for c, (m, w) in chosen.items()], state.moment_shapes, server_round)
-    if averaged is not None:
-        state.moments = averaged
-    return count
 
 
 def record_privacy(state: ServerState, strategy, server_round: int, ok, refused, failed, *, population: int,
@@ -536,7 +502,7 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     """Checkpoint, adapter, metrics and plot for a completed round."""
     run = state.run
     save_checkpoint(run.checkpoints, Checkpoint(
-        server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy), moments=state.moments,
+        server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
         meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries,
               "rounds": state.rounds, "frozen": state.frozen, "data": state.data},
     ))

@@ -22,8 +22,7 @@ from common.model import (
 )
 from common.lm import model_for_config
 from common.train import (
-    TOKENIZE_COUNT, WARM_STEP, cosine_lr, encode, evaluate, macro_f1, round_schedule, shareable_moments, train,
-    warm_adam_state,
+    TOKENIZE_COUNT, cosine_lr, encode, evaluate, macro_f1, round_schedule, train,
 )
 
 CFG = FedtuneConfig(partitioner="iid")
@@ -134,80 +133,6 @@ def test_training_is_deterministic_for_a_seed(setup):
         states.append(get_adapter_state(model))
     set_adapter_state(model, initial)
     assert all(np.array_equal(states[0][k], states[1][k]) for k in initial)
-
-
-def test_kept_optimizer_state_continues_adamw_instead_of_restarting_it(setup):
-    """A second call given the first's AdamW state (shared-moments warms one) continues its step
-    count and moments, so its first step is not the full-rate step a fresh AdamW takes
-    (bias-corrected, every weight moves by about the rate); a state for other tensors is
-    refused, naming what was expected and what arrived."""
-    cfg, labels, model, tok = setup
-    data = encode(simulated_client_data(cfg, 2, 3).train.subset(range(48)), tok, labels, max_length=32, where="t")
-    initial = get_adapter_state(model)
-    kw = dict(pad_id=tok.pad_token_id, epochs=1, batch_size=8, learning_rate=1e-3, weight_decay=0.0,
-              max_grad_norm=1.0, keep_optimizer_state=True)
-    first = train(model, data, steps=12, seed=1, **kw)
-    assert {float(v[0]) for k, v in first.optimizer_state.items() if k.endswith(".step")} == {12.0}
-    middle = get_adapter_state(model)
-    moved = {}
-    for name, state in (("fresh", None), ("kept", first.optimizer_state)):
-        set_adapter_state(model, middle)
-        result = train(model, data, steps=1, seed=2, optimizer_state=state, **kw)
-        after = get_adapter_state(model)
-        moved[name] = np.mean(np.concatenate([np.abs(after[k] - middle[k]).ravel() for k in middle]))
-        assert float(result.optimizer_state["0.step"][0]) == (1.0 if state is None else 13.0)
-    assert moved["fresh"] == pytest.approx(1e-3, rel=0.05)  # a fresh AdamW's first step: about the rate
-    assert moved["kept"] < 0.75 * moved["fresh"]  # measured 0.58
-    wrong = dict(first.optimizer_state)
-    wrong["0.exp_avg"] = wrong["0.exp_avg"][:1]
-    with pytest.raises(ValueError, match=r"optimizer state: expected AdamW moments .* 0\.exp_avg \(expected"):
-        train(model, data, steps=1, seed=2, optimizer_state=wrong, **kw)
-    with pytest.raises(ValueError, match="0.exp_avg_sq"):
-        train(model, data, steps=1, seed=2, optimizer_state={k: v for k, v in wrong.items() if "sq" not in k}, **kw)
-    with pytest.raises(ValueError, match="999.step"):
-        train(model, data, steps=1, seed=2, optimizer_state={**first.optimizer_state, "999.step": np.ones(1)}, **kw)
-    # a tensor that never had a gradient has no state: the others' still load
-    without_0 = {k: v for k, v in first.optimizer_state.items() if not k.startswith("0.")}
-    assert float(train(model, data, steps=1, seed=2, optimizer_state=without_0, **kw).optimizer_state["1.step"][0]) == 13.0
-    assert train(model, data, steps=1, seed=2, **{**kw, "keep_optimizer_state": False}).optimizer_state is None
-    set_adapter_state(model, initial)
-
-
-def test_shared_moments_are_bias_corrected_and_a_client_continues_from_them(setup):
-    """shared-moments: after one step a fresh AdamW's moments are (1 - beta) g and (1 - beta2) g^2;
-    what a client sends undoes that, so it estimates g and g^2 themselves. A client that starts
-    from those moments on the same batch then steps by the rate times m / sqrt(v): 0.1 of it with
-    only the second moment shared (m builds up from zero), all of it with both. Moments for other
-    tensors are refused, naming what is missing or unexpected."""
-    cfg, labels, model, tok = setup
-    data = encode(simulated_client_data(cfg, 2, 3).train.subset(range(8)), tok, labels, max_length=32, where="t")
-    initial = get_adapter_state(model)
-    kw = dict(pad_id=tok.pad_token_id, epochs=1, steps=1, batch_size=8, learning_rate=1e-3, weight_decay=0.0,
-              max_grad_norm=1.0, seed=3, keep_optimizer_state=True)
-    first = train(model, data, **kw)
-    fresh = {k: np.abs(v - initial[k]) for k, v in get_adapter_state(model).items()}
-    state = first.optimizer_state
-    shared = {which: shareable_moments(state, which) for which in ("second", "both")}
-    assert set(shared["second"]) == {k for k in state if k.endswith(".exp_avg_sq")}
-    assert set(shared["both"]) == {k for k in state if not k.endswith(".step")}
-    np.testing.assert_allclose(shared["both"]["0.exp_avg"], state["0.exp_avg"] / 0.1, rtol=1e-5)
-    np.testing.assert_allclose(shared["both"]["0.exp_avg_sq"], state["0.exp_avg_sq"] / 1e-3, rtol=1e-4)
-    np.testing.assert_allclose(shared["both"]["0.exp_avg_sq"], shared["both"]["0.exp_avg"] ** 2, rtol=1e-3)
-    count = sum(1 for p in model.parameters() if p.requires_grad)
-    for which, expected in (("second", 0.1), ("both", 1.0)):
-        set_adapter_state(model, initial)
-        warm = warm_adam_state(shared[which], count)
-        assert float(warm["0.step"][0]) == WARM_STEP and not (which == "second" and warm["0.exp_avg"].any())
-        result = train(model, data, optimizer_state=warm, **kw)
-        assert float(result.optimizer_state["0.step"][0]) == WARM_STEP + 1
-        after = get_adapter_state(model)
-        ratio = np.concatenate([(np.abs(after[k] - initial[k]) / fresh[k]).ravel() for k in initial if fresh[k].any()])
-        assert np.median(ratio[np.isfinite(ratio)]) == pytest.approx(expected, rel=0.02)
-    with pytest.raises(ValueError, match=r"shared moments: expected .* missing or unexpected: 0\.exp_avg_sq"):
-        warm_adam_state({k: v for k, v in shared["both"].items() if k != "0.exp_avg_sq"}, count)
-    with pytest.raises(ValueError, match=f"missing or unexpected: {count}.exp_avg_sq"):
-        warm_adam_state({**shared["second"], f"{count}.exp_avg_sq": np.ones(2, np.float32)}, count)
-    set_adapter_state(model, initial)
 
 
 def test_cosine_schedule_spans_all_rounds_without_jumps():

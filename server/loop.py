@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.budget import privacy_dir
-from common.config import REMOVED_KEYS, FedtuneConfig
+from common.config import FedtuneConfig, parse_run_config
 from common.data import LabelMap
 from common.errors import CheckpointError, ConfigError, FedtuneError
 from common.federation_data import data_fingerprint, federation_labels, heldout_set
@@ -236,17 +236,20 @@ def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
     if path is None:
         raise CheckpointError(f"resume: expected checkpoints in {state.run.checkpoints}, found none")
     ckpt = load_checkpoint(path)
-    saved, now = ckpt.meta["config"], state.cfg.to_run_config()
-    saved = {k: v for k, v in saved.items() if REMOVED_KEYS.get(k, object()) != v}  # options since removed, left neutral
+    try:  # parsed as any config is: an older run's removed options at their neutral values drop out
+        saved = parse_run_config(ckpt.meta["config"]).to_run_config()
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {path}: expected a config this fedtune can run, got one that is not "
+                              f"({err})") from None
+    now = state.cfg.to_run_config()
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"resume: expected the checkpoint's config, but these keys differ: {diffs}")
-    data = state.data
-    if ckpt.meta.get("data", data) != data:
+    if ckpt.meta.get("data", state.data) != state.data:
         raise CheckpointError(
             f"resume: expected the data the run was trained on (fingerprint {ckpt.meta['data']} of the training "
-            f"data and held-out set), got {data}: {' or '.join(repr(f) for f in (state.cfg.data, state.cfg.heldout_data) if f)} "
+            f"data and held-out set), got {state.data}: {' or '.join(repr(f) for f in (state.cfg.data, state.cfg.heldout_data) if f)} "
             "changed since; train on the new data in a new run-dir")
     try:
         check_adapter_state(state.initial, ckpt.adapter)

@@ -141,3 +141,29 @@ def test_fedavgm_server_learning_rate_scales_the_averaged_update():
     clients = [np.full((2, 3), 0.1, np.float32), np.full((2, 3), 0.3, np.float32)]
     arrays, _ = strategy.aggregate_train(1, [train_reply(n, {"w": w}) for n, w in enumerate(clients, 1)])
     assert np.allclose(arrays["w"].numpy(), 3.0 * 0.2)
+
+
+def test_a_checkpoint_of_an_older_version_resumes_with_a_removed_option_left_neutral(tmp_path):
+    """Redesign (issue 29): removed options in a checkpoint's config at the value that made them do
+    nothing do not block a resume; at any other value the resume is refused, naming the key, and
+    the checkpoint stays as it was."""
+    from server.loop import checked_checkpoint, initial_state, with_labels
+    from server.rundir import RunDir
+
+    cfg, labels = with_labels(FedtuneConfig(run_dir=str(tmp_path), resume=True, max_train_examples=200))
+    _, state = initial_state(cfg, labels, RunDir(tmp_path))
+
+    def saved(extra: dict) -> None:
+        save_checkpoint(state.run.checkpoints, Checkpoint(
+            server_round=1, adapter=state.initial, strategy={},
+            meta={"config": {**cfg.to_run_config(), **extra}, "frozen": state.frozen, "data": state.data}))
+
+    saved({"shared-moments": "none", "client-sampling": "random"})
+    assert checked_checkpoint(state)[1].server_round == 1
+    saved({"shared-moments": "second"})
+    before = (tmp_path / "checkpoints" / "round-0001.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=r"expected a config this fedtune can run, got one that is not "
+                                              r"\(unknown config key\(s\) \['shared-moments'\]"):
+        checked_checkpoint(state)
+    assert (tmp_path / "checkpoints" / "round-0001.safetensors").read_bytes() == before
+    count("bad_inputs_rejected", "checkpoint config with a removed option switched on")

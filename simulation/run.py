@@ -10,7 +10,6 @@ engine started; the last completed round's checkpoint is intact, so `-c resume=t
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -119,13 +118,13 @@ def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
         import psutil
 
         from server.checkpoint import NAME, latest_checkpoint
+        from server.rundir import RunDir
 
         last = latest_checkpoint(run_dir / "checkpoints")
         rounds = int(NAME.search(last.name).group(1)) if last is not None else 0
         if run_dir.is_dir():
-            (run_dir / "status.json").write_text(json.dumps(
-                {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)", "rounds_completed": rounds},
-                indent=2) + "\n")
+            RunDir(run_dir).write_json("status.json", {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)",
+                                                       "rounds_completed": rounds})
         print(f"\nfedtune: interrupted after round {rounds}; results so far in {run_dir}; continue with "
               f"-c run-dir={run_dir} -c resume=true", file=sys.stderr, flush=True)
         for child in psutil.Process().children(recursive=True):  # Ray's GCS, raylet and client actors

@@ -16,9 +16,9 @@ from __future__ import annotations
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.messages import message_config, node_data
+from common.flower import KEY_CLIPPING_NORM
 
 
 def client_side_clipping(msg: Message, context: Context, call_next) -> Message:

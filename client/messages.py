@@ -4,11 +4,11 @@ data, and the record that says who replies (client/app.py and client/training.py
 from __future__ import annotations
 
 from flwr.app import ConfigRecord, Context, Message
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from common.config import FedtuneConfig, parse_run_config
 from common.errors import ConfigError
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
+from common.flower import KEY_CLIPPING_NORM
 from common.records import FROZEN_KEY
 
 TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flower, its DP wrappers and the server

@@ -73,21 +73,9 @@ def opacus_epsilons(history: list[dict], delta: float) -> tuple[float, float]:
 
 
 def flower_federation_epsilon(mechanisms: list[dict], delta: float) -> float:
-    from flwr.supercore.privacy_accounting import (
-        GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod,
-    )
-    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+    from common.flower import federation_epsilon  # Flower's accountant, loaded only when a ledger has federation entries
 
-    if not mechanisms:
-        return 0.0
-    config = PrivacyConfig(target_delta=delta, population_size=max(m["population"] for m in mechanisms),
-                           neighboring_relation=NeighboringRelation.REPLACE_ONE,
-                           sampling_method=SamplingMethod.WITHOUT_REPLACEMENT)
-    accountant = RdpAccountant(config)
-    for m in mechanisms:
-        accountant.compose(GaussianPrivacyEvent(noise_multiplier=m["noise_multiplier"],
-                                                sample_size=m["sample_size"], population_size=m["population"]))
-    return float(accountant.get_epsilon(delta))
+    return federation_epsilon(mechanisms, delta)
 
 
 def audit_entries(entries: list[dict]) -> AuditResult:

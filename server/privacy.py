@@ -72,10 +72,6 @@ def check_sample_level_plan(cfg: FedtuneConfig, declared: dict[int, int], *, tra
     return problems
 
 
-def current_clipping_norm(strategy, cfg: FedtuneConfig) -> float:
-    return float(getattr(strategy, "clipping_norm", cfg.dp_client_clipping_norm))
-
-
 def client_entries(server_round: int, trained: list[tuple[str, Message]], refused: list[tuple[str, Message]],
                    failed: list[str]) -> list[dict]:
     """One ledger entry per sampled client under sample-level DP."""

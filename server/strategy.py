@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import ArrayRecord
 from flwr.serverapp import strategy as fl
 
 from common.config import FedtuneConfig
-from common.records import state_to_record
 from server.validation import WEIGHT_KEY  # the averaging weight the validation wrapper has checked
-# Attributes of Flower's strategies that carry state from one round to the next.
-STATEFUL_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
 
 
 def robust_capacity_problem(cfg: FedtuneConfig, sampled: int) -> str | None:
@@ -60,51 +55,3 @@ def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
     if cfg.strategy == "fedtrimmedavg":
         return fl.FedTrimmedAvg(**common, beta=cfg.trimmed_beta)
     raise ValueError(f"strategy: unexpected {cfg.strategy!r}")  # parse_run_config prevents this
-
-
-def _chain(strategy):
-    """The strategy and the ones it wraps (Flower's DP wrappers keep theirs in `.strategy`)."""
-    depth = 0
-    while strategy is not None:
-        yield f"s{depth}", strategy
-        strategy, depth = getattr(strategy, "strategy", None), depth + 1
-
-
-def strategy_state(strategy) -> dict[str, np.ndarray]:
-    """Flatten the round-to-round state of the strategy chain into named arrays for a checkpoint."""
-    out: dict[str, np.ndarray] = {}
-    for level, s in _chain(strategy):
-        for attr in STATEFUL_ATTRS:
-            value = getattr(s, attr, None)
-            if value is None:
-                continue
-            if isinstance(value, ArrayRecord):
-                value, kind = {k: v.numpy() for k, v in value.items()}, "record"
-            elif isinstance(value, dict):
-                kind = "dict"
-            elif isinstance(value, (int, float)):
-                value, kind = {"value": np.float64(value)}, "scalar"
-            else:
-                value, kind = {str(i): v for i, v in enumerate(value)}, "list"
-            for key, array in value.items():
-                out[f"{level}|{attr}|{kind}|{key}"] = np.asarray(array)
-    return out
-
-
-def load_strategy_state(strategy, arrays: dict[str, np.ndarray]) -> None:
-    """Inverse of `strategy_state`."""
-    levels = dict(_chain(strategy))
-    grouped: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
-    for name, array in arrays.items():
-        level, attr, kind, key = name.split("|", 3)
-        grouped.setdefault((level, attr, kind), {})[key] = array
-    for (level, attr, kind), values in grouped.items():
-        target = levels[level]
-        if kind == "record":
-            setattr(target, attr, state_to_record(values))
-        elif kind == "dict":
-            setattr(target, attr, values)
-        elif kind == "scalar":
-            setattr(target, attr, float(values["value"]))
-        else:
-            setattr(target, attr, [values[str(i)] for i in range(len(values))])

@@ -87,7 +87,8 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from server.loop import preflight, run_server
+    from server.loop import run_server
+    from server.resume import preflight
 
     client_app = load_client_app(client_app_spec)
     preflight(cfg)  # the server's run-dir refusals, before the engine's start-up rather than after

@@ -10,7 +10,7 @@ import pytest
 from common.config import FedtuneConfig
 from common.errors import CheckpointError
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
-from server.strategy import build_strategy, load_strategy_state, strategy_state
+from server.strategy import build_strategy
 from tests.reliability import count
 
 
@@ -98,36 +98,6 @@ def test_kill_during_write_leaves_the_previous_checkpoint_loadable(tmp_path, kil
     count("faults_survived", f"SIGKILL during a checkpoint write ({kill_at and 'data' or 'hash'} file rename)")
 
 
-def test_wrapped_strategy_state_round_trip():
-    from server.privacy import wrap_client_dp
-
-    cfg = FedtuneConfig(strategy="fedadam", dp_client="server-adaptive")
-    strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=2)
-    strategy.clipping_norm = 0.37
-    strategy.strategy.m_t = {"w": np.ones(3)}
-    fresh = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=2)
-    load_strategy_state(fresh, strategy_state(strategy))
-    assert fresh.clipping_norm == 0.37 and np.array_equal(fresh.strategy.m_t["w"], np.ones(3))
-
-
-@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
-def test_strategy_state_round_trip(name):
-    from flwr.app import Array, ArrayRecord
-
-    strategy = build_strategy(FedtuneConfig(strategy=name))
-    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    strategy.current_arrays = ArrayRecord({"w": Array(arrays["w"])}) if name == "fedavgm" else dict(arrays)
-    if name == "fedavgm":
-        strategy.momentum_vector = [arrays["w"] * 2]
-    else:
-        strategy.m_t, strategy.v_t = {"w": arrays["w"] + 1}, {"w": arrays["w"] + 2}
-    saved = strategy_state(strategy)
-    fresh = build_strategy(FedtuneConfig(strategy=name))
-    load_strategy_state(fresh, saved)
-    assert strategy_state(fresh).keys() == saved.keys()
-    assert all(np.array_equal(strategy_state(fresh)[k], v) for k, v in saved.items())
-
-
 def test_fedavgm_server_learning_rate_scales_the_averaged_update():
     """With server-momentum 0, FedAvgM is FedAvg whose averaged update is multiplied by
     fedavgm-learning-rate: the global moves 3x as far as the clients' mean."""
@@ -147,7 +117,8 @@ def test_a_checkpoint_of_an_older_version_resumes_with_a_removed_option_left_neu
     """Redesign (issue 29): removed options in a checkpoint's config at the value that made them do
     nothing do not block a resume; at any other value the resume is refused, naming the key, and
     the checkpoint stays as it was."""
-    from server.loop import checked_checkpoint, initial_state, with_labels
+    from server.resume import checked_checkpoint
+    from server.state import initial_state, with_labels
     from server.rundir import RunDir
 
     cfg, labels = with_labels(FedtuneConfig(run_dir=str(tmp_path), resume=True, max_train_examples=200))

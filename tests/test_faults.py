@@ -131,7 +131,7 @@ def test_error_reply_the_superlink_sends_for_a_lost_node_counts_against_that_nod
     run, where it once crashed the ServerApp with an unclosed ledger)."""
     from flwr.app import Error
 
-    from server.loop import classify_replies, round_entry, sent_to
+    from server.replies import classify_replies, round_entry, sent_to
     from tests.flower_messages import reply_from, sent_message, train_reply
 
     clients = {11: "site-0", 12: "site-1", 13: "site-2"}

@@ -1,0 +1,148 @@
+"""Every reach of fedtune into Flower beyond its app API (messages, records, the Grid), in one place.
+
+Flower's strategies keep their round-to-round state in attributes and cannot be checkpointed;
+its client-level DP wrappers fix the number of sampled clients when they are built; its node
+sampling and its DP noise draw from the process-wide `random` and `np.random`; the clipping-norm
+key and the federation accountant live in `flwr.supercore`. fedtune relies on each of these
+here and nowhere else, and `tests/test_flower_adapter.py` checks each one against the installed
+Flower, so an upgrade that changes one fails there, by name, instead of as a wrong result.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+from flwr.app import ArrayRecord
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from common.records import state_to_record
+
+__all__ = ["KEY_CLIPPING_NORM", "STATEFUL_ATTRS", "OrderedGrid", "dp_clipping_norm", "federation_epsilon",
+           "find_strategy", "load_strategy_state", "seed_sampling_and_noise", "set_dp_sample_size",
+           "strategy_chain", "strategy_state"]
+
+# Attributes of Flower's strategies that carry state from one round to the next (FedOpt's
+# current arrays and moments, FedAvgM's momentum, the adaptive DP wrapper's clipping norm).
+STATEFUL_ATTRS = ("current_arrays", "momentum_vector", "m_t", "v_t", "clipping_norm")
+
+
+def strategy_chain(strategy) -> Iterator[tuple[str, object]]:
+    """(level name, strategy) from the outermost wrapper inwards: Flower's DP wrappers (and
+    fedtune's validation) keep the strategy they wrap in `.strategy`."""
+    depth = 0
+    while strategy is not None:
+        yield f"s{depth}", strategy
+        strategy, depth = getattr(strategy, "strategy", None), depth + 1
+
+
+def find_strategy(strategy, kind: type):
+    """The first strategy of the chain that is a `kind`, or None."""
+    return next((s for _, s in strategy_chain(strategy) if isinstance(s, kind)), None)
+
+
+def _dp_wrapper(strategy):
+    """Flower's client-level DP wrapper in the chain (it alone has num_sampled_clients), or None."""
+    return next((s for _, s in strategy_chain(strategy) if hasattr(s, "num_sampled_clients")), None)
+
+
+def set_dp_sample_size(strategy, sampled: int) -> None:
+    """Flower's DP wrapper noises the average with std z*C/num_sampled_clients, fixed when it is
+    built; set it to the clients actually sampled this round (at least 1)."""
+    wrapper = _dp_wrapper(strategy)
+    if wrapper is not None:
+        wrapper.num_sampled_clients = max(1, sampled)
+
+
+def dp_clipping_norm(strategy, default: float) -> float:
+    """The clipping norm the DP wrapper uses now (adaptive clipping moves it every round)."""
+    wrapper = _dp_wrapper(strategy)
+    return float(getattr(wrapper, "clipping_norm", default)) if wrapper is not None else float(default)
+
+
+def seed_sampling_and_noise(seed: int) -> None:
+    """Flower samples nodes with `random.sample` and draws DP noise from `np.random`: seed both."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def strategy_state(strategy) -> dict[str, np.ndarray]:
+    """Flatten the round-to-round state of the strategy chain into named arrays for a checkpoint."""
+    out: dict[str, np.ndarray] = {}
+    for level, s in strategy_chain(strategy):
+        for attr in STATEFUL_ATTRS:
+            value = getattr(s, attr, None)
+            if value is None:
+                continue
+            if isinstance(value, ArrayRecord):
+                value, kind = {k: v.numpy() for k, v in value.items()}, "record"
+            elif isinstance(value, dict):
+                kind = "dict"
+            elif isinstance(value, (int, float)):
+                value, kind = {"value": np.float64(value)}, "scalar"
+            else:
+                value, kind = {str(i): v for i, v in enumerate(value)}, "list"
+            for key, array in value.items():
+                out[f"{level}|{attr}|{kind}|{key}"] = np.asarray(array)
+    return out
+
+
+def load_strategy_state(strategy, arrays: dict[str, np.ndarray]) -> None:
+    """Inverse of `strategy_state`."""
+    levels = dict(strategy_chain(strategy))
+    grouped: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
+    for name, array in arrays.items():
+        level, attr, kind, key = name.split("|", 3)
+        grouped.setdefault((level, attr, kind), {})[key] = array
+    for (level, attr, kind), values in grouped.items():
+        target = levels[level]
+        if kind == "record":
+            setattr(target, attr, state_to_record(values))
+        elif kind == "dict":
+            setattr(target, attr, values)
+        elif kind == "scalar":
+            setattr(target, attr, float(values["value"]))
+        else:
+            setattr(target, attr, [values[str(i)] for i in range(len(values))])
+
+
+class OrderedGrid:
+    """One round's view of the Grid: a snapshot of the connected nodes, ordered by client id.
+
+    Flower's `sample_nodes` draws from `grid.get_node_ids()` in the order given, so the order
+    makes seeded sampling repeat across restarts. The snapshot keeps it from waiting without a
+    deadline when a node drops out between counting and sampling (it waits while fewer nodes
+    are connected than it chose to sample); fedtune's own wait for min-available-clients,
+    bounded by round-timeout, runs before the snapshot.
+    """
+
+    def __init__(self, grid, client_ids: dict[int, str]) -> None:
+        self._grid = grid
+        self._nodes = sorted(grid.get_node_ids(), key=lambda n: (n not in client_ids, client_ids.get(n, ""), n))
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+def federation_epsilon(mechanisms: list[dict], delta: float) -> float:
+    """Flower's own RDP accountant over the federation's rounds (each {noise_multiplier,
+    sample_size, population}): the audit's independent check of the ledger's figure."""
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    if not mechanisms:
+        return 0.0
+    config = PrivacyConfig(target_delta=delta, population_size=max(m["population"] for m in mechanisms),
+                           neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                           sampling_method=SamplingMethod.WITHOUT_REPLACEMENT)
+    accountant = RdpAccountant(config)
+    for m in mechanisms:
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=m["noise_multiplier"],
+                                                sample_size=m["sample_size"], population_size=m["population"]))
+    return float(accountant.get_epsilon(delta))

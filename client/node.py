@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 from common.config import parse_key_values
-from common.data import load_instructions, load_source
 from common.errors import ConfigError, DataError
+from common.federation_data import DATA_KEYS, read_for_task
 
 FILE_FLAGS = ("--root-certificates", "--auth-supernode-private-key", "--auth-supernode-public-key")
 
@@ -68,21 +68,14 @@ def check_node(args: list[str]) -> dict:
 def node_examples(path: str, node: dict):
     """The node's data read for either task: the server's run config decides which one trains,
     so the file must fit at least one (the error names both when it fits neither)."""
-    fmt, names = str(node.get("data-format", "auto")), str(node.get("column-names", ""))
-    try:
-        return load_source(path, data_format=fmt, column_names=names,
-                           text_column=str(node.get("text-column", "text")),
-                           label_column=str(node.get("label-column", "label")))
-    except DataError as classification:
+    errors = {}
+    for task in DATA_KEYS:
         try:
-            return load_instructions(path, data_format=fmt, column_names=names,
-                                     instruction_column=str(node.get("instruction-column", "instruction")),
-                                     input_column=str(node.get("input-column", "input")),
-                                     response_column=str(node.get("response-column", "response")),
-                                     group_column=str(node.get("group-column", "")))
-        except DataError as instructions:
-            raise DataError(f"data-path {path!r} fits neither task: classification: {classification}; "
-                            f"causal-lm: {instructions}") from None
+            return read_for_task(task, path, {"data-format": "auto", "column-names": "", **node})
+        except DataError as err:
+            errors[task] = err
+    raise DataError(f"data-path {path!r} fits neither task: "
+                    + "; ".join(f"{task}: {err}" for task, err in errors.items())) from None
 
 
 def check_key_pair(private_path: str | None, public_path: str | None) -> None:

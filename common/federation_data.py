@@ -36,23 +36,29 @@ class ClientData:
         }
 
 
+# The data keys of each task, by their config names: a deployed node's config may set them too.
+DATA_KEYS = {
+    "classification": ("data-format", "column-names", "text-column", "label-column"),
+    "causal-lm": ("data-format", "column-names", "instruction-column", "input-column", "response-column",
+                  "group-column"),
+}
+
+
+def read_for_task(task: str, source: str, options: Mapping) -> TextDataset:
+    """Read one source for `task`; `options` holds that task's DATA_KEYS (missing ones take the
+    config's defaults)."""
+    defaults = FedtuneConfig().to_run_config()
+    opt = {k.replace("-", "_"): str(options.get(k, defaults[k])) for k in DATA_KEYS[task]}
+    fmt = opt.pop("data_format")
+    if task == "causal-lm":
+        return load_instructions(source, data_format=fmt, **opt)
+    return load_source(source, data_format=fmt, **opt)
+
+
 def _load(cfg: FedtuneConfig, source: str, overrides: Mapping | None = None) -> TextDataset:
     """Read one source for the run's task; a deployed node's config may rename its columns."""
-    node = dict(overrides or {})
-    fmt, names = str(node.get("data-format", cfg.data_format)), str(node.get("column-names", cfg.column_names))
-    if cfg.task == "causal-lm":
-        return load_instructions(
-            source, data_format=fmt, column_names=names,
-            instruction_column=str(node.get("instruction-column", cfg.instruction_column)),
-            input_column=str(node.get("input-column", cfg.input_column)),
-            response_column=str(node.get("response-column", cfg.response_column)),
-            group_column=str(node.get("group-column", cfg.group_column)),
-        )
-    return load_source(
-        source, data_format=fmt, column_names=names,
-        text_column=str(node.get("text-column", cfg.text_column)),
-        label_column=str(node.get("label-column", cfg.label_column)),
-    )
+    run = cfg.to_run_config()
+    return read_for_task(cfg.task, source, {**{k: run[k] for k in DATA_KEYS[cfg.task]}, **(overrides or {})})
 
 
 @functools.lru_cache(maxsize=4)

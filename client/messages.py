@@ -32,6 +32,14 @@ def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
     )
 
 
+def node_threads(node_config) -> int:
+    """The node config's num-threads (0 when absent): torch threads for this node's training."""
+    value = node_config.get("num-threads", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"num-threads (node config): expected an integer >= 0, got {value!r}")
+    return value
+
+
 def client_record(data: ClientData, server_round: int = 0) -> ConfigRecord:
     """Who replies, and to which round (the server rejects replies tagged with another round)."""
     return ConfigRecord({"client-id": data.client_id, "round": server_round})

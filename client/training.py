@@ -14,7 +14,7 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from client.messages import client_record, message_config, node_data
+from client.messages import client_record, message_config, node_data, node_threads
 from client.privacy import decide, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
@@ -28,8 +28,10 @@ from common.train import evaluate, round_schedule, train
 PROGRESS_EVERY = 10
 
 
-def set_threads(cfg: FedtuneConfig) -> None:
-    threads = cfg.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
+def set_threads(node_config) -> None:
+    """The node's num-threads, else OMP_NUM_THREADS (the simulation engine sets it to the cores it
+    gives each client), else torch's default."""
+    threads = node_threads(node_config) or int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
@@ -51,7 +53,7 @@ class Session:
 
 def open_session(msg: Message, context: Context) -> Session:
     cfg, server_round = message_config(msg)
-    set_threads(cfg)
+    set_threads(context.node_config)
     labels = LabelMap.parse(cfg.labels)
     model = model_for_config(cfg, len(labels))
     if cfg.lora_freeze_a:

@@ -42,6 +42,9 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
 # made them do nothing: a checkpoint written before the removal with that value still resumes.
 REMOVED_KEYS = {"client-sampling": "random", "local-warmup-fraction": 0.0, "keep-optimizer-state": False,
                 "shared-moments": "none"}
+# Options that moved out of the run config, and where they are set now.
+MOVED_KEYS = {"num-threads": "it is a node's own setting: --node-config 'num-threads=N' on its SuperNode (0 or absent: "
+                             "OMP_NUM_THREADS, else torch's default); the simulation gives each client the cores it can use"}
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,6 @@ class FedtuneConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
-    num_threads: int = _f(0, "Torch threads per client process; 0 = the cores shared by the clients sampled a round.")
     # Differential privacy
     dp_sample: bool = _f(False, "Sample-level DP-SGD (Opacus) on every client: per-sample clipping, Gaussian noise, Poisson sampling.")
     dp_noise_multiplier: float = _f(0.0, "Sample-level noise multiplier; 0 = calibrate it from dp-target-epsilon over the planned rounds.")
@@ -150,7 +152,7 @@ class FedtuneConfig:
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):
             _check_min(name, getattr(self, name), 1)
         for name in ("min_evaluate_clients", "local_steps", "max_train_examples", "dp_physical_batch_size", "dp_batch_size",
-                     "max_heldout_examples", "num_threads", "shards_per_client", "seed"):
+                     "max_heldout_examples", "shards_per_client", "seed"):
             _check_min(name, getattr(self, name), 0)
         for name in ("round_timeout", "lora_alpha", "learning_rate", "dirichlet_alpha",
                      "server_learning_rate", "fedavgm_learning_rate", "tau"):
@@ -258,6 +260,9 @@ def parse_run_config(raw: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) ->
     for key, value in raw.items():
         if key in ignore or REMOVED_KEYS.get(key.replace("_", "-"), object()) == value:
             continue  # a transport key, or a removed option at its neutral value (an older run's config)
+        if key.replace("_", "-") in MOVED_KEYS:
+            raise ConfigError(f"{key}: expected no such run-config key, got {value!r}: "
+                              f"{MOVED_KEYS[key.replace('_', '-')]}")
         name = key.replace("-", "_")
         if name not in known:
             unknown.append(key)

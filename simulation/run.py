@@ -57,9 +57,6 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
             f"min-available-clients / min-train-clients: expected at most num-clients={num_clients}, "
             f"got {cfg.min_available_clients} / {cfg.min_train_clients}"
         )
-    _, threads = plan_resources(cfg.train_sample_size(num_clients))
-    if cfg.num_threads == 0:
-        cfg = cfg.replace(num_threads=threads)
     if cfg.task == "classification":  # causal-lm "labels" are only partition groups
         cfg = cfg.replace(labels=federation_labels(cfg).to_spec())
     partition_summaries(cfg, num_clients)  # raises on empty partitions or unknown labels
@@ -100,14 +97,18 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
         run_server(grid, cfg)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every client's progress lines
-    parallel, threads = plan_resources(cfg.train_sample_size(num_clients))
-    backend_config = {
-        "client_resources": {"num_cpus": max(1, threads), "num_gpus": 0.0},
-        "init_args": {"num_cpus": parallel * max(1, threads), "include_dashboard": False},
-    }
     with stop_on_interrupt(Path(cfg.run_dir)):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                       backend_config=backend_config)
+                       backend_config=backend_config(cfg, num_clients))
+
+
+def backend_config(cfg: FedtuneConfig, num_clients: int) -> dict:
+    """The engine's resources: as many clients at once as train a round (up to the cores), each
+    with an equal share of the cores. Ray sets each client actor's OMP_NUM_THREADS to its
+    num_cpus, which is what a client's torch threads default to (client/training.py)."""
+    parallel, threads = plan_resources(cfg.train_sample_size(num_clients))
+    return {"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
+            "init_args": {"num_cpus": parallel * threads, "include_dashboard": False}}
 
 
 @contextmanager

@@ -118,8 +118,8 @@ def test_a_checkpoint_of_an_older_version_resumes_with_a_removed_option_left_neu
     nothing do not block a resume; at any other value the resume is refused, naming the key, and
     the checkpoint stays as it was."""
     from server.resume import checked_checkpoint
-    from server.state import initial_state, with_labels
     from server.rundir import RunDir
+    from server.state import initial_state, with_labels
 
     cfg, labels = with_labels(FedtuneConfig(run_dir=str(tmp_path), resume=True, max_train_examples=200))
     _, state = initial_state(cfg, labels, RunDir(tmp_path))
@@ -130,6 +130,8 @@ def test_a_checkpoint_of_an_older_version_resumes_with_a_removed_option_left_neu
             meta={"config": {**cfg.to_run_config(), **extra}, "frozen": state.frozen, "data": state.data}))
 
     saved({"shared-moments": "none", "client-sampling": "random"})
+    assert checked_checkpoint(state)[1].server_round == 1
+    saved({"num-threads": 2})  # moved to the node config: an older run's value, whatever it was, resumes
     assert checked_checkpoint(state)[1].server_round == 1
     saved({"shared-moments": "second"})
     before = (tmp_path / "checkpoints" / "round-0001.safetensors").read_bytes()

@@ -1,7 +1,7 @@
 """The simulation sizes its parallel clients and torch threads by the clients sampled a round.
 
 With K of N clients sampled, only K train at once: sizing threads by N left cores idle
-(1 of 10 sampled on 2 cores ran 1 thread). RELIABILITY: none (a resource plan, not a fault).
+(1 of 10 sampled on 2 cores ran 1 thread). RELIABILITY bad inputs: num-threads in the run config (moved to the node config) and bad node values.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from simulation.run import plan_resources, prepare
+from simulation.run import backend_config, plan_resources, prepare
+from tests.reliability import count
 
 
 @pytest.mark.parametrize("num_clients, overrides, expected", [
@@ -37,10 +38,45 @@ def test_plan_resources_gives_every_core_to_the_clients_that_train(training, cpu
     assert plan_resources(training, cpus=cpus) == expected
 
 
-def test_prepare_fills_threads_from_the_sampled_clients_not_all_clients():
+def test_the_engine_gives_each_client_its_share_of_the_cores():
     cpus = len(os.sched_getaffinity(0))
-    one_a_round = prepare({"fraction-train": 0.1, "min-train-clients": 1}, 10)
-    all_a_round = prepare({}, 10)
-    assert one_a_round.num_threads == cpus
-    assert all_a_round.num_threads == max(1, cpus // min(10, cpus))
-    assert prepare({"num-threads": 1, "fraction-train": 0.1, "min-train-clients": 1}, 10).num_threads == 1
+    one_a_round = backend_config(prepare({"fraction-train": 0.1, "min-train-clients": 1}, 10), 10)
+    all_a_round = backend_config(prepare({}, 10), 10)
+    assert one_a_round["client_resources"]["num_cpus"] == cpus
+    assert all_a_round["client_resources"]["num_cpus"] == max(1, cpus // min(10, cpus))
+    assert all_a_round["init_args"]["num_cpus"] <= cpus
+
+
+def test_a_clients_threads_come_from_its_node_config_else_omp_num_threads(monkeypatch):
+    """num-threads is a node's setting (node config); the engine sets OMP_NUM_THREADS per client."""
+    import torch
+
+    from client.training import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        set_threads({})
+        assert torch.get_num_threads() == 1
+        set_threads({"num-threads": 2})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "4", True])
+def test_a_bad_num_threads_in_the_node_config_is_refused(value):
+    from client.messages import node_threads
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"num-threads \(node config\): expected an integer >= 0, got"):
+        node_threads({"num-threads": value})
+    count("bad_inputs_rejected", f"node config num-threads={value!r}")
+
+
+def test_num_threads_in_the_run_config_is_refused_with_where_it_moved():
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"num-threads: expected no such run-config key, got 1: .*--node-config"):
+        prepare({"num-threads": 1}, 3)
+    count("bad_inputs_rejected", "run config num-threads")

@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from common.config import FedtuneConfig
 from common.errors import ConfigError, FedtuneError
 
 
@@ -121,8 +119,10 @@ def trainable_values(overrides: list[str]) -> int:
 
 
 def run_config_listing(args) -> int:
-    for f in dataclasses.fields(FedtuneConfig):
-        print(f"{f.name.replace('_', '-'):24} {f.default!r:30} {f.metadata['help']}")
+    from common.config import reference
+
+    for _, key, default, help_text in reference():
+        print(f"{key:26} {default:28} {help_text}")
     return 0
 
 

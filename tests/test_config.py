@@ -24,11 +24,18 @@ def test_pyproject_defaults_equal_dataclass_defaults():
     assert parse_run_config(app_cfg) == FedtuneConfig()
 
 
-def test_every_pyproject_key_is_documented_with_a_comment():
+def test_pyproject_defaults_and_the_docs_key_reference_are_generated_from_the_config():
+    """Help text lives in common/config.py only; pyproject.toml's defaults (with each key's help as
+    a comment) and docs/configuration.md's table are generated from it and must not drift."""
+    from common.config import generated_files
+
+    for path, (now, generated) in generated_files(REPO).items():
+        assert now == generated, f"{path.name} is stale: run `python -m common.config --write`"
     text = (REPO / "pyproject.toml").read_text().split("[tool.flwr.app.config]")[1].split("\n[")[0]
     for key in config_keys():
         line = next(l for l in text.splitlines() if l.startswith(f"{key} ="))
         assert re.search(r"#\s*\S", line), f"{key} has no help comment in pyproject.toml"
+        assert f"| `{key}` |" in (REPO / "docs" / "configuration.md").read_text()
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -15,7 +15,6 @@ weights unchanged or non-finite.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -32,7 +31,7 @@ logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() 
 
 from common.errors import FedtuneError
 from common.privacy import Mechanism
-from common.train import EncodedData, TrainResult, batch_loss, pad_batch, set_learning_rate
+from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, pad_batch, run_steps
 
 
 class DPTrainingError(FedtuneError, RuntimeError):
@@ -89,7 +88,6 @@ def dp_train(
     """
     if len(data) == 0:
         raise DPTrainingError("DP training: expected at least one example, got none")
-    start = time.perf_counter()
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -103,46 +101,30 @@ def dp_train(
             generator=torch.Generator().manual_seed(seed + 1),
         )
         _check_same_parameters(gsm, optimizer)
-        stats = _run_steps(gsm, loader, optimizer, steps, progress, data.task, physical_batch_size, lr_at)
-    finally:
-        gsm._close()  # remove Opacus hooks: the cached model is reused by later rounds
-    _check_weights_moved(params, before)
-    mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=stats["done"], sample_rate=loader.sample_rate)
-    result = TrainResult(loss=stats["loss_sum"] / max(stats["seen"], 1), steps=stats["done"], examples=stats["seen"],
-                         seconds=time.perf_counter() - start,
-                         padding_efficiency=stats["real"] / max(stats["processed"], 1))
-    return result, mechanism
 
-
-def _run_steps(gsm, loader, optimizer, steps, progress, task: str, physical: int, lr_at=None) -> dict:
-    gsm.train()
-    stats = {"done": 0, "loss_sum": 0.0, "seen": 0, "real": 0, "processed": 0}
-    while stats["done"] < steps:
-        for ids, mask, labels in loader:
-            if lr_at is not None:  # the learning rate is post-processing: the guarantee does not change
-                set_learning_rate(optimizer, lr_at(stats["done"] / steps))
+        def step(batch) -> StepOutcome:  # the learning rate (set by run_steps) is post-processing
+            ids, mask, labels = batch
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 _noise_only_step(optimizer)
-                loss = float("nan")
-            else:
-                loss = _logical_step(gsm, optimizer, ids, mask, labels, task, physical, stats)
-                stats["loss_sum"] += loss * len(labels)
-                stats["seen"] += len(labels)
-            stats["done"] += 1
-            if progress is not None:
-                progress(stats["done"], steps, loss)
-            if stats["done"] >= steps:
-                break
-    return stats
+                return StepOutcome(float("nan"), 0, 0, 0)
+            return _logical_step(gsm, optimizer, ids, mask, labels, data.task, physical_batch_size)
+
+        gsm.train()
+        result = run_steps(lambda: loader, step, optimizer, total=steps, lr_at=lr_at, progress=progress)
+    finally:
+        gsm._close()  # remove Opacus hooks: the cached model is reused by later rounds
+    _check_weights_moved(params, before)
+    mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=result.steps, sample_rate=loader.sample_rate)
+    return result, mechanism
 
 
-def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, physical: int, stats: dict) -> float:
+def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, physical: int) -> StepOutcome:
     """One DP-SGD step on a logical (Poisson) batch, in length-sorted physical chunks."""
     lengths = mask.sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
     chunks = order.split(physical) if physical > 0 else [order]
-    loss_sum = 0.0
+    loss_sum, real, processed = 0.0, 0, 0
     for i, chunk in enumerate(chunks):
         width = int(lengths[chunk].max())
         chunk_labels = labels[chunk, :width] if task == "causal-lm" else labels[chunk]
@@ -156,9 +138,9 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, phy
         if not last:
             optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum (the step was skipped)
         loss_sum += loss.item() * len(chunk)
-        stats["real"] += int(lengths[chunk].sum())
-        stats["processed"] += len(chunk) * width
-    return loss_sum / len(order)
+        real += int(lengths[chunk].sum())
+        processed += len(chunk) * width
+    return StepOutcome(loss_sum / len(order), len(order), real, processed)
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,6 +163,51 @@ class TrainResult:
     padding_efficiency: float = float("nan")  # real tokens / processed tokens
 
 
+@dataclass
+class StepOutcome:
+    """What one optimizer step did: its batch's mean loss (NaN for an empty batch), examples, and
+    real / processed (padded) tokens."""
+
+    loss: float
+    examples: int
+    real_tokens: int
+    processed_tokens: int
+
+
+def run_steps(passes: Callable[[], Iterable], step: Callable[[object], StepOutcome], optimizer, *, total: int,
+              lr_at: Callable[[float], float] | None = None,
+              progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+    """The one local training loop: `total` optimizer steps, over as many passes of batches as that takes.
+
+    `passes()` yields the batches of one pass (a shuffled epoch, or one pass of DP-SGD's Poisson
+    loader); `step(batch)` takes one optimizer step on it: plain AdamW (`train`) or a clipped,
+    noised DP-SGD step (`common/dp_train.py`). `lr_at` maps the fraction of steps done
+    (0 <= f < 1) to the next step's learning rate; without it the rate stays as the optimizer has it.
+    """
+    start = time.perf_counter()
+    done, loss_sum, seen, real, processed = 0, 0.0, 0, 0, 0
+    while done < total:
+        empty_pass = True
+        for batch in passes():
+            empty_pass = False
+            if lr_at is not None:
+                set_learning_rate(optimizer, lr_at(done / total))
+            out = step(batch)
+            done += 1
+            if out.examples:
+                loss_sum += out.loss * out.examples
+                seen += out.examples
+            real, processed = real + out.real_tokens, processed + out.processed_tokens
+            if progress is not None:
+                progress(done, total, out.loss)
+            if done >= total:
+                break
+        if empty_pass:
+            raise ValueError("train: expected batches to train on, a pass over the data gave none")
+    return TrainResult(loss=loss_sum / max(seen, 1), steps=done, examples=seen, seconds=time.perf_counter() - start,
+                       padding_efficiency=real / max(processed, 1))
+
+
 def train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
@@ -171,48 +216,37 @@ def train(
 ) -> TrainResult:
     """Train the adapter with AdamW (started afresh) for `steps` steps, or `epochs` epochs when steps == 0.
 
-    `lr_at` maps the fraction of this call's steps done (0 <= f < 1) to the learning rate of
-    the next step; without it the rate stays at `learning_rate`.
-
     With proximal_mu > 0 the FedProx term mu/2 * ||w - w_global||^2 over the trainable
     weights is added to the loss (Li et al. 2020, https://arxiv.org/abs/1812.06127).
     """
     if len(data) == 0:
         raise ValueError("train: expected at least one training example, got none")
-    start = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
-    total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)
     lengths = [len(s) for s in data.input_ids]
+
+    def epoch():
+        return batch_order(lengths, batch_size, rng, group_by_length=group_by_length)
+
+    def step(batch_idx) -> StepOutcome:
+        batch = collate(data, batch_idx, pad_id)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = batch_loss(out.logits, batch["labels"], data.task)
+        objective = loss if anchor is None else loss + proximal_term(params, anchor, mu=proximal_mu)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        mask = batch["attention_mask"]
+        return StepOutcome(loss.item(), len(batch_idx), int(mask.sum()), mask.numel())
+
     model.train()
-    done, loss_sum, seen, real_tokens, processed_tokens = 0, 0.0, 0, 0, 0
-    while done < total:
-        for batch_idx in batch_order(lengths, batch_size, rng, group_by_length=group_by_length):
-            if lr_at is not None:
-                set_learning_rate(optimizer, lr_at(done / total))
-            batch = collate(data, batch_idx, pad_id)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            loss = batch_loss(out.logits, batch["labels"], data.task)
-            objective = loss if anchor is None else loss + proximal_term(params, anchor, mu=proximal_mu)
-            optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            done += 1
-            loss_sum += loss.item() * len(batch_idx)
-            seen += len(batch_idx)
-            real_tokens += int(batch["attention_mask"].sum())
-            processed_tokens += batch["attention_mask"].numel()
-            if progress is not None:
-                progress(done, total, loss.item())
-            if done >= total:
-                break
-    return TrainResult(loss=loss_sum / seen, steps=done, examples=seen, seconds=time.perf_counter() - start,
-                       padding_efficiency=real_tokens / max(processed_tokens, 1))
+    total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)
+    return run_steps(epoch, step, optimizer, total=total, lr_at=lr_at, progress=progress)
 
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Conversion between adapter states (name -> numpy array) and Flower's ArrayRecord.
 
-The one module of `common/` that imports Flower: thin glue shared by client and server.
+Thin glue shared by client and server; with `common/flower.py`, the only module of `common/` that imports Flower.
 """
 
 from __future__ import annotations

@@ -503,6 +503,7 @@ def centralized(overrides: dict, passes: int, clients: int) -> dict:
     heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")
     res = evaluate(model, heldout, pad_id=tok.pad_token_id, batch_size=64, num_labels=len(labels))
     set_adapter_state(model, initial)
+    res.pop("confusion")  # the figures only: results.json holds numbers
     return res
 
 

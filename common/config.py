@@ -31,6 +31,7 @@ PromptTemplate = Literal["auto", "alpaca", "plain"]
 LoadIn = Literal["none", "8bit", "4bit"]
 ComputeDtype = Literal["float32", "bfloat16"]
 LRSchedule = Literal["constant", "cosine"]
+BestMetric = Literal["auto", "macro-f1", "accuracy", "loss"]
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -141,6 +142,8 @@ class FedtuneConfig:
     dp_client_epsilon_budget: float = _f(0.0, "Federation-level epsilon the server will not exceed (0 = no limit).")
     # Outputs
     run_dir: str = _f("", "Run directory; empty = runs/<timestamp>.")
+    best_metric: BestMetric = _f("auto", "Held-out metric that picks adapters/best and drives early stopping; auto = macro-f1 for classification, loss for causal-lm.")
+    early_stopping_rounds: int = _f(0, "End the run (status early-stopped) after this many rounds without a better best-metric; 0 = off.")
     resume: bool = _f(False, "Resume the run in `run-dir` from its last completed round.")
 
     def __post_init__(self) -> None:
@@ -154,7 +157,7 @@ class FedtuneConfig:
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):
             _check_min(name, getattr(self, name), 1)
         for name in ("min_evaluate_clients", "local_steps", "max_train_examples", "dp_physical_batch_size", "dp_batch_size",
-                     "max_heldout_examples", "shards_per_client", "seed"):
+                     "max_heldout_examples", "shards_per_client", "seed", "early_stopping_rounds"):
             _check_min(name, getattr(self, name), 0)
         for name in ("round_timeout", "lora_alpha", "learning_rate", "dirichlet_alpha",
                      "server_learning_rate", "fedavgm_learning_rate", "tau"):
@@ -219,8 +222,16 @@ class FedtuneConfig:
         if self.packing and self.dp_sample:
             raise ConfigError("packing: expected false with dp-sample = true (a packed block mixes examples and an "
                               "example can span two blocks, so the per-example guarantee would not hold), got true")
+        if self.task == "causal-lm" and self.best_metric in ("macro-f1", "accuracy"):
+            raise ConfigError(f"best-metric: expected auto or loss with task = 'causal-lm', got {self.best_metric!r}")
         if self.resume and not self.run_dir:
             raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
+
+    @property
+    def best_column(self) -> tuple[str, bool]:
+        """(metrics column, higher is better) of best-metric."""
+        metric = self.best_metric if self.best_metric != "auto" else ("loss" if self.task == "causal-lm" else "macro-f1")
+        return f"heldout_{metric.replace('-', '_')}", metric != "loss"
 
     @property
     def sample_epsilon_budget(self) -> float:

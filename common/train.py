@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import LabelMap, TextDataset
+from common.metrics import confusion_matrix
 
 # Counts tokenizer passes in this process, so tests can prove tokenization is cached.
 TOKENIZE_COUNT = {"datasets": 0}
@@ -255,14 +256,17 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int, num_labels: int) -> dict:
-    """Loss, accuracy and macro-F1 over `data` (batches sorted by length for speed); for a
-    causal LM, loss and perplexity per response token."""
+def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int, num_labels: int,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Loss, accuracy, macro-F1 and the confusion matrix (common/metrics.py) over `data`, in
+    batches sorted by length; for a causal LM, loss and perplexity per response token.
+    `progress(examples done, examples)` is called after every batch."""
     model.eval()
     if data.task == "causal-lm":
-        return evaluate_lm(model, data, pad_id=pad_id, batch_size=batch_size)
+        return evaluate_lm(model, data, pad_id=pad_id, batch_size=batch_size, progress=progress)
     if len(data) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0}
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0,
+                "confusion": np.zeros((num_labels, num_labels), dtype=np.int64)}
     order = np.argsort([len(s) for s in data.input_ids], kind="stable")
     loss_sum, preds = 0.0, np.empty(len(data), dtype=np.int64)
     for i in range(0, len(data), batch_size):
@@ -271,11 +275,14 @@ def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_si
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         preds[idx] = logits.argmax(dim=-1).numpy()
+        if progress is not None:
+            progress(min(i + batch_size, len(data)), len(data))
     return {
         "loss": loss_sum / len(data),
         "accuracy": float((preds == data.labels).mean()),
         "macro_f1": macro_f1(data.labels, preds),
         "examples": len(data),
+        "confusion": confusion_matrix(data.labels, preds, num_labels),
     }
 
 
@@ -293,7 +300,8 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int) -> dict:
+def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int,
+                progress: Callable[[int, int], None] | None = None) -> dict:
     """Token-level mean NLL over all labelled (response) tokens, and its exponential."""
     if len(data) == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "examples": 0, "tokens": 0}
@@ -305,5 +313,7 @@ def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch
         nll, counts = token_nll(logits.float(), batch["labels"])
         nll_sum += nll.sum().item()
         tokens += int(counts.sum().item())
+        if progress is not None:
+            progress(min(i + batch_size, len(data)), len(data))
     loss = nll_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "examples": len(data), "tokens": tokens}

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from logging import INFO
 
+import numpy as np
+
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.federation_data import heldout_set
 from common.lm import encode_for_task, generate, model_for_config, sample_prompts
+from common.metrics import class_report, plot_confusion, write_confusion_csv
 from common.model import load_tokenizer, set_adapter_state
 from common.records import state_to_record
 from common.train import evaluate
@@ -31,10 +34,34 @@ def evaluation_row(state: ServerState, server_round: int) -> dict:
     row = {"round": server_round, **{f"heldout_{n}": res[n] for n in names}, "heldout_examples": res["examples"]}
     if cfg.task == "causal-lm":
         write_samples(state, model, tokenizer, server_round)
+    else:
+        write_class_report(state, server_round, res)
     if server_round == 0:
         log(INFO, "fedtune: round 0 (before training): held-out %s",
             " ".join(f"{n.replace('macro_f1', 'macro-F1')} {res[n]:.4f}" for n in names))
     return row
+
+
+def write_class_report(state: ServerState, server_round: int, res: dict) -> None:
+    """heldout/round-NNNN.json (per-class precision, recall, F1, support; the confusion matrix) and
+    heldout/round-NNNN-confusion.csv."""
+    names = list(state.labels.names)
+    folder = state.run.path / "heldout"
+    folder.mkdir(exist_ok=True)
+    (folder / f"round-{server_round:04d}.json").write_text(
+        json.dumps({"round": server_round, **class_report(res, names)}, indent=1) + "\n")
+    write_confusion_csv(folder / f"round-{server_round:04d}-confusion.csv", res["confusion"], names)
+
+
+def plot_final_confusion(state: ServerState) -> None:
+    """heldout/confusion.png of the last round, for a look at which classes fail."""
+    if state.cfg.task == "causal-lm":
+        return
+    last = state.history[-1]["round"]
+    report = json.loads((state.run.path / "heldout" / f"round-{last:04d}.json").read_text())
+    plot_confusion(state.run.path / "heldout" / "confusion.png", np.array(report["confusion"]["counts"]),
+                   report["confusion"]["labels"], f"held-out set, round {last}: accuracy {report['accuracy']:.3f}, "
+                   f"macro-F1 {report['macro_f1']:.3f}")
 
 
 def write_samples(state: ServerState, model, tokenizer, server_round: int) -> None:

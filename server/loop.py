@@ -28,7 +28,8 @@ from common.lm import model_for_config
 from common.model import check_adapter_state, save_adapter
 from common.records import record_to_state, state_to_record
 from server.checkpoint import Checkpoint, save_checkpoint
-from server.evaluation import evaluation_row, federated_evaluation
+from server.best import best_row, keep_best, rounds_without_improvement, should_stop_early
+from server.evaluation import evaluation_row, federated_evaluation, plot_final_confusion
 from server.privacy import (
     check_sample_level_plan, client_entries, federation_entry, federation_would_exceed, wrap_client_dp,
 )
@@ -37,6 +38,7 @@ from server.resume import fresh_start, restore
 from server.rundir import RunDir
 from server.state import ServerState, initial_state, with_labels
 from server.strategy import build_strategy, robust_capacity_problem
+from server.tensorboard import Scalars
 from server.validation import Policy, ValidatedStrategy
 
 # Named endings that are failures: the run stops fast, says why, and exits non-zero.
@@ -60,11 +62,19 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     strategy = build_strategy_chain(state)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
+    state.scalars = Scalars(run.path, start_round)
     check_federation(grid, state)
     if start_round == 0:
         state.history = [evaluation_row(state, 0)]
         commit_round(state, strategy, 0)
+    else:
+        keep_best(state)  # a crash may have come between a round's checkpoint and its best adapter
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
+        if should_stop_early(state):
+            state.status = "early-stopped"
+            log(INFO, "fedtune: stopping early before round %d: %d rounds without a better %s than round %d's",
+                server_round, rounds_without_improvement(state), cfg.best_column[0], best_row(state)["round"])
+            break
         run_round(grid, state, strategy, server_round)
         if state.status != "running":
             break
@@ -202,8 +212,11 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
         state.ledger.write(run.path / "privacy-ledger.jsonl")
     model = model_for_config(state.cfg, len(state.labels))
     save_adapter(model, state.arrays, run.adapters / f"round-{server_round:04d}")
+    best = keep_best(state)
     run.write_metrics(state.history)
-    run.plot(state.history)
+    run.plot(state.history, best_round=best["round"])
+    if state.scalars is not None:
+        state.scalars.add_round(state.history[-1], state.ledger.entries)
 
 
 def finish(state: ServerState) -> None:
@@ -214,9 +227,13 @@ def finish(state: ServerState) -> None:
                 f"~/.fedtune/privacy; here {privacy_dir()})")
     if state.status in FAILURES:
         end_run(state, state.status, FAILURES[state.status])
-    rounds = state.history[-1]["round"]
-    state.run.write_json("status.json", {"status": state.status, "rounds_completed": rounds})
-    log(INFO, "fedtune: %s after %d rounds; results in %s", state.status, rounds, state.run.path)
+    plot_final_confusion(state)
+    if state.scalars is not None:
+        state.scalars.close()
+    rounds, best = state.history[-1]["round"], best_row(state)["round"]
+    state.run.write_json("status.json", {"status": state.status, "rounds_completed": rounds, "best_round": best})
+    log(INFO, "fedtune: %s after %d rounds (best: round %d, adapters/best); results in %s", state.status, rounds,
+        best, state.run.path)
 
 
 def end_run(state: ServerState, status: str, reason: str) -> None:

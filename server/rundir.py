@@ -9,6 +9,9 @@
     <run-dir>/metrics.png          held-out accuracy, macro-F1 and loss over rounds
     <run-dir>/adapters/round-NNNN  PEFT adapter per round (PeftModel.from_pretrained)
     <run-dir>/adapters/final       the last round's adapter
+    <run-dir>/adapters/best        the adapter of the best round by best-metric (best.json says which)
+    <run-dir>/heldout/             per round: per-class precision/recall/F1, confusion matrix (classification)
+    <run-dir>/tensorboard/         TensorBoard event files (with the tensorboard extra installed)
     <run-dir>/checkpoints/         resumable state, one hashed file per round
 """
 
@@ -27,7 +30,8 @@ from common.config import FedtuneConfig
 RUN_FILES = frozenset({
     "config.json", "clients.json", "metrics.jsonl", "metrics.csv", "metrics.png", "rounds.jsonl", "status.json",
     "privacy-ledger.jsonl", "samples.jsonl", "adapters", "checkpoints",
-    "audit.csv", "audit.json", "audit-epsilon.png", "audit-accuracy.png",
+    "audit.csv", "audit.json", "audit-epsilon.png", "audit-accuracy.png", "best.json", "heldout", "tensorboard",
+    "evaluations",
 })
 
 
@@ -66,38 +70,43 @@ class RunDir:
             writer.writeheader()
             writer.writerows(rows)
 
-    def plot(self, rows: list[dict]) -> Path:
+    def plot(self, rows: list[dict], best_round: int | None = None) -> Path:
+        """metrics.png: the held-out curves over whole rounds, the legend below the axes, the best
+        round marked."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rounds = [r["round"] for r in rows]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.4))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
         if "heldout_perplexity" in rows[0]:  # causal LM
             ax.plot(rounds, [r["heldout_loss"] for r in rows], marker="o", label="held-out loss (per token)")
-            ax.set_xlabel("round")
             ax.set_ylabel("loss")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            ax.set_title("fedtune: global adapter on the held-out set")
-            return self._save(fig, plt)
-        ax.plot(rounds, [r["heldout_accuracy"] for r in rows], marker="o", label="held-out accuracy")
-        ax.plot(rounds, [r["heldout_macro_f1"] for r in rows], marker="s", label="held-out macro-F1")
-        ax.set_xlabel("round")
-        ax.set_ylabel("score")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        loss_ax = ax.twinx()
-        loss_ax.plot(rounds, [r["heldout_loss"] for r in rows], color="grey", ls="--", label="held-out loss")
-        loss_ax.set_ylabel("loss")
-        handles = ax.get_legend_handles_labels()[0] + loss_ax.get_legend_handles_labels()[0]
-        ax.legend(handles, [h.get_label() for h in handles], loc="center right")
+            axes = [ax]
+        else:
+            ax.plot(rounds, [r["heldout_accuracy"] for r in rows], marker="o", label="held-out accuracy")
+            ax.plot(rounds, [r["heldout_macro_f1"] for r in rows], marker="s", label="held-out macro-F1")
+            ax.set_ylabel("score")
+            ax.set_ylim(0, 1)
+            loss_ax = ax.twinx()
+            loss_ax.plot(rounds, [r["heldout_loss"] for r in rows], color="grey", ls="--", label="held-out loss")
+            loss_ax.set_ylabel("loss")
+            axes = [ax, loss_ax]
+        if best_round is not None:
+            ax.axvline(best_round, color="green", ls=":", lw=1.5, label=f"best round ({best_round})")
+        handles = [h for a in axes for h in a.get_legend_handles_labels()[0]]
+        fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=min(4, len(handles)),
+                   frameon=False, fontsize=9)
         ax.set_title("fedtune: global adapter on the held-out set")
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         return self._save(fig, plt)
 
     def _save(self, fig, plt) -> Path:
-        fig.tight_layout()
         out = self.path / "metrics.png"
         fig.savefig(out, dpi=110)
         plt.close(fig)

@@ -31,6 +31,7 @@ class ServerState:
     status: str = "running"
     frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
     data: str = ""  # fingerprint of the training data and held-out set (data_fingerprint): resume checks it
+    scalars: object = None  # server.tensorboard.Scalars, once the run knows its first round
 
     @property
     def private(self) -> bool:

@@ -5,6 +5,8 @@
     fedtune plan --target-epsilon 3 --rounds 10 ...          noise needed for a privacy target
     fedtune audit RUN_DIR                                    check a run's privacy ledger
     fedtune export RUN_DIR OUT [--merged]                    save the adapter, or the merged model
+    fedtune evaluate RUN_DIR --data FILE [--round N|best|final] [--perturb typo,case,punct]
+                                                             score a run's adapter on a labelled file
 """
 
 from __future__ import annotations
@@ -55,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="Output directory.")
     export.add_argument("--merged", action="store_true",
                         help="Merge the adapter into the base model (a plain transformers model directory).")
+    score = sub.add_parser("evaluate", help="Score a run's adapter on a labelled file: per-class metrics, confusion "
+                                            "matrix, and optionally the drop under noisy input.")
+    score.add_argument("run_dir", help="A fedtune run directory.")
+    score.add_argument("--data", required=True, help="Labelled file (CSV/TSV/JSONL/Parquet), read like training data.")
+    score.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
+                       help="The file's data options (data-format, column-names, text-column, label-column, ...) "
+                            "and eval-batch-size; the rest comes from the run.")
+    score.add_argument("--round", default="final", help="A round number, best (best.json) or final (default).")
+    score.add_argument("--out", default=None, help="Output directory (default RUN_DIR/evaluations/<file>-round-N).")
+    score.add_argument("--perturb", default="", help="Comma-separated noise kinds to score too: typo, case, punct.")
+    score.add_argument("--rate", type=float, default=0.1, help="Noise rate of --perturb (default 0.1).")
+    score.add_argument("--seed", type=int, default=0, help="Seed of --perturb's noise (default 0).")
     node = sub.add_parser("supernode", help="Check a node's data and keys, then start flower-supernode with ARGS.")
     node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments.")
     return parser
@@ -161,6 +175,16 @@ def run_export(args) -> int:
     return 0
 
 
+def run_evaluate(args) -> int:
+    from server.scoring import evaluate_run, print_report, terminal_progress
+
+    folder, report = evaluate_run(args.run_dir, args.data, overrides=args.run_config, which=args.round, out=args.out,
+                                  perturbations=[k.strip() for k in args.perturb.split(",") if k.strip()],
+                                  rate=args.rate, seed=args.seed, progress=terminal_progress())
+    print_report(report, folder)
+    return 0
+
+
 def run_audit_command(args) -> int:
     from pathlib import Path
 
@@ -180,7 +204,7 @@ def run_simulate(args) -> int:
 
 
 COMMANDS = {"config": run_config_listing, "plan": run_plan, "certs": run_certs, "supernode": run_supernode,
-            "export": run_export, "audit": run_audit_command, "simulate": run_simulate}
+            "export": run_export, "evaluate": run_evaluate, "audit": run_audit_command, "simulate": run_simulate}
 
 
 def main(argv: list[str] | None = None) -> int:

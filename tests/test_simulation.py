@@ -64,6 +64,45 @@ def test_three_clients_two_rounds_learn_and_leave_a_readable_run_dir(tmp_path):
     labels = config["labels"].split(",")
     base = base_classifier(config["model"], len(labels))
     PeftModel.from_pretrained(base, str(run / "adapters" / "final"))
+    check_evaluation_outputs(run, rows, labels)
+
+
+def check_evaluation_outputs(run, rows: list[dict], labels: list[str]) -> None:
+    """Issue 30 on a real run: per-class held-out figures every round, the best round's adapter,
+    TensorBoard scalars, and `fedtune evaluate` of the final adapter on the held-out set giving
+    the server's own figures."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from common.config import parse_run_config
+    from common.federation_data import heldout_set
+
+    for row in rows:
+        report = json.loads((run / "heldout" / f"round-{row['round']:04d}.json").read_text())
+        assert list(report["per_class"]) == labels and report["accuracy"] == row["heldout_accuracy"]
+        assert sum(map(sum, report["confusion"]["counts"])) == row["heldout_examples"]
+    best = max(rows, key=lambda r: (r["heldout_macro_f1"], -r["round"]))["round"]
+    assert json.loads((run / "best.json").read_text())["round"] == best
+    assert json.loads((run / "status.json").read_text())["best_round"] == best
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (run / "adapters" / "best" / name).read_bytes() == \
+            (run / "adapters" / f"round-{best:04d}" / name).read_bytes()
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert {"heldout/accuracy", "heldout/macro_f1", "heldout/loss", "train/loss", "clients/val_accuracy"} <= \
+        set(events.Tags()["scalars"])
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("heldout/accuracy")] == \
+        [(r["round"], round(r["heldout_accuracy"], 6)) for r in rows]
+    assert [e.step for e in events.Scalars("train/loss")] == [r["round"] for r in rows[1:]]
+
+    heldout = heldout_set(parse_run_config(json.loads((run / "config.json").read_text())))
+    data = run.parent / "heldout.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(heldout.texts, heldout.labels)))
+    scored = fedtune("evaluate", str(run), "--data", str(data), "--perturb", "typo,case", "--out", str(run.parent / "ev"))
+    assert scored.returncode == 0, scored.stdout[-3000:]
+    report = json.loads((run.parent / "ev" / "evaluation.json").read_text())
+    assert report["accuracy"] == pytest.approx(rows[-1]["heldout_accuracy"])
+    assert report["macro_f1"] == pytest.approx(rows[-1]["heldout_macro_f1"])
+    assert {"typo", "case"} <= set(report["perturbations"]) and "macro_f1" in scored.stdout
 
 
 def test_resumed_run_ends_with_the_same_adapter_and_a_reused_or_changed_run_dir_is_refused(tmp_path):
@@ -94,6 +133,30 @@ def test_resumed_run_ends_with_the_same_adapter_and_a_reused_or_changed_run_dir_
     assert changed.returncode != 0 and "lora-r: checkpoint 8, now 4" in changed.stdout
     assert SERVER_STARTED not in again.stdout + changed.stdout  # refused before the engine started
     assert len(list((tmp_path / "full" / "checkpoints").glob("*.safetensors"))) == 3  # nothing lost
+
+
+def test_early_stopping_ends_the_run_and_a_resume_keeps_its_best_round_and_its_stop(tmp_path):
+    """A learning rate too small to change any prediction: no round beats round 0's macro-F1, so
+    early-stopping-rounds = 1 ends the run after round 1 as early-stopped with round 0 as best. A
+    resume (adapters/best lost meanwhile) restores adapters/best and stops again without training;
+    with early stopping switched off it trains on, and round 0 stays the best."""
+    run = tmp_path / "run"
+    args = ["num-server-rounds=3", "learning-rate=1e-9", "fraction-evaluate=0.0"]
+    out = simulate(run, *args, "early-stopping-rounds=1").stdout
+    assert "stopping early before round 2: 1 rounds without a better heldout_macro_f1 than round 0's" in out
+    status = json.loads((run / "status.json").read_text())
+    assert status == {"status": "early-stopped", "rounds_completed": 1, "best_round": 0}
+    assert json.loads((run / "best.json").read_text())["round"] == 0
+    shutil.rmtree(run / "adapters" / "best")
+    out = simulate(run, *args, "early-stopping-rounds=1", "resume=true").stdout
+    assert "round 2/3" not in out and json.loads((run / "status.json").read_text())["status"] == "early-stopped"
+    assert (run / "adapters" / "best" / "adapter_model.safetensors").read_bytes() == \
+        (run / "adapters" / "round-0000" / "adapter_model.safetensors").read_bytes()
+    simulate(run, "num-server-rounds=2", *args[1:], "early-stopping-rounds=0", "resume=true")
+    rows = check_run_invariants(run, 2)
+    assert json.loads((run / "status.json").read_text()) == {"status": "completed", "rounds_completed": 2,
+                                                              "best_round": 0}
+    assert len({r["heldout_macro_f1"] for r in rows}) == 1
 
 
 def test_resume_on_changed_data_is_refused_before_the_engine_starts(tmp_path):

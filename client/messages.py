@@ -11,6 +11,9 @@ from common.federation_data import ClientData, deployed_client_data, simulated_c
 from common.flower import KEY_CLIPPING_NORM
 from common.records import FROZEN_KEY
 
+# Set by `fedtune simulate` for its client processes: a folder for the live progress display
+# (simulation/progress.py) to read, or "1" to keep per-step lines out of the log (--quiet).
+PROGRESS_DIR_ENV, QUIET_ENV = "FEDTUNE_PROGRESS_DIR", "FEDTUNE_QUIET"
 TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flower, its DP wrappers and the server
 
 

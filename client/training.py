@@ -5,16 +5,18 @@ transformers and PEFT load only in a ClientApp process that trains or evaluates.
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from logging import INFO, WARNING
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from client.messages import client_record, message_config, node_data, node_threads
+from client.messages import PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_threads
 from client.privacy import decide, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
@@ -26,6 +28,24 @@ from common.lm import encode_for_task, model_for_config
 from common.train import evaluate, round_schedule, train
 
 PROGRESS_EVERY = 10
+
+
+def progress_reporter(server_round: int, client_id: str):
+    """Local steps as a log line every PROGRESS_EVERY steps; under `fedtune simulate` on a
+    terminal, as a small file the driver's progress display reads instead; with --quiet, not at all."""
+    folder = os.environ.get(PROGRESS_DIR_ENV)
+    quiet = os.environ.get(QUIET_ENV) == "1"
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if folder:
+            state = {"round": server_round, "client": client_id, "step": step, "total": total, "loss": loss}
+            path = Path(folder) / f"{client_id}.json"
+            path.with_suffix(".tmp").write_text(json.dumps(state))
+            os.replace(path.with_suffix(".tmp"), path)  # the display reads a whole file, never a part
+        elif not quiet and (step % PROGRESS_EVERY == 0 or step == total):
+            log(INFO, "fedtune: [round %d] %s step %d/%d loss %.4f", server_round, client_id, step, total, loss)
+
+    return progress
 
 
 def set_threads(node_config) -> None:
@@ -76,10 +96,7 @@ def train_reply(msg: Message, context: Context) -> Message:
     s = open_session(msg, context)
     cfg, encoded = s.cfg, s.encode(s.data.train)
 
-    def progress(step: int, total: int, loss: float) -> None:
-        if step % PROGRESS_EVERY == 0 or step == total:
-            log(INFO, "fedtune: [round %d] %s step %d/%d loss %.4f", s.server_round, s.data.client_id, step, total, loss)
-
+    progress = progress_reporter(s.server_round, s.data.client_id)
     seed = client_seed(cfg.seed, s.server_round, s.data.client_id)
     privacy = None
     if cfg.dp_sample:

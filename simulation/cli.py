@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-clients", type=int, default=3, help="Simulated clients (default 3).")
     sim.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                      help="Override a config key (repeatable), as with `flwr run --run-config`.")
+    sim.add_argument("--quiet", action="store_true",
+                     help="No live progress display and no per-step client lines: one line per round (for logs).")
     sim.add_argument("--client-app", default="client.app:app", metavar="MODULE:ATTR",
                      help="ClientApp to simulate (e.g. simulation.faults:app for fault injection).")
     sub.add_parser("config", help="List every config key with its default and help.")
@@ -199,7 +201,7 @@ def run_simulate(args) -> int:
     from simulation.run import parse_overrides, prepare, simulate
 
     cfg = prepare(parse_overrides(args.run_config), args.num_clients)
-    simulate(cfg, args.num_clients, args.client_app)
+    simulate(cfg, args.num_clients, args.client_app, quiet=args.quiet)
     return 0
 
 

@@ -74,7 +74,8 @@ def load_client_app(spec: str):
         raise ConfigError(f"--client-app: expected 'module:attribute' naming a ClientApp, got {spec!r} ({err})") from None
 
 
-def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "client.app:app") -> None:
+def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "client.app:app", *,
+             quiet: bool = False) -> None:
     """Start the simulation engine with fedtune's ServerApp and a ClientApp."""
     # Ray has no authentication: its GCS, raylet and workers must listen on loopback only. On
     # Linux Ray takes the machine's network address as the node's and listens on all interfaces
@@ -86,6 +87,7 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
 
     from server.loop import run_server
     from server.resume import preflight
+    from simulation.progress import progress_display
 
     client_app = load_client_app(client_app_spec)
     preflight(cfg)  # the server's run-dir refusals, before the engine's start-up rather than after
@@ -97,7 +99,7 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
         run_server(grid, cfg)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every client's progress lines
-    with stop_on_interrupt(Path(cfg.run_dir)):
+    with stop_on_interrupt(Path(cfg.run_dir)), progress_display(Path(cfg.run_dir), cfg.num_server_rounds, quiet=quiet):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
                        backend_config=backend_config(cfg, num_clients))
 
@@ -127,6 +129,8 @@ def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
         if run_dir.is_dir():
             RunDir(run_dir).write_json("status.json", {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)",
                                                        "rounds_completed": rounds})
+        if sys.stderr.isatty():
+            sys.stderr.write("\x1b[?25h")  # the progress display hides the cursor; os._exit skips its cleanup
         print(f"\nfedtune: interrupted after round {rounds}; results so far in {run_dir}; continue with "
               f"-c run-dir={run_dir} -c resume=true", file=sys.stderr, flush=True)
         for child in psutil.Process().children(recursive=True):  # Ray's GCS, raylet and client actors

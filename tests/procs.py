@@ -28,6 +28,40 @@ def run_cli(args: list[str], *, timeout: float, env: dict | None = None, cwd: Pa
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
 
 
+def run_in_terminal(args: list[str], *, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command with a pseudo-terminal as its stdin, stdout and stderr (what a person's shell
+    gives it); kill its whole process group on timeout. Returns the terminal's output, escapes and all."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, cwd=cwd, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{args[:4]} did not finish within {timeout}s; output tail:\n"
+                                     f"{b''.join(chunks)[-4000:].decode(errors='replace')}")
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every process holding the terminal has exited
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=30)
+    finally:
+        kill_group(proc.pid)
+        os.close(master)
+    return subprocess.CompletedProcess(args, proc.returncode, b"".join(chunks).decode(errors="replace"), "")
+
+
 def fedtune(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return run_cli([sys.executable, "-m", "simulation.cli", *args], timeout=timeout)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from peft import PeftModel
 from common.model import base_classifier
 from server.checkpoint import load_checkpoint
 from tests.invariants import check_run_invariants
-from tests.procs import fedtune, kill_matching, run_cli
+from tests.procs import fedtune, kill_matching, run_cli, run_in_terminal
 from tests.reliability import count
 from tests.conftest import REPO
 
@@ -139,11 +140,20 @@ def test_early_stopping_ends_the_run_and_a_resume_keeps_its_best_round_and_its_s
     """A learning rate too small to change any prediction: no round beats round 0's macro-F1, so
     early-stopping-rounds = 1 ends the run after round 1 as early-stopped with round 0 as best. A
     resume (adapters/best lost meanwhile) restores adapters/best and stops again without training;
-    with early stopping switched off it trains on, and round 0 stays the best."""
+    with early stopping switched off it trains on, and round 0 stays the best.
+    The first run has a terminal: one live display of rounds and clients replaces the clients'
+    step lines; the last runs with --quiet: one line per round."""
     run = tmp_path / "run"
     args = ["num-server-rounds=3", "learning-rate=1e-9", "fraction-evaluate=0.0"]
-    out = simulate(run, *args, "early-stopping-rounds=1").stdout
-    assert "stopping early before round 2: 1 rounds without a better heldout_macro_f1 than round 0's" in out
+    command = [sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", "3",
+               *sum([["-c", c] for c in [*SMALL, f'run-dir="{run}"', *args, "early-stopping-rounds=1"]], [])]
+    terminal = run_in_terminal(command, timeout=300)  # a person's terminal: the live progress display
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.stdout)
+    assert terminal.returncode == 0, out[-3000:]
+    flat = " ".join(out.split())  # log lines wrap at the terminal's width
+    assert "stopping early before round 2: 1 rounds without a better heldout_macro_f1 than round 0's" in flat
+    assert re.search(r"round 1 partition-0 +\S+ +6/6 +loss", out) and re.search(r"rounds +\S+ +1/3 +acc", out)
+    assert not re.search(r"step \d+/\d+", out)  # the display, not the clients' step lines
     status = json.loads((run / "status.json").read_text())
     assert status == {"status": "early-stopped", "rounds_completed": 1, "best_round": 0}
     assert json.loads((run / "best.json").read_text())["round"] == 0
@@ -152,7 +162,10 @@ def test_early_stopping_ends_the_run_and_a_resume_keeps_its_best_round_and_its_s
     assert "round 2/3" not in out and json.loads((run / "status.json").read_text())["status"] == "early-stopped"
     assert (run / "adapters" / "best" / "adapter_model.safetensors").read_bytes() == \
         (run / "adapters" / "round-0000" / "adapter_model.safetensors").read_bytes()
-    simulate(run, "num-server-rounds=2", *args[1:], "early-stopping-rounds=0", "resume=true")
+    quiet = fedtune("simulate", "--quiet", "--num-clients", "3", *sum([["-c", c] for c in [
+        *SMALL, f'run-dir="{run}"', "num-server-rounds=2", *args[1:], "early-stopping-rounds=0", "resume=true"]], []))
+    assert quiet.returncode == 0 and "round 2/2 | clients 3/3" in quiet.stdout
+    assert not re.search(r"step \d+/\d+", quiet.stdout)  # --quiet: a line per round, none per step
     rows = check_run_invariants(run, 2)
     assert json.loads((run / "status.json").read_text()) == {"status": "completed", "rounds_completed": 2,
                                                               "best_round": 0}

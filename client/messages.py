@@ -43,6 +43,15 @@ def node_threads(node_config) -> int:
     return value
 
 
+def node_device(node_config, cfg: FedtuneConfig):
+    """This node's torch device: its node config's `device`, else the run's (common/device.py)."""
+    from common.device import resolve_device  # torch: only the train and evaluate handlers call this
+
+    if "device" in node_config:
+        return resolve_device(str(node_config["device"]), where="device (node config)")
+    return resolve_device(cfg.device)
+
+
 def client_record(data: ClientData, server_round: int = 0) -> ConfigRecord:
     """Who replies, and to which round (the server rejects replies tagged with another round)."""
     return ConfigRecord({"client-id": data.client_id, "round": server_round})

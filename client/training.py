@@ -16,7 +16,9 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from client.messages import PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_threads
+from client.messages import (
+    PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_device, node_threads,
+)
 from client.privacy import decide, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
@@ -75,7 +77,7 @@ def open_session(msg: Message, context: Context) -> Session:
     cfg, server_round = message_config(msg)
     set_threads(context.node_config)
     labels = LabelMap.parse(cfg.labels)
-    model = model_for_config(cfg, len(labels))
+    model = model_for_config(cfg, len(labels)).to(node_device(context.node_config, cfg))
     if cfg.lora_freeze_a:
         check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
     set_adapter_state(model, record_to_state(msg.content["arrays"]))

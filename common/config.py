@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shlex
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -115,6 +116,7 @@ class FedtuneConfig:
     max_new_tokens: int = _f(32, "causal-lm: tokens generated for each sample prompt after every round.")
     sample_prompts: str = _f("", "causal-lm: '|'-separated prompts to generate from after every round; empty = the first 3 held-out instructions.")
     # Local training
+    device: str = _f("auto", "Where clients train and the server evaluates: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N; a deployed node's own `device` node-config key overrides it for that node.")
     local_epochs: int = _f(1, "Local epochs per round (ignored when local-steps > 0).")
     local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local-epochs.")
     batch_size: int = _f(16, "Local training batch size.")
@@ -224,6 +226,7 @@ class FedtuneConfig:
                               "example can span two blocks, so the per-example guarantee would not hold), got true")
         if self.task == "causal-lm" and self.best_metric in ("macro-f1", "accuracy"):
             raise ConfigError(f"best-metric: expected auto or loss with task = 'causal-lm', got {self.best_metric!r}")
+        check_device_spec(self.device)
         if self.resume and not self.run_dir:
             raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
 
@@ -252,6 +255,16 @@ class FedtuneConfig:
 
     def replace(self, **changes: Any) -> FedtuneConfig:
         return dataclasses.replace(self, **changes)
+
+
+DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_spec(spec: str, *, where: str = "device") -> str:
+    """auto, cpu, cuda or cuda:N (common/device.py resolves it on the machine that trains)."""
+    if not isinstance(spec, str) or not DEVICE_SPEC.match(spec):
+        raise ConfigError(f"{where}: expected auto, cpu, cuda or cuda:N, got {spec!r}")
+    return spec
 
 
 def config_keys() -> list[str]:
@@ -375,7 +388,7 @@ def parse_key_values(items: Sequence[str], *, what: str) -> dict[str, Any]:
 
 # The first key of each group, and the group's name, for the generated reference.
 GROUPS = {"num_server_rounds": "federation", "validate_updates": "update validation", "task": "model and LoRA",
-          "data": "data", "local_epochs": "local training", "dp_sample": "differential privacy",
+          "data": "data", "device": "local training", "dp_sample": "differential privacy",
           "run_dir": "outputs"}
 
 

@@ -29,6 +29,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: 
 
 logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() on import: undo it
 
+from common.device import model_device, noise_generator
 from common.errors import FedtuneError
 from common.privacy import Mechanism
 from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, pad_batch, run_steps
@@ -92,18 +93,19 @@ def dp_train(
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     loader = poisson_loader(data, batch_size=batch_size, pad_id=pad_id, seed=seed)
+    device = model_device(model)  # placed before the optimizer is built (see _check_same_parameters)
     gsm = GradSampleModule(model)
     try:
         optimizer = DPOptimizer(
             torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay),
             noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
             expected_batch_size=max(1, round(loader.sample_rate * len(data))),
-            generator=torch.Generator().manual_seed(seed + 1),
+            generator=noise_generator(seed + 1, device),
         )
         _check_same_parameters(gsm, optimizer)
 
         def step(batch) -> StepOutcome:  # the learning rate (set by run_steps) is post-processing
-            ids, mask, labels = batch
+            ids, mask, labels = (t.to(device, non_blocking=True) for t in batch)
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 _noise_only_step(optimizer)
@@ -146,7 +148,7 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, phy
 def _noise_only_step(optimizer: DPOptimizer) -> None:
     """An empty Poisson batch still releases a noisy (zero-sum) update, as the analysis assumes."""
     for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
 
 

@@ -54,8 +54,9 @@ def check_hardware(load_in: str, compute_dtype: str) -> None:
             f"False); on a CPU use load-in = 'none' and compute-dtype = 'float32'"
         )
     raise ConfigError(
-        f"{' and '.join(wanted)}: not supported yet: fedtune trains on the CPU only in this version "
-        f"(GPU placement and bitsandbytes quantization are open work, see issue 7)"
+        f"{' and '.join(wanted)}: not supported yet: fedtune places training on a GPU (device) but has no "
+        f"mixed precision or bitsandbytes quantization in this version; use load-in = 'none' and "
+        f"compute-dtype = 'float32'"
     )
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import LabelMap, TextDataset
+from common.device import model_device, to_device
 from common.metrics import confusion_matrix
 
 # Counts tokenizer passes in this process, so tests can prove tokenization is cached.
@@ -228,12 +229,13 @@ def train(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     lengths = [len(s) for s in data.input_ids]
+    device = model_device(model)
 
     def epoch():
         return batch_order(lengths, batch_size, rng, group_by_length=group_by_length)
 
     def step(batch_idx) -> StepOutcome:
-        batch = collate(data, batch_idx, pad_id)
+        batch = to_device(collate(data, batch_idx, pad_id), device)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = batch_loss(out.logits, batch["labels"], data.task)
         objective = loss if anchor is None else loss + proximal_term(params, anchor, mu=proximal_mu)
@@ -268,13 +270,13 @@ def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_si
         return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0,
                 "confusion": np.zeros((num_labels, num_labels), dtype=np.int64)}
     order = np.argsort([len(s) for s in data.input_ids], kind="stable")
-    loss_sum, preds = 0.0, np.empty(len(data), dtype=np.int64)
+    loss_sum, preds, device = 0.0, np.empty(len(data), dtype=np.int64), model_device(model)
     for i in range(0, len(data), batch_size):
         idx = order[i : i + batch_size]
-        batch = collate(data, idx, pad_id)
+        batch = to_device(collate(data, idx, pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        preds[idx] = logits.argmax(dim=-1).numpy()
+        preds[idx] = logits.argmax(dim=-1).cpu().numpy()
         if progress is not None:
             progress(min(i + batch_size, len(data)), len(data))
     return {
@@ -306,9 +308,9 @@ def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch
     if len(data) == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "examples": 0, "tokens": 0}
     order = np.argsort([len(s) for s in data.input_ids], kind="stable")
-    nll_sum, tokens = 0.0, 0
+    nll_sum, tokens, device = 0.0, 0, model_device(model)
     for i in range(0, len(data), batch_size):
-        batch = collate(data, order[i : i + batch_size], pad_id)
+        batch = to_device(collate(data, order[i : i + batch_size], pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, counts = token_nll(logits.float(), batch["labels"])
         nll_sum += nll.sum().item()

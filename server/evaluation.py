@@ -11,6 +11,7 @@ import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from common.device import resolve_device
 from common.federation_data import heldout_set
 from common.lm import encode_for_task, generate, model_for_config, sample_prompts
 from common.metrics import class_report, plot_confusion, write_confusion_csv
@@ -24,7 +25,7 @@ from server.state import ServerState
 def evaluation_row(state: ServerState, server_round: int) -> dict:
     """Evaluate the global adapter on the server's held-out set."""
     cfg = state.cfg
-    model = model_for_config(cfg, len(state.labels))
+    model = model_for_config(cfg, len(state.labels)).to(resolve_device(cfg.device))
     tokenizer = load_tokenizer(cfg.model)
     set_adapter_state(model, state.arrays)
     heldout = encode_for_task(cfg, heldout_set(cfg), tokenizer, state.labels, where="held-out set")

@@ -19,7 +19,8 @@ from server.rundir import RunDir
 from server.state import ServerState, initial_state, with_labels
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"num-server-rounds", "resume", "run-dir", "round-timeout", "best-metric", "early-stopping-rounds"}
+RESUMABLE_CHANGES = {"num-server-rounds", "resume", "run-dir", "round-timeout", "best-metric", "early-stopping-rounds",
+                     "device"}
 
 
 def preflight(cfg: FedtuneConfig) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from common.config import parse_key_values, parse_run_config
 from common.data import LabelMap
+from common.device import resolve_device
 from common.errors import CheckpointError, ConfigError, DataError
 from common.federation_data import DATA_KEYS, read_for_task
 from common.lm import encode_for_task, model_for_config
@@ -32,7 +33,7 @@ from common.train import evaluate
 from server.checkpoint import NAME, latest_checkpoint, load_checkpoint
 
 # What `-c` may set for the scored file: its data options, and the batch size.
-OPTIONS = ("eval-batch-size",)
+OPTIONS = ("eval-batch-size", "device")
 
 
 def checkpoint_for(run_dir: Path, which: str) -> Path:
@@ -80,8 +81,9 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     if wrong:
         raise ConfigError(f"evaluate -c: expected keys among {', '.join(allowed)} (the scored file's data options), "
                           f"got {wrong}")
-    if "eval-batch-size" in options:
-        cfg = parse_run_config({**cfg.to_run_config(), "eval-batch-size": options.pop("eval-batch-size")})
+    moved = {k: options.pop(k) for k in OPTIONS if k in options}
+    if moved:
+        cfg = parse_run_config({**cfg.to_run_config(), **moved})
     run = cfg.to_run_config()
     dataset = read_for_task(cfg.task, data, {**{k: run[k] for k in DATA_KEYS[cfg.task]}, **options})
     if len(dataset) == 0:
@@ -96,7 +98,7 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which holds "
                           "files; refusing to overwrite them")
-    model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0)
+    model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0).to(resolve_device(cfg.device))
     set_adapter_state(model, ckpt.adapter)
     tokenizer = load_tokenizer(cfg.model)
 

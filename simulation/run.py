@@ -47,7 +47,10 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
         cfg = cfg.replace(run_dir=str(Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")))
     if num_clients < 1:
         raise ConfigError(f"num-clients: expected at least 1, got {num_clients}")
+    from common.device import resolve_device
     from server.strategy import robust_capacity_problem
+
+    resolve_device(cfg.device)  # cuda on a machine without one: refused before the engine starts
 
     problem = robust_capacity_problem(cfg, cfg.train_sample_size(num_clients))
     if problem:
@@ -109,7 +112,10 @@ def backend_config(cfg: FedtuneConfig, num_clients: int) -> dict:
     with an equal share of the cores. Ray sets each client actor's OMP_NUM_THREADS to its
     num_cpus, which is what a client's torch threads default to (client/training.py)."""
     parallel, threads = plan_resources(cfg.train_sample_size(num_clients))
-    return {"client_resources": {"num_cpus": threads, "num_gpus": 0.0},
+    from common.device import resolve_device
+
+    gpus = 1.0 / parallel if resolve_device(cfg.device).type == "cuda" else 0.0  # the clients share one GPU
+    return {"client_resources": {"num_cpus": threads, "num_gpus": gpus},
             "init_args": {"num_cpus": parallel * threads, "include_dashboard": False}}
 
 

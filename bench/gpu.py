@@ -1,0 +1,182 @@
+"""fedtune's client training path against a plain PEFT (+ Opacus) loop, on whatever device it finds.
+
+    python bench/gpu.py --out DIR            about 8 minutes on a GPU
+    python bench/gpu.py --quick --out DIR    under 2 minutes on a CPU
+
+Both sides train LoRA on the packaged all-MiniLM-L6-v2 with the same examples, batch size and
+steps on the device `auto` resolves to (CUDA when torch sees one):
+- train: fedtune's `common.train.train` (what the ClientApp runs: shuffled batches, dynamic
+  padding, FedProx-free AdamW, gradient clipping) against a plain loop: the same LoRA model,
+  `tokenizer.pad` batches of the same examples, AdamW, clipping;
+- dp: fedtune's `common.dp_train.dp_train` (Poisson batches computed in length-sorted chunks,
+  fedtune's default dp-physical-batch-size) against Opacus' PrivacyEngine over a Poisson
+  DataLoader of the same expected batch, noise and clipping.
+Each side warms up first, then is timed; samples/s counts the examples stepped on. Writes
+gpu.json with the figures and `ratio_train`, `ratio_dp` (fedtune / plain loop: >= 0.8 is the
+target). Data: SST-2 train from ../shared/data when present, else the packaged chatterbot corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SST2 = Path(os.environ.get("FEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2" / "train.tsv"
+
+import common.dp_train  # noqa: E402,F401  (imports Opacus without its logging side effect)
+from common.config import FedtuneConfig  # noqa: E402
+from common.device import resolve_device  # noqa: E402
+from common.federation_data import federation_labels, train_and_heldout  # noqa: E402
+from common.lm import model_for_config  # noqa: E402
+from common.model import base_classifier, get_adapter_state, load_tokenizer, set_adapter_state  # noqa: E402
+from common.train import EncodedData, encode, train  # noqa: E402
+
+
+def settings(quick: bool, device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"examples": 8192, "batch": 32, "steps": 120, "dp_batch": 1024, "dp_steps": 24, "dp_physical": 256,
+                "max_length": 66}
+    if quick:
+        return {"examples": 1024, "batch": 32, "steps": 10, "dp_batch": 128, "dp_steps": 3, "dp_physical": 8,
+                "max_length": 64}
+    return {"examples": 4096, "batch": 32, "steps": 40, "dp_batch": 256, "dp_steps": 6, "dp_physical": 8,
+            "max_length": 64}
+
+
+def plain_model(cfg: FedtuneConfig, num_labels: int, device: torch.device):
+    """LoRA by PEFT directly on the same base classifier, with the same settings."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    base = base_classifier(cfg.model, num_labels, seed=cfg.seed)
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, target_modules=["query", "value"], modules_to_save=["classifier"])
+    return get_peft_model(base, lora).to(device)
+
+
+def plain_train(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr: float, device) -> float:
+    rng = np.random.default_rng(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    start, seen = time.perf_counter(), 0
+    for _ in range(steps):
+        idx = rng.choice(len(data), size=batch, replace=False)
+        enc = tokenizer.pad({"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt").to(device)
+        labels = torch.as_tensor(data.labels[idx], device=device)
+        loss = F.cross_entropy(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        seen += batch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def plain_dp(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr: float, device) -> float:
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader
+
+    def collate(items):
+        enc = tokenizer.pad({"input_ids": [ids for ids, _ in items]}, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"], torch.as_tensor([y for _, y in items], dtype=torch.long)
+
+    examples = list(zip(data.input_ids, data.labels.tolist()))
+    loader = DataLoader(examples, batch_size=batch, collate_fn=collate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    module, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.AdamW(params, lr=lr), data_loader=loader, noise_multiplier=1.0,
+        max_grad_norm=1.0, poisson_sampling=True)
+    start, seen, done = time.perf_counter(), 0, 0
+    while done < steps:
+        for ids, mask, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(labels):
+                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                F.cross_entropy(module(input_ids=ids, attention_mask=mask).logits, labels).backward()
+                seen += len(labels)
+            optimizer.step()
+            done += 1
+            if done >= steps:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    module._close()
+    return seen / (time.perf_counter() - start)
+
+
+def fedtune_train(model, data, pad_id: int, *, batch: int, steps: int, lr: float, device) -> float:
+    result = train(model, data, pad_id=pad_id, epochs=1, steps=steps, batch_size=batch, learning_rate=lr,
+                   weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result.examples / result.seconds
+
+
+def fedtune_dp(model, data, pad_id: int, *, batch: int, steps: int, lr: float, physical: int, device) -> float:
+    from common.dp_train import dp_train
+
+    result, _ = dp_train(model, data, pad_id=pad_id, steps=steps, batch_size=batch, learning_rate=lr,
+                         weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=0,
+                         physical_batch_size=physical)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result.examples / result.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="A CPU-sized run (under 2 minutes).")
+    args = parser.parse_args()
+    device = resolve_device("auto")
+    s = settings(args.quick, device)
+    source = {"data": str(SST2), "text_column": "sentence"} if SST2.exists() else {}
+    cfg = FedtuneConfig(max_train_examples=s["examples"], max_length=s["max_length"], device="auto", **source)
+    labels = federation_labels(cfg)
+    cfg = cfg.replace(labels=labels.to_spec())
+    tok = load_tokenizer(cfg.model)
+    data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=cfg.max_length, where="bench")
+    ours = model_for_config(cfg, len(labels)).to(device)
+    initial = get_adapter_state(ours)
+    plain = plain_model(cfg, len(labels), device)
+    lr = cfg.learning_rate
+    figures: dict = {}
+    for name, run in [
+        ("train", lambda: (fedtune_train(ours, data, tok.pad_token_id, batch=s["batch"], steps=s["steps"], lr=lr,
+                                         device=device),
+                           plain_train(plain, data, tok, batch=s["batch"], steps=s["steps"], lr=lr, device=device))),
+        ("dp", lambda: (fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr,
+                                   physical=s["dp_physical"], device=device),
+                        plain_dp(plain, data, tok, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, device=device))),
+    ]:
+        set_adapter_state(ours, initial)
+        run()  # warm-up: kernels, allocator, Opacus hooks
+        set_adapter_state(ours, initial)
+        fed, ref = run()
+        figures[name] = {"fedtune_samples_per_s": round(fed, 1), "plain_samples_per_s": round(ref, 1)}
+        figures[f"ratio_{name}"] = round(fed / ref, 3)
+        print(f"{name}: fedtune {fed:.1f} samples/s, plain loop {ref:.1f} samples/s, ratio {fed / ref:.3f}", flush=True)
+    result = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+              "quick": args.quick, "data": cfg.data, "settings": s, **figures}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

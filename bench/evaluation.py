@@ -4,9 +4,10 @@
 
 default: the default main job (`fedtune simulate`), then `fedtune evaluate` of its final adapter
   on its own held-out set written as a CSV, with --perturb typo,case,punct --rate 0.1.
-sst2: 4 clients on 4,000 SST-2 training sentences split by label skew (Dirichlet alpha 0.3),
-  6 rounds, early-stopping-rounds 2; then `fedtune evaluate` of dev.tsv with the best and the
-  final adapter, with the same perturbations.
+sst2-iid: 4 IID clients on 4,000 SST-2 training sentences, 3 rounds; then `fedtune evaluate` of
+  dev.tsv with the best and the final adapter, with the same perturbations.
+sst2-skew: the same with a strong label skew (Dirichlet alpha 0.3), 6 rounds, early-stopping-rounds
+  2: a run whose rounds get worse, so early stopping ends it and its best round is not its last.
 For each run: best.json, status.json and the TensorBoard scalar tags with their steps, read
 back from the event files. Writes results.json and results.md. About 15 minutes on 2 cores.
 Needs ../shared/data/sst2 (or FEDTUNE_SHARED_DATA) for the second part.
@@ -26,9 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("FEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
 PERTURB = ["--perturb", "typo,case,punct", "--rate", "0.1"]
-SST2_RUN = [f"data={json.dumps(str(SST2 / 'train.tsv'))}", f"heldout-data={json.dumps(str(SST2 / 'dev.tsv'))}",
-            'text-column="sentence"', "max-train-examples=4000", "dirichlet-alpha=0.3", "num-server-rounds=6",
-            "early-stopping-rounds=2", "fraction-evaluate=0.0"]
+SST2_DATA = [f"data={json.dumps(str(SST2 / 'train.tsv'))}", f"heldout-data={json.dumps(str(SST2 / 'dev.tsv'))}",
+             'text-column="sentence"', "max-train-examples=4000", "fraction-evaluate=0.0"]
+SST2_RUNS = {"sst2-iid": [*SST2_DATA, 'partitioner="iid"', "num-server-rounds=3"],
+             "sst2-skew": [*SST2_DATA, "dirichlet-alpha=0.3", "num-server-rounds=6", "early-stopping-rounds=2"]}
 
 
 def fedtune(*args: str) -> str:
@@ -81,11 +83,13 @@ def main() -> None:
             csv.writer(handle).writerows([("text", "label"), *zip(heldout.texts, heldout.labels)])
         results["default"] = {**run_summary(run), "evaluate_final": evaluation(run, data, "final", args.out / "default-eval")}
     if SST2.is_dir():
-        run = args.out / "sst2-run"
-        fedtune("simulate", "--num-clients", "4", *sum([["-c", c] for c in [*SST2_RUN, f"run-dir={json.dumps(str(run))}"]], []))
-        dev = SST2 / "dev.tsv"
-        results["sst2"] = {**run_summary(run), "evaluate_best": evaluation(run, dev, "best", args.out / "sst2-eval-best"),
-                           "evaluate_final": evaluation(run, dev, "final", args.out / "sst2-eval-final")}
+        for name, settings in SST2_RUNS.items():
+            run = args.out / f"{name}-run"
+            fedtune("simulate", "--num-clients", "4",
+                    *sum([["-c", c] for c in [*settings, f"run-dir={json.dumps(str(run))}"]], []))
+            dev = SST2 / "dev.tsv"
+            results[name] = {**run_summary(run), "evaluate_best": evaluation(run, dev, "best", args.out / f"{name}-eval-best"),
+                             "evaluate_final": evaluation(run, dev, "final", args.out / f"{name}-eval-final")}
     else:
         print(f"skipping SST-2: {SST2} not found", flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))

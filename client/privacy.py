@@ -75,7 +75,7 @@ def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         noise_multiplier=decision.planned.noise_multiplier, clipping_norm=cfg.dp_clipping_norm,
         seed=seed, progress=progress, physical_batch_size=cfg.dp_physical_batch_size,
-        lr_at=round_schedule(cfg, server_round),
+        lr_at=round_schedule(cfg, server_round), compute_dtype=cfg.compute_dtype,
     )
     if not math.isclose(mechanism.sample_rate, decision.planned.sample_rate):
         raise RuntimeError(

@@ -23,6 +23,7 @@ from client.privacy import decide, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
+from common.device import check_precision
 from common.federation_data import ClientData
 from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, set_adapter_state
@@ -77,7 +78,9 @@ def open_session(msg: Message, context: Context) -> Session:
     cfg, server_round = message_config(msg)
     set_threads(context.node_config)
     labels = LabelMap.parse(cfg.labels)
-    model = model_for_config(cfg, len(labels)).to(node_device(context.node_config, cfg))
+    device = node_device(context.node_config, cfg)
+    check_precision(device, cfg.compute_dtype)
+    model = model_for_config(cfg, len(labels)).to(device)
     if cfg.lora_freeze_a:
         check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
     set_adapter_state(model, record_to_state(msg.content["arrays"]))
@@ -120,6 +123,7 @@ def train_reply(msg: Message, context: Context) -> Message:
             max_grad_norm=cfg.max_grad_norm, seed=seed,
             proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
             group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
+            compute_dtype=cfg.compute_dtype,
         )
     metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
     content = RecordDict({
@@ -135,7 +139,7 @@ def train_reply(msg: Message, context: Context) -> Message:
 def evaluate_reply(msg: Message, context: Context) -> Message:
     s = open_session(msg, context)
     result = evaluate(s.model, s.encode(s.data.val), pad_id=s.tokenizer.pad_token_id,
-                      batch_size=s.cfg.eval_batch_size, num_labels=len(s.labels))
+                      batch_size=s.cfg.eval_batch_size, num_labels=len(s.labels), compute_dtype=s.cfg.compute_dtype)
     has_data = result["examples"] > 0  # NaN metrics would poison the weighted average
     names = ("loss", "perplexity") if s.cfg.task == "causal-lm" else ("loss", "accuracy", "macro_f1")
     metrics = MetricRecord({"num-examples": result["examples"],

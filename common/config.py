@@ -30,7 +30,7 @@ ClientDP = Literal["off", "server-fixed", "client-fixed", "server-adaptive"]
 Task = Literal["classification", "causal-lm"]
 PromptTemplate = Literal["auto", "alpaca", "plain"]
 LoadIn = Literal["none", "8bit", "4bit"]
-ComputeDtype = Literal["float32", "bfloat16"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
 LRSchedule = Literal["constant", "cosine"]
 BestMetric = Literal["auto", "macro-f1", "accuracy", "loss"]
 
@@ -90,7 +90,7 @@ class FedtuneConfig:
     lora_target_modules: str = _f("", "Comma-separated module names to adapt; empty = the architecture's default.")
     lora_freeze_a: bool = _f(False, "FFA-LoRA: keep the A matrices at their seeded init and train only B (exact averaging; A does not travel).")
     load_in: LoadIn = _f("none", "causal-lm: quantize the frozen base model to 8 or 4 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
-    compute_dtype: ComputeDtype = _f("float32", "causal-lm: dtype of the base model's weights; bfloat16 needs a CUDA GPU.")
+    compute_dtype: ComputeDtype = _f("float32", "Mixed precision on a CUDA device: forward passes autocast to bfloat16 or float16 (LoRA weights and optimizer state stay float32; float16 adds loss scaling and is refused with dp-sample); float32 = none. Refused where training runs on a CPU.")
     # Data
     data: str = _f(DEFAULT_DATA, "Training data: 'packaged:chatterbot', a CSV/TSV/JSONL/Parquet path, or 'hf:<dataset>' (online only).")
     heldout_data: str = _f("", "Server's held-out data (same forms as `data`); empty = split from `data`.")
@@ -216,11 +216,14 @@ class FedtuneConfig:
             raise ConfigError(f"min-learning-rate: expected at most learning-rate ({self.learning_rate}), "
                               f"got {self.min_learning_rate}")
         if self.task == "classification":
-            lm_only = {"load_in": "none", "compute_dtype": "float32", "packing": False}
+            lm_only = {"load_in": "none", "packing": False}
             for name, default in lm_only.items():
                 if getattr(self, name) != default:
                     raise ConfigError(f"{name.replace('_', '-')}: only used with task = 'causal-lm', got "
                                       f"{getattr(self, name)!r} with task = 'classification'")
+        if self.compute_dtype == "float16" and self.dp_sample:
+            raise ConfigError("compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
+                              "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)")
         if self.packing and self.dp_sample:
             raise ConfigError("packing: expected false with dp-sample = true (a packed block mixes examples and an "
                               "example can span two blocks, so the per-example guarantee would not hold), got true")

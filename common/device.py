@@ -5,12 +5,17 @@
     cuda      the first GPU; refused where torch sees none
     cuda:N    GPU N; refused where torch sees fewer
 
+With compute-dtype bfloat16 or float16 (CUDA only) the forward passes autocast to it; the
+parameters and optimizer state stay float32.
+
 Model, batches, optimizer state and DP per-sample gradients live on that device; what leaves a
 process (adapters on the wire, checkpoints, metrics) is always CPU numpy, so CPU and GPU
 clients join one federation with the same adapter format.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -49,3 +54,23 @@ def noise_generator(seed: int, device: torch.device) -> torch.Generator:
     """A seeded generator on the device the DP noise is drawn on (Opacus draws it beside the
     gradients; a CPU generator cannot draw CUDA noise)."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def check_precision(device: torch.device, compute_dtype: str) -> None:
+    """Mixed precision is for CUDA devices: refuse it, saying so, where training runs on a CPU."""
+    if compute_dtype != "float32" and device.type != "cuda":
+        raise ConfigError(f"compute-dtype = {compute_dtype!r}: expected a CUDA device for mixed precision, got "
+                          f"{device.type} (device resolves to it here); use compute-dtype = 'float32' on a CPU")
+
+
+def autocast(device: torch.device, compute_dtype: str):
+    """The forward pass's precision: float32 as is, else torch.autocast to `compute_dtype` (the
+    parameters, so the LoRA weights and the optimizer state, stay float32)."""
+    if compute_dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, compute_dtype))
+
+
+def grad_scaler(device: torch.device, compute_dtype: str):
+    """float16 gradients underflow without loss scaling; bfloat16 and float32 need none."""
+    return torch.amp.GradScaler(device.type) if compute_dtype == "float16" else None

@@ -29,7 +29,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: 
 
 logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() on import: undo it
 
-from common.device import model_device, noise_generator
+from common.device import autocast, model_device, noise_generator
 from common.errors import FedtuneError
 from common.privacy import Mechanism
 from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, pad_batch, run_steps
@@ -77,7 +77,7 @@ def dp_train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, noise_multiplier: float, clipping_norm: float, seed: int,
     progress: Callable[[int, int, float], None] | None = None, physical_batch_size: int = 0,
-    lr_at: Callable[[float], float] | None = None,
+    lr_at: Callable[[float], float] | None = None, compute_dtype: str = "float32",
 ) -> tuple[TrainResult, Mechanism]:
     """`steps` DP-SGD steps (per-sample clipping to `clipping_norm`, Gaussian noise).
 
@@ -86,7 +86,14 @@ def dp_train(
     length and run in chunks of that many examples, each padded only to its own longest
     member. Per-sample gradients are clipped and summed across the chunks and noised once per
     logical batch (Opacus' skip-step accumulation), so the released update is the same.
+
+    With `compute_dtype` bfloat16 the forward pass runs under autocast; the per-sample gradients
+    are cast to the parameters' float32 before clipping, so clipping, noise and the update are
+    computed in float32 as without it. float16 is refused (its loss scaling would scale what is clipped).
     """
+    if compute_dtype == "float16":
+        raise DPTrainingError("DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
+                              "would scale the per-sample gradients before they are clipped)")
     if len(data) == 0:
         raise DPTrainingError("DP training: expected at least one example, got none")
     torch.manual_seed(seed)
@@ -110,7 +117,7 @@ def dp_train(
             if len(labels) == 0:
                 _noise_only_step(optimizer)
                 return StepOutcome(float("nan"), 0, 0, 0)
-            return _logical_step(gsm, optimizer, ids, mask, labels, data.task, physical_batch_size)
+            return _logical_step(gsm, optimizer, ids, mask, labels, data.task, physical_batch_size, compute_dtype)
 
         gsm.train()
         result = run_steps(lambda: loader, step, optimizer, total=steps, lr_at=lr_at, progress=progress)
@@ -121,7 +128,8 @@ def dp_train(
     return result, mechanism
 
 
-def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, physical: int) -> StepOutcome:
+def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, physical: int,
+                  compute_dtype: str = "float32") -> StepOutcome:
     """One DP-SGD step on a logical (Poisson) batch, in length-sorted physical chunks."""
     lengths = mask.sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
@@ -130,9 +138,12 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, phy
     for i, chunk in enumerate(chunks):
         width = int(lengths[chunk].max())
         chunk_labels = labels[chunk, :width] if task == "causal-lm" else labels[chunk]
-        loss = batch_loss(gsm(input_ids=ids[chunk, :width], attention_mask=mask[chunk, :width]).logits,
-                          chunk_labels, task)
+        with autocast(ids.device, compute_dtype):
+            logits = gsm(input_ids=ids[chunk, :width], attention_mask=mask[chunk, :width]).logits
+        loss = batch_loss(logits.float(), chunk_labels, task)
         loss.backward()
+        if compute_dtype != "float32":
+            _per_sample_grads_in_param_dtype(optimizer)
         last = i == len(chunks) - 1
         if not last:
             optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only; noise once, at the end
@@ -143,6 +154,14 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, phy
         real += int(lengths[chunk].sum())
         processed += len(chunk) * width
     return StepOutcome(loss_sum / len(order), len(order), real, processed)
+
+
+def _per_sample_grads_in_param_dtype(optimizer: DPOptimizer) -> None:
+    """Under autocast Opacus computes per-sample gradients in the activations' dtype; clipping,
+    accumulation and noise then run in the parameters' float32."""
+    for p in optimizer.params:
+        if getattr(p, "grad_sample", None) is not None and p.grad_sample.dtype != p.dtype:
+            p.grad_sample = p.grad_sample.to(p.dtype)
 
 
 def _noise_only_step(optimizer: DPOptimizer) -> None:

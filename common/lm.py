@@ -42,35 +42,32 @@ def check_causal_lm(model: str) -> None:
         )
 
 
-def check_hardware(load_in: str, compute_dtype: str) -> None:
-    """8/4-bit bases and bfloat16 are for GPUs: say so clearly rather than fail deep in a library."""
-    wanted = [f"load-in = {load_in!r}"] if load_in != "none" else []
-    wanted += [f"compute-dtype = {compute_dtype!r}"] if compute_dtype != "float32" else []
-    if not wanted:
+def check_hardware(load_in: str) -> None:
+    """8/4-bit bases are for GPUs: say so clearly rather than fail deep in a library."""
+    if load_in == "none":
         return
     if not torch.cuda.is_available():
         raise ConfigError(
-            f"{' and '.join(wanted)}: expected a CUDA GPU, but torch sees none (torch.cuda.is_available() is "
-            f"False); on a CPU use load-in = 'none' and compute-dtype = 'float32'"
+            f"load-in = {load_in!r}: expected a CUDA GPU, but torch sees none (torch.cuda.is_available() is "
+            f"False); on a CPU use load-in = 'none'"
         )
     raise ConfigError(
-        f"{' and '.join(wanted)}: not supported yet: fedtune places training on a GPU (device) but has no "
-        f"mixed precision or bitsandbytes quantization in this version; use load-in = 'none' and "
-        f"compute-dtype = 'float32'"
+        f"load-in = {load_in!r}: not supported yet: bitsandbytes quantization (QLoRA) is not built in this "
+        f"version; use load-in = 'none' (compute-dtype = 'bfloat16' saves activation memory on a GPU)"
     )
 
 
 @functools.lru_cache(maxsize=2)
 def load_lora_causal_lm(
     model: str, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...], seed: int,
-    freeze_a: bool = False, load_in: str = "none", compute_dtype: str = "float32",
+    freeze_a: bool = False, load_in: str = "none",
 ) -> PeftModel:
     """The base causal LM, loaded once per process, wrapped with a LoRA adapter.
 
     LoRA targets PEFT's default modules for the architecture (c_attn for GPT-2, q_proj and
     v_proj for Llama, Qwen and Mistral) unless `target_modules` names others.
     """
-    check_hardware(load_in, compute_dtype)
+    check_hardware(load_in)
     check_causal_lm(model)
     LOAD_COUNT["base_model"] += 1
     transformers.logging.set_verbosity_error()
@@ -192,7 +189,7 @@ def model_for_config(cfg, num_labels: int) -> PeftModel:
         return load_lora_causal_lm(
             cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
             target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-            load_in=cfg.load_in, compute_dtype=cfg.compute_dtype,
+            load_in=cfg.load_in,
         )
     return load_lora_model(
         cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import LabelMap, TextDataset
-from common.device import model_device, to_device
+from common.device import autocast, grad_scaler, model_device, to_device
 from common.metrics import confusion_matrix
 
 # Counts tokenizer passes in this process, so tests can prove tokenization is cached.
@@ -214,9 +214,12 @@ def train(
     model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
     learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
     proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
-    group_by_length: bool = False, lr_at: Callable[[float], float] | None = None,
+    group_by_length: bool = False, lr_at: Callable[[float], float] | None = None, compute_dtype: str = "float32",
 ) -> TrainResult:
     """Train the adapter with AdamW (started afresh) for `steps` steps, or `epochs` epochs when steps == 0.
+
+    `compute_dtype` bfloat16 or float16 runs the forward pass under autocast (float16 with loss
+    scaling); the trainable weights and AdamW's state stay float32.
 
     With proximal_mu > 0 the FedProx term mu/2 * ||w - w_global||^2 over the trainable
     weights is added to the loss (Li et al. 2020, https://arxiv.org/abs/1812.06127).
@@ -230,20 +233,28 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     lengths = [len(s) for s in data.input_ids]
     device = model_device(model)
+    scaler = grad_scaler(device, compute_dtype)
 
     def epoch():
         return batch_order(lengths, batch_size, rng, group_by_length=group_by_length)
 
     def step(batch_idx) -> StepOutcome:
         batch = to_device(collate(data, batch_idx, pad_id), device)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = batch_loss(out.logits, batch["labels"], data.task)
+        with autocast(device, compute_dtype):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = batch_loss(out.logits.float(), batch["labels"], data.task)
         objective = loss if anchor is None else loss + proximal_term(params, anchor, mu=proximal_mu)
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        (objective if scaler is None else scaler.scale(objective)).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skips a step whose gradients overflowed
+            scaler.update()
         mask = batch["attention_mask"]
         return StepOutcome(loss.item(), len(batch_idx), int(mask.sum()), mask.numel())
 
@@ -259,13 +270,14 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int, num_labels: int,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, compute_dtype: str = "float32") -> dict:
     """Loss, accuracy, macro-F1 and the confusion matrix (common/metrics.py) over `data`, in
     batches sorted by length; for a causal LM, loss and perplexity per response token.
     `progress(examples done, examples)` is called after every batch."""
     model.eval()
     if data.task == "causal-lm":
-        return evaluate_lm(model, data, pad_id=pad_id, batch_size=batch_size, progress=progress)
+        return evaluate_lm(model, data, pad_id=pad_id, batch_size=batch_size, progress=progress,
+                           compute_dtype=compute_dtype)
     if len(data) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0,
                 "confusion": np.zeros((num_labels, num_labels), dtype=np.int64)}
@@ -274,7 +286,8 @@ def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_si
     for i in range(0, len(data), batch_size):
         idx = order[i : i + batch_size]
         batch = to_device(collate(data, idx, pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with autocast(device, compute_dtype):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         preds[idx] = logits.argmax(dim=-1).cpu().numpy()
         if progress is not None:
@@ -303,7 +316,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int,
-                progress: Callable[[int, int], None] | None = None) -> dict:
+                progress: Callable[[int, int], None] | None = None, compute_dtype: str = "float32") -> dict:
     """Token-level mean NLL over all labelled (response) tokens, and its exponential."""
     if len(data) == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "examples": 0, "tokens": 0}
@@ -311,7 +324,8 @@ def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch
     nll_sum, tokens, device = 0.0, 0, model_device(model)
     for i in range(0, len(data), batch_size):
         batch = to_device(collate(data, order[i : i + batch_size], pad_id), device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with autocast(device, compute_dtype):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, counts = token_nll(logits.float(), batch["labels"])
         nll_sum += nll.sum().item()
         tokens += int(counts.sum().item())

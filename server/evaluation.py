@@ -30,7 +30,7 @@ def evaluation_row(state: ServerState, server_round: int) -> dict:
     set_adapter_state(model, state.arrays)
     heldout = encode_for_task(cfg, heldout_set(cfg), tokenizer, state.labels, where="held-out set")
     res = evaluate(model, heldout, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
-                   num_labels=len(state.labels))
+                   num_labels=len(state.labels), compute_dtype=cfg.compute_dtype)
     names = ("loss", "perplexity") if cfg.task == "causal-lm" else ("loss", "accuracy", "macro_f1")
     row = {"round": server_round, **{f"heldout_{n}": res[n] for n in names}, "heldout_examples": res["examples"]}
     if cfg.task == "causal-lm":

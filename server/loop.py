@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from common.budget import privacy_dir
 from common.config import FedtuneConfig
-from common.device import resolve_device
+from common.device import check_precision, resolve_device
 from common.errors import FedtuneError
 from common.flower import (
     OrderedGrid, dp_clipping_norm, find_strategy, seed_sampling_and_noise, set_dp_sample_size, strategy_state,
@@ -56,8 +56,8 @@ class RunFailed(FedtuneError, RuntimeError):
 def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     """Run (or resume) a whole federated fine-tuning run; returns the per-round rows."""
     cfg, labels = with_labels(cfg)
-    resolve_device(cfg.device)  # a device this machine lacks, a bad model or lora-target-modules:
-    model_for_config(cfg, len(labels))  # each fails before the run dir exists
+    check_precision(resolve_device(cfg.device), cfg.compute_dtype)  # a device this machine lacks, a bad model,
+    model_for_config(cfg, len(labels))  # lora-target-modules: each fails before the run dir exists
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)
     model, state = initial_state(cfg, labels, run)

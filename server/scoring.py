@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common.config import parse_key_values, parse_run_config
 from common.data import LabelMap
-from common.device import resolve_device
+from common.device import check_precision, resolve_device
 from common.errors import CheckpointError, ConfigError, DataError
 from common.federation_data import DATA_KEYS, read_for_task
 from common.lm import encode_for_task, model_for_config
@@ -33,7 +33,7 @@ from common.train import evaluate
 from server.checkpoint import NAME, latest_checkpoint, load_checkpoint
 
 # What `-c` may set for the scored file: its data options, and the batch size.
-OPTIONS = ("eval-batch-size", "device")
+OPTIONS = ("eval-batch-size", "device", "compute-dtype")
 
 
 def checkpoint_for(run_dir: Path, which: str) -> Path:
@@ -98,7 +98,9 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which holds "
                           "files; refusing to overwrite them")
-    model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0).to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    check_precision(device, cfg.compute_dtype)
+    model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0).to(device)
     set_adapter_state(model, ckpt.adapter)
     tokenizer = load_tokenizer(cfg.model)
 
@@ -106,7 +108,7 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
         part = dataset if texts is None else replace(dataset, texts=texts, cache={})
         encoded = encode_for_task(cfg, part, tokenizer, labels, where=repr(data))
         return evaluate(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
-                        num_labels=len(labels), progress=(lambda d, n: progress(what, d, n)) if progress else None)
+                        num_labels=len(labels), compute_dtype=cfg.compute_dtype, progress=(lambda d, n: progress(what, d, n)) if progress else None)
 
     clean = score(None, "clean")
     names = ("loss", "perplexity") if cfg.task == "causal-lm" else ("accuracy", "macro_f1", "loss")

@@ -47,10 +47,10 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
         cfg = cfg.replace(run_dir=str(Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")))
     if num_clients < 1:
         raise ConfigError(f"num-clients: expected at least 1, got {num_clients}")
-    from common.device import resolve_device
+    from common.device import check_precision, resolve_device
     from server.strategy import robust_capacity_problem
 
-    resolve_device(cfg.device)  # cuda on a machine without one: refused before the engine starts
+    check_precision(resolve_device(cfg.device), cfg.compute_dtype)  # refused before the engine starts
 
     problem = robust_capacity_problem(cfg, cfg.train_sample_size(num_clients))
     if problem:

@@ -120,11 +120,15 @@ def test_lora_targets_follow_the_architecture_and_can_be_overridden(tiny_gpt2, t
 def test_refusals_name_what_was_expected(tiny_gpt2):
     with pytest.raises(ConfigError, match="expects a causal language model.*BertModel"):
         model_for_config(FedtuneConfig(task="causal-lm"), 0)
-    for changes in ({"load_in": "4bit"}, {"load_in": "8bit"}, {"compute_dtype": "bfloat16"}):
+    for changes in ({"load_in": "4bit"}, {"load_in": "8bit"}):
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
         with pytest.raises(ConfigError, match="expected a CUDA GPU"):
             model_for_config(lm_config(tiny_gpt2, **changes), 0)
+    from common.device import check_precision, resolve_device  # compute-dtype: refused where training runs
+
+    with pytest.raises(ConfigError, match="compute-dtype = 'bfloat16': expected a CUDA device for mixed precision"):
+        check_precision(resolve_device("cpu"), lm_config(tiny_gpt2, compute_dtype="bfloat16").compute_dtype)
     with pytest.raises(ConfigError, match="only used with task = 'causal-lm'"):
         FedtuneConfig(load_in="4bit")
     with pytest.raises(ConfigError, match="packing: expected false with dp-sample"):

@@ -98,3 +98,81 @@ def test_fedtune_config_lists_the_device_key():
         assert main(["config"]) == 0
     line = next(x for x in out.getvalue().splitlines() if x.startswith("device "))
     assert '"auto"' in line and "cuda:N" in line
+
+
+@NO_GPU
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_is_refused_where_training_runs_on_a_cpu(dtype):
+    from common.device import check_precision
+    from simulation.run import prepare
+
+    with pytest.raises(ConfigError, match=rf"compute-dtype = '{dtype}': expected a CUDA device for mixed precision"):
+        check_precision(resolve_device("auto"), dtype)
+    with pytest.raises(ConfigError, match="expected a CUDA device for mixed precision"):
+        prepare({"compute-dtype": dtype}, 3)  # before the engine starts
+    count("bad_inputs_rejected", f"compute-dtype {dtype} on a CPU")
+
+
+def test_float16_with_dp_sgd_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="compute-dtype: expected float32 or bfloat16 with dp-sample = true"):
+        parse_run_config({"compute-dtype": "float16", "dp-sample": True, "dp-noise-multiplier": 1.0})
+    count("bad_inputs_rejected", "compute-dtype float16 with dp-sample")
+
+
+@pytest.fixture(scope="module")
+def small():
+    from common.federation_data import federation_labels, train_and_heldout
+    from common.lm import model_for_config
+    from common.model import get_adapter_state, load_tokenizer
+    from common.train import encode
+
+    cfg = FedtuneConfig(max_train_examples=160, max_length=24)
+    labels = federation_labels(cfg)
+    cfg = cfg.replace(labels=labels.to_spec())
+    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=24, where="test")
+    return model, tok, data, get_adapter_state(model), len(labels)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_autocast_training_keeps_the_adapter_and_optimizer_in_float32(small, dtype):
+    """The autocast path, exercised on the CPU's own autocast (the config allows it on CUDA only):
+    the forward runs in low precision, the adapter stays float32 and moves, and the loss stays
+    close to the float32 run's."""
+    from common.model import get_adapter_state, set_adapter_state
+    from common.train import evaluate, train
+
+    model, tok, data, initial, k = small
+    losses = {}
+    for compute in ("float32", dtype):
+        set_adapter_state(model, initial)
+        result = train(model, data, pad_id=tok.pad_token_id, epochs=1, steps=4, batch_size=16, learning_rate=1e-3,
+                       weight_decay=0.0, max_grad_norm=1.0, seed=0, compute_dtype=compute)
+        after = get_adapter_state(model)
+        assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in after.values())
+        assert any(not np.array_equal(after[n], initial[n]) for n in initial)
+        losses[compute] = result.loss
+        scored = evaluate(model, data, pad_id=tok.pad_token_id, batch_size=64, num_labels=k, compute_dtype=compute)
+        assert np.isfinite(scored["loss"]) and scored["confusion"].sum() == len(data)
+    assert losses[dtype] == pytest.approx(losses["float32"], rel=0.1)
+    set_adapter_state(model, initial)
+
+
+def test_dp_sgd_under_bfloat16_clips_and_noises_in_float32(small):
+    """Opacus computes per-sample gradients in the activations' bfloat16 under autocast; fedtune
+    casts them to float32 before clipping, so the DP step runs (it would fail assigning a
+    bfloat16 gradient to a float32 weight) and the accounting is unchanged."""
+    from common.dp_train import DPTrainingError, dp_train
+    from common.model import get_adapter_state, set_adapter_state
+
+    model, tok, data, initial, _ = small
+    set_adapter_state(model, initial)
+    result, mechanism = dp_train(model, data, pad_id=tok.pad_token_id, steps=3, batch_size=32, learning_rate=1e-3,
+                                 weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=0,
+                                 physical_batch_size=8, compute_dtype="bfloat16")
+    assert mechanism.steps == 3 and np.isfinite(result.loss)
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in get_adapter_state(model).values())
+    with pytest.raises(DPTrainingError, match="expected compute-dtype float32 or bfloat16, got float16"):
+        dp_train(model, data, pad_id=tok.pad_token_id, steps=1, batch_size=32, learning_rate=1e-3, weight_decay=0.0,
+                 noise_multiplier=1.0, clipping_norm=1.0, seed=0, compute_dtype="float16")
+    set_adapter_state(model, initial)

@@ -23,7 +23,7 @@ from client.privacy import decide, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
-from common.device import check_precision
+from common.device import bound_memory, check_precision
 from common.federation_data import ClientData
 from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, set_adapter_state
@@ -80,6 +80,7 @@ def open_session(msg: Message, context: Context) -> Session:
     labels = LabelMap.parse(cfg.labels)
     device = node_device(context.node_config, cfg)
     check_precision(device, cfg.compute_dtype)
+    bound_memory(device)
     model = model_for_config(cfg, len(labels)).to(device)
     if cfg.lora_freeze_a:
         check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))

@@ -16,6 +16,7 @@ clients join one federation with the same adapter format.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -74,3 +75,17 @@ def autocast(device: torch.device, compute_dtype: str):
 def grad_scaler(device: torch.device, compute_dtype: str):
     """float16 gradients underflow without loss scaling; bfloat16 and float32 need none."""
     return torch.amp.GradScaler(device.type) if compute_dtype == "float16" else None
+
+
+# Set by `fedtune simulate` when its clients share a GPU: the share of its memory each may use.
+MEMORY_FRACTION_ENV = "FEDTUNE_GPU_MEMORY_FRACTION"
+
+
+def bound_memory(device: torch.device) -> float | None:
+    """Cap this process's share of a shared GPU's memory (simulation), so that one client cannot
+    take the memory the others need; returns the share set, or None."""
+    share = os.environ.get(MEMORY_FRACTION_ENV)
+    if device.type != "cuda" or not share:
+        return None
+    torch.cuda.set_per_process_memory_fraction(float(share), device)
+    return float(share)

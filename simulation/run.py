@@ -88,6 +88,7 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
+    from common.device import MEMORY_FRACTION_ENV
     from server.loop import run_server
     from server.resume import preflight
     from simulation.progress import progress_display
@@ -102,15 +103,20 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
         run_server(grid, cfg)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every client's progress lines
+    backend = backend_config(cfg, num_clients)
+    share = backend["client_resources"]["num_gpus"]
+    if share:  # read by each client process (common/device.py: bound_memory)
+        os.environ[MEMORY_FRACTION_ENV] = str(round(0.9 * share, 3))
     with stop_on_interrupt(Path(cfg.run_dir)), progress_display(Path(cfg.run_dir), cfg.num_server_rounds, quiet=quiet):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                       backend_config=backend_config(cfg, num_clients))
+                       backend_config=backend)
 
 
 def backend_config(cfg: FedtuneConfig, num_clients: int) -> dict:
     """The engine's resources: as many clients at once as train a round (up to the cores), each
     with an equal share of the cores. Ray sets each client actor's OMP_NUM_THREADS to its
-    num_cpus, which is what a client's torch threads default to (client/training.py)."""
+    num_cpus, which is what a client's torch threads default to (client/training.py). With a GPU
+    the clients that train at once share it, each capped at 90% of its share of the memory."""
     parallel, threads = plan_resources(cfg.train_sample_size(num_clients))
     from common.device import resolve_device
 

@@ -176,3 +176,12 @@ def test_dp_sgd_under_bfloat16_clips_and_noises_in_float32(small):
         dp_train(model, data, pad_id=tok.pad_token_id, steps=1, batch_size=32, learning_rate=1e-3, weight_decay=0.0,
                  noise_multiplier=1.0, clipping_norm=1.0, seed=0, compute_dtype="float16")
     set_adapter_state(model, initial)
+
+
+def test_gpu_memory_is_bounded_only_for_a_shared_gpu(monkeypatch):
+    from common.device import MEMORY_FRACTION_ENV, bound_memory
+
+    monkeypatch.setenv(MEMORY_FRACTION_ENV, "0.45")
+    assert bound_memory(torch.device("cpu")) is None  # nothing to bound on a CPU
+    monkeypatch.delenv(MEMORY_FRACTION_ENV)
+    assert bound_memory(torch.device("cpu")) is None

@@ -56,8 +56,10 @@ class RunFailed(FedtuneError, RuntimeError):
 def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     """Run (or resume) a whole federated fine-tuning run; returns the per-round rows."""
     cfg, labels = with_labels(cfg)
-    check_precision(resolve_device(cfg.device), cfg.compute_dtype)  # a device this machine lacks, a bad model,
-    model_for_config(cfg, len(labels))  # lora-target-modules: each fails before the run dir exists
+    # Each fails before the run directory exists: a device or precision this machine lacks, a model
+    # path or lora-target-modules that cannot work.
+    check_precision(resolve_device(cfg.device), cfg.compute_dtype)
+    model_for_config(cfg, len(labels))
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)
     model, state = initial_state(cfg, labels, run)

@@ -29,7 +29,7 @@ from tests.procs import fedtune, kill_matching, run_cli, run_in_terminal
 from tests.reliability import count
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.minutes(6)]
+pytestmark = [pytest.mark.slow, pytest.mark.minutes(8)]
 
 SMALL = ["max-train-examples=360", "max-heldout-examples=120", "local-steps=6", "batch-size=16",
          "max-length=32", 'partitioner="iid"']

@@ -237,3 +237,27 @@ def test_sample_level_dp_federated_causal_lm_run_passes_the_audit(tiny_gpt2, tmp
     audit = fedtune("audit", str(run), timeout=120)
     assert audit.returncode == 0, audit.stdout[-3000:]
     assert (run / "audit-accuracy.png").is_file()
+
+
+def test_evaluate_scores_a_causal_lm_run_per_response_token(tiny_gpt2, tmp_path):
+    """`fedtune evaluate` on a causal-LM run: loss per response token and perplexity, as the
+    server's evaluation computes them, and the perturbation of the instructions."""
+    from common.lm import encode_for_task
+    from server.checkpoint import Checkpoint, save_checkpoint
+    from server.scoring import evaluate_run
+
+    cfg = lm_config(tiny_gpt2, data="packaged:chatterbot", instruction_column="instruction")
+    model = model_for_config(cfg, 0)
+    save_checkpoint(tmp_path / "run" / "checkpoints", Checkpoint(
+        server_round=1, adapter=get_adapter_state(model), strategy={}, meta={"config": cfg.to_run_config()}))
+    data = tmp_path / "pairs.jsonl"
+    pairs = [("What is AI?", "A field of science."), ("Say hello", "Hello there."), ("Name a colour", "Blue.")]
+    data.write_text("".join(json.dumps({"instruction": i, "response": r}) + "\n" for i, r in pairs))
+    folder, report = evaluate_run(tmp_path / "run", str(data), out=tmp_path / "out", perturbations=["typo"])
+    tokenizer = load_tokenizer(cfg.model)
+    direct = evaluate(model, encode_for_task(cfg, load_instructions(str(data)), tokenizer, None, where="x"),
+                      pad_id=tokenizer.pad_token_id, batch_size=8, num_labels=0)
+    assert report["task"] == "causal-lm" and report["examples"] == 3 and report["tokens"] == direct["tokens"]
+    assert report["loss"] == pytest.approx(direct["loss"]) and report["perplexity"] == pytest.approx(math.exp(direct["loss"]))
+    assert set(report["perturbations"]["typo"]) == {"loss", "perplexity", "loss_change", "perplexity_change"}
+    assert sorted(p.name for p in folder.iterdir()) == ["evaluation.json"]

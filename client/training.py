@@ -9,8 +9,8 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from logging import INFO, WARNING
+from pathlib import Path
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict

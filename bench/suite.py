@@ -228,7 +228,7 @@ def fp16_effect(run_dir: Path) -> dict:
     if path is None:
         raise FileNotFoundError(f"expected a run directory with checkpoints/round-*.safetensors, got {str(run_dir)!r}")
     ckpt = load_checkpoint(path)
-    cfg = parse_run_config(ckpt.meta["config"])
+    cfg = ckpt.run_config()
     labels = federation_labels(cfg)
     model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
     heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")

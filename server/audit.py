@@ -159,7 +159,6 @@ def run_audit(run_dir: Path) -> AuditResult:
 def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
     """The ledger against what the run recorded outside it: the latest checkpoint's copy of the
     ledger and the round ledger."""
-    from common.config import parse_run_config
     from server.checkpoint import latest_checkpoint, load_checkpoint
 
     path = latest_checkpoint(run_dir / "checkpoints")
@@ -167,7 +166,7 @@ def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
         return [f"expected checkpoints in {run_dir / 'checkpoints'} to anchor the ledger, found none"]
     try:
         ckpt = load_checkpoint(path)
-        dp_sample = parse_run_config(ckpt.meta["config"]).dp_sample
+        dp_sample = ckpt.run_config().dp_sample
     except (FedtuneError, KeyError) as err:
         return [f"cannot anchor the ledger on {path.name}: {err}"]
     anchored = ckpt.meta.get("ledger", [])

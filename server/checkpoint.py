@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from common.config import MOVED_KEYS, FedtuneConfig, parse_run_config
 from common.errors import CheckpointError
 from common.files import atomic_write
 
@@ -31,6 +32,12 @@ class Checkpoint:
     adapter: dict[str, np.ndarray]
     strategy: dict[str, np.ndarray]
     meta: dict
+
+    def run_config(self) -> FedtuneConfig:
+        """The run config the checkpoint was written with, parsed as any config is: options since
+        moved out of the run config (MOVED_KEYS, e.g. num-threads) are dropped, removed ones at
+        their neutral values too; anything else that no longer parses raises ConfigError."""
+        return parse_run_config(self.meta["config"], ignore=tuple(MOVED_KEYS))
 
 
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:

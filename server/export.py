@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.config import parse_run_config
 from common.data import LabelMap
 from common.errors import CheckpointError, ConfigError
 from common.lm import export_model, load_lora_causal_lm
@@ -33,7 +32,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merged: bool) -> tuple[P
     if path is None:
         raise CheckpointError(f"export: expected checkpoints in {run_dir / 'checkpoints'}, found none")
     ckpt = load_checkpoint(path)
-    cfg = parse_run_config(ckpt.meta["config"])
+    cfg = ckpt.run_config()
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                 target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a)
     if cfg.task == "causal-lm":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-from common.config import MOVED_KEYS, FedtuneConfig, parse_run_config
+from common.config import FedtuneConfig
 from common.errors import CheckpointError, ConfigError, FedtuneError
 from common.flower import load_strategy_state
 from common.ledger import Ledger
@@ -69,7 +69,7 @@ def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
         raise CheckpointError(f"resume: expected checkpoints in {state.run.checkpoints}, found none")
     ckpt = load_checkpoint(path)
     try:  # parsed as any config is: an older run's removed options at their neutral values drop out
-        saved = parse_run_config(ckpt.meta["config"], ignore=tuple(MOVED_KEYS)).to_run_config()
+        saved = ckpt.run_config().to_run_config()
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {path}: expected a config this fedtune can run, got one that is not "
                               f"({err})") from None

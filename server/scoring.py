@@ -74,7 +74,7 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
         raise ConfigError(f"--rate: expected a value in (0, 1], got {rate}")
     path = checkpoint_for(run_dir, which)
     ckpt = load_checkpoint(path)
-    cfg = parse_run_config(ckpt.meta["config"])
+    cfg = ckpt.run_config()
     options = parse_key_values(list(overrides), what="evaluate -c")
     allowed = (*DATA_KEYS[cfg.task], *OPTIONS)
     wrong = sorted(k for k in options if k not in allowed)

@@ -67,7 +67,8 @@ def test_bad_perturbations_are_refused(kind, rate):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run directory with rounds 0 and 1 of the initial adapter (no training needed to score)."""
+    """A run directory with rounds 0 and 1 of the initial adapter (no training needed to score),
+    written as an older fedtune wrote it: num-threads (since moved to the node config) in its config."""
     from server.rundir import RunDir
     from server.state import initial_state, with_labels
 
@@ -77,7 +78,8 @@ def run_dir(tmp_path_factory):
     _, state = initial_state(cfg, labels, RunDir(path))
     for r in (0, 1):
         save_checkpoint(path / "checkpoints", Checkpoint(server_round=r, adapter=state.initial, strategy={},
-                                                         meta={"config": cfg.to_run_config(), "history": []}))
+                                                         meta={"config": {**cfg.to_run_config(), "num-threads": 2},
+                                                               "history": []}))
     return path, cfg, labels, state
 
 

@@ -66,7 +66,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     strategy = build_strategy_chain(state)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
-    state.scalars = Scalars(run.path, start_round)
+    state.scalars = Scalars(run.path, state.history, state.ledger.entries)
     check_federation(grid, state)
     if start_round == 0:
         state.history = [evaluation_row(state, 0)]

@@ -2,8 +2,9 @@
 train loss, and with DP each client's epsilon, for `tensorboard --logdir <run-dir>`.
 
 Written when the optional `tensorboard` package is installed (`pip install -e ".[tensorboard]"`);
-without it the run says so once and goes on. A resumed run purges the events after its
-checkpoint's round, so the curves show each round once.
+without it the run says so once and goes on. A resumed run rewrites the events from its
+checkpoint's history (an earlier process may have died between a round's checkpoint and its
+events, or written events of a round the checkpoint does not hold), so each round shows once.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ def tag_of(column: str) -> str | None:
 
 
 class Scalars:
-    def __init__(self, run_dir: Path, start_round: int) -> None:
+    def __init__(self, run_dir: Path, history: list[dict], ledger_entries: list[dict]) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             log(INFO, "fedtune: no TensorBoard event files (install the tensorboard extra to get them)")
             self.writer = None
             return
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
-                                    purge_step=start_round + 1 if start_round else None)
+        # purge_step 0: TensorBoard drops every earlier event of this run directory on reading
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=0 if history else None)
+        for row in history:
+            self.add_round(row, ledger_entries)
 
     def add_round(self, row: dict, ledger_entries: list[dict]) -> None:
         """One metrics row, and the epsilon of each client that trained in its round."""

@@ -152,3 +152,25 @@ def test_evaluate_refuses_what_it_cannot_score_and_writes_nothing(run_dir, tmp_p
         evaluate_run(path, str(good), out=out)
     assert (out / "mine.txt").read_text() == "keep"
     count("bad_inputs_rejected", "evaluate into a folder holding files")
+
+
+def test_a_resumed_runs_tensorboard_events_follow_its_checkpointed_history(tmp_path):
+    """An earlier process died between round 1's checkpoint and its events (the checkpoint comes
+    first): the resumed run's events are the checkpointed history's, each round once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from server.tensorboard import Scalars
+
+    rows = [{"round": r, "heldout_accuracy": 0.1 * r, "train_loss": 1.0 / (r + 1)} for r in range(2)]
+    first = Scalars(tmp_path, [], [])
+    first.add_round(rows[0], [])  # the earlier process wrote round 0's events, then checkpointed round 1
+    first.close()
+    ledger = [{"round": 1, "kind": "client", "client_id": "a", "status": "trained", "epsilon": 0.5}]
+    resumed = Scalars(tmp_path, rows[:2], ledger)  # resumed from that checkpoint (rounds 0 and 1)
+    resumed.add_round({"round": 2, "heldout_accuracy": 0.9}, ledger)
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 3)) for e in events.Scalars("heldout/accuracy")] == [(0, 0.0), (1, 0.1), (2, 0.9)]
+    assert [(e.step, e.value) for e in events.Scalars("privacy/epsilon_client/a")] == [(1, 0.5)]
+    assert [e.step for e in events.Scalars("train/loss")] == [0, 1]

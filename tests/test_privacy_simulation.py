@@ -44,6 +44,17 @@ def epsilons(run_dir) -> list[tuple]:
             for e in Ledger.read(run_dir / "privacy-ledger.jsonl").entries]
 
 
+def tensorboard_epsilons(run_dir) -> list[tuple]:
+    """(round, client, epsilon) of the per-client epsilon scalars in the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    prefix = "privacy/epsilon_client/"
+    return sorted((e.step, tag[len(prefix):], round(e.value, 5)) for tag in events.Tags()["scalars"]
+                  if tag.startswith(prefix) for e in events.Scalars(tag))
+
+
 def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path):
     out = simulate(tmp_path / "full", tmp_path / "priv-full", "num-server-rounds=2")
     assert "client eps max" in out
@@ -53,6 +64,7 @@ def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path
     full = epsilons(tmp_path / "full")
     assert [r for r, *_ in full] == [1, 1, 1, 2, 2, 2]
     assert max(eps for *_, eps in full) <= 4.0  # the calibrated target is never overshot
+    assert tensorboard_epsilons(tmp_path / "full") == sorted((r, c, round(e, 5)) for r, c, _, e in full)
     audit = fedtune("audit", str(tmp_path / "full"), privacy_dir=tmp_path)
     assert audit.returncode == 0, audit.stdout
     assert "audit passed" in audit.stdout
@@ -81,6 +93,7 @@ def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path
     assert killed and not (cut / "checkpoints" / "round-0002.safetensors").exists()
     simulate(cut, tmp_path / "priv-cut", "num-server-rounds=2", "resume=true")
     assert epsilons(tmp_path / "cut") == full  # same entries, each round once
+    assert tensorboard_epsilons(cut) == tensorboard_epsilons(tmp_path / "full")  # the resume purged, no step twice
     assert verify_chain(Ledger.read(tmp_path / "cut" / "privacy-ledger.jsonl").entries) == []
     records = list((tmp_path / "priv-cut").glob("*.json"))
     assert len(records) == 3

@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("run_dir", help="A fedtune run directory.")
     score.add_argument("--data", required=True, help="Labelled file (CSV/TSV/JSONL/Parquet), read like training data.")
     score.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
-                       help="The file's data options (data-format, column-names, text-column, label-column, ...) "
-                            "and eval-batch-size; the rest comes from the run.")
+                       help="The file's data options (data-format, column-names, text-column, label-column, ...), "
+                            "eval-batch-size, device and compute-dtype; the rest comes from the run.")
     score.add_argument("--round", default="final", help="A round number, best (best.json) or final (default).")
     score.add_argument("--out", default=None, help="Output directory (default RUN_DIR/evaluations/<file>-round-N).")
     score.add_argument("--perturb", default="", help="Comma-separated noise kinds to score too: typo, case, punct.")

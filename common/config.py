@@ -2,8 +2,8 @@
 
 Every key's default and help text live in the dataclass below, and only there:
 `[tool.flwr.app.config]` in `pyproject.toml` (Flower's defaults) and the key reference in
-`docs/configuration.md` are generated from it (`python -m common.config --write`; a test keeps
-them equal). Flower's run-config (a flat mapping of
+`docs/configuration.md` are generated from it (common/config_reference.py; a test keeps them
+equal). Flower's run-config (a flat mapping of
 dashed keys) is parsed into `FedtuneConfig` in exactly one function, `parse_run_config`,
 which rejects unknown keys, wrong types and non-finite numbers before round 1.
 """
@@ -387,88 +387,3 @@ def parse_key_values(items: Sequence[str], *, what: str) -> dict[str, Any]:
             except tomllib.TOMLDecodeError:
                 out[key.strip()] = value.strip()
     return out
-
-
-# The first key of each group, and the group's name, for the generated reference.
-GROUPS = {"num_server_rounds": "federation", "validate_updates": "update validation", "task": "model and LoRA",
-          "data": "data", "device": "local training", "dp_sample": "differential privacy",
-          "run_dir": "outputs"}
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
-
-
-def reference() -> list[tuple[str, str, str, str]]:
-    """(group, key, default as TOML, help) for every key, in declaration order; a key with a fixed
-    set of values has them appended to its help."""
-    hints, rows, group = get_type_hints(FedtuneConfig), [], ""
-    for f in dataclasses.fields(FedtuneConfig):
-        group = GROUPS.get(f.name, group)
-        help_text, choices = f.metadata["help"], get_args(hints[f.name])
-        if choices and not all(c in help_text for c in choices):
-            help_text += f" One of: {', '.join(choices)}."
-        rows.append((group, f.name.replace("_", "-"), toml_value(f.default), help_text))
-    return rows
-
-
-def pyproject_block() -> str:
-    """The `[tool.flwr.app.config]` table: every key, its default and its help as a comment."""
-    lines, group = ["[tool.flwr.app.config]"], ""
-    for g, key, default, help_text in reference():
-        if g != group:
-            lines.append(f"# --- {g} ---")
-            group = g
-        lines.append(f"{key} = {default}  # {help_text}")
-    return "\n".join(lines) + "\n"
-
-
-def markdown_block() -> str:
-    """The key reference of docs/configuration.md: one table per group."""
-    out, group = [], ""
-    for g, key, default, help_text in reference():
-        if g != group:
-            out += [f"\n### {g[0].upper()}{g[1:]}\n", "| key | default | meaning |", "|---|---|---|"]
-            group = g
-        cell = help_text.replace("|", r"\|")
-        out.append(f"| `{key}` | `{default}` | {cell} |")
-    return "\n".join(out).lstrip("\n") + "\n"
-
-
-REFERENCE_MARKERS = ("<!-- generated from common/config.py: begin -->", "<!-- generated from common/config.py: end -->")
-
-
-def generated_files(repo) -> dict:
-    """{path: (current text, text with the generated parts regenerated)} for pyproject.toml and
-    docs/configuration.md under `repo`."""
-    from pathlib import Path
-
-    repo = Path(repo)
-    pyproject = (repo / "pyproject.toml").read_text()
-    head, rest = pyproject.split("[tool.flwr.app.config]\n", 1)
-    tail = rest[rest.index("\n[") + 1:] if "\n[" in rest else ""
-    new_pyproject = head + pyproject_block() + ("\n\n" + tail if tail else "")
-    docs = (repo / "docs" / "configuration.md").read_text()
-    begin, end = REFERENCE_MARKERS
-    before, after = docs.split(begin, 1)[0], docs.split(end, 1)[1]
-    new_docs = before + begin + "\n" + markdown_block() + end + after
-    return {repo / "pyproject.toml": (pyproject, new_pyproject), repo / "docs" / "configuration.md": (docs, new_docs)}
-
-
-if __name__ == "__main__":  # python -m common.config --write: regenerate pyproject.toml's defaults and the docs
-    import sys
-    from pathlib import Path
-
-    stale = [(path, new) for path, (old, new) in generated_files(Path(__file__).resolve().parent.parent).items()
-             if old != new]
-    if "--write" in sys.argv:
-        for path, new in stale:
-            path.write_text(new)
-            print(f"wrote {path}")
-    else:
-        print("\n".join(f"stale: {path}" for path, _ in stale) or "up to date")
-        sys.exit(1 if stale else 0)

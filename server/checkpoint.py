@@ -78,8 +78,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(server_round=server_round, adapter=adapter, strategy=strategy, meta=extra)
 
 
+def checkpoints_by_round(directory: Path) -> dict[int, Path]:
+    """round -> checkpoint file, in round order."""
+    found = ((int(m.group(1)), p) for p in directory.glob("round-*.safetensors") if (m := NAME.search(p.name)))
+    return dict(sorted(found))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    rounds = sorted(
-        (int(m.group(1)), p) for p in directory.glob("round-*.safetensors") if (m := NAME.search(p.name))
-    )
-    return rounds[-1][1] if rounds else None
+    rounds = checkpoints_by_round(directory)
+    return rounds[max(rounds)] if rounds else None

@@ -30,7 +30,7 @@ from common.metrics import class_report, plot_confusion, write_confusion_csv
 from common.model import load_tokenizer, set_adapter_state
 from common.perturb import PERTURBATIONS, perturb
 from common.train import evaluate
-from server.checkpoint import NAME, latest_checkpoint, load_checkpoint
+from server.checkpoint import checkpoints_by_round, load_checkpoint
 
 # What `-c` may set for the scored file: its data options, and the batch size.
 OPTIONS = ("eval-batch-size", "device", "compute-dtype")
@@ -39,12 +39,12 @@ OPTIONS = ("eval-batch-size", "device", "compute-dtype")
 def checkpoint_for(run_dir: Path, which: str) -> Path:
     """The checkpoint of round `which`: a number, `best` (best.json) or `final` (the latest)."""
     folder = run_dir / "checkpoints"
-    rounds = sorted(int(m.group(1)) for p in folder.glob("round-*.safetensors") if (m := NAME.search(p.name)))
+    rounds = checkpoints_by_round(folder)
     if not rounds:
         raise CheckpointError(f"evaluate: expected checkpoints in {folder}, found none (is {str(run_dir)!r} a fedtune "
                               "run directory?)")
     if which == "final":
-        return latest_checkpoint(folder)
+        return rounds[max(rounds)]
     if which == "best":
         marker = run_dir / "best.json"
         if not marker.exists():
@@ -56,10 +56,9 @@ def checkpoint_for(run_dir: Path, which: str) -> Path:
             number = int(which)
         except ValueError:
             raise ConfigError(f"--round: expected a round number, best or final, got {which!r}") from None
-    path = folder / f"round-{number:04d}.safetensors"
-    if not path.exists():
-        raise CheckpointError(f"evaluate: expected a checkpoint of round {number}, the run has rounds {rounds}")
-    return path
+    if number not in rounds:
+        raise CheckpointError(f"evaluate: expected a checkpoint of round {number}, the run has rounds {list(rounds)}")
+    return rounds[number]
 
 
 def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), which: str = "final",
@@ -97,7 +96,7 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     folder = Path(out) if out else run_dir / "evaluations" / f"{Path(data).stem}-round-{ckpt.server_round:04d}"
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which holds "
-                          "files; refusing to overwrite them")
+                          "files; refusing to overwrite them (give another --out)")
     device = resolve_device(cfg.device)
     check_precision(device, cfg.compute_dtype)
     model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0).to(device)

@@ -135,7 +135,7 @@ def trainable_values(overrides: list[str]) -> int:
 
 
 def run_config_listing(args) -> int:
-    from common.config import reference
+    from common.config_reference import reference
 
     for _, key, default, help_text in reference():
         print(f"{key:26} {default:28} {help_text}")

@@ -133,11 +133,10 @@ def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
     def interrupted(signum, frame) -> None:
         import psutil
 
-        from server.checkpoint import NAME, latest_checkpoint
+        from server.checkpoint import checkpoints_by_round
         from server.rundir import RunDir
 
-        last = latest_checkpoint(run_dir / "checkpoints")
-        rounds = int(NAME.search(last.name).group(1)) if last is not None else 0
+        rounds = max(checkpoints_by_round(run_dir / "checkpoints"), default=0)
         if run_dir.is_dir():
             RunDir(run_dir).write_json("status.json", {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)",
                                                        "rounds_completed": rounds})

@@ -27,10 +27,10 @@ def test_pyproject_defaults_equal_dataclass_defaults():
 def test_pyproject_defaults_and_the_docs_key_reference_are_generated_from_the_config():
     """Help text lives in common/config.py only; pyproject.toml's defaults (with each key's help as
     a comment) and docs/configuration.md's table are generated from it and must not drift."""
-    from common.config import generated_files
+    from common.config_reference import generated_files
 
     for path, (now, generated) in generated_files(REPO).items():
-        assert now == generated, f"{path.name} is stale: run `python -m common.config --write`"
+        assert now == generated, f"{path.name} is stale: run `python -m common.config_reference --write`"
     text = (REPO / "pyproject.toml").read_text().split("[tool.flwr.app.config]")[1].split("\n[")[0]
     for key in config_keys():
         line = next(l for l in text.splitlines() if l.startswith(f"{key} ="))

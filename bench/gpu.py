@@ -11,9 +11,11 @@ steps on the device `auto` resolves to (CUDA when torch sees one):
 - dp: fedtune's `common.dp_train.dp_train` (Poisson batches computed in length-sorted chunks,
   fedtune's default dp-physical-batch-size) against Opacus' PrivacyEngine over a Poisson
   DataLoader of the same expected batch, noise and clipping.
-Each side warms up first, then is timed; samples/s counts the examples stepped on. Writes
-gpu.json with the figures and `ratio_train`, `ratio_dp` (fedtune / plain loop: >= 0.8 is the
-target). Data: SST-2 train from ../shared/data when present, else the packaged chatterbot corpus.
+On CUDA also `train_bf16` (bfloat16 autocast, batch 256, both sides) and, with SST-2, one epoch
+of SST-2 through fedtune's loop with the dev accuracy. Each side warms up first, then is timed;
+samples/s counts the examples stepped on. Writes gpu.json with the figures and `ratio_train`,
+`ratio_dp` (and `ratio_train_bf16` on CUDA): fedtune / plain loop, >= 0.8 is the target.
+Data: SST-2 train from ../shared/data when present, else the packaged chatterbot corpus.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SST2 = Path(os.environ.get("FEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data
 
 import common.dp_train  # noqa: E402,F401  (imports Opacus without its logging side effect)
 from common.config import FedtuneConfig  # noqa: E402
-from common.device import resolve_device  # noqa: E402
+from common.device import autocast, resolve_device  # noqa: E402
 from common.federation_data import federation_labels, train_and_heldout  # noqa: E402
 from common.lm import model_for_config  # noqa: E402
 from common.model import base_classifier, get_adapter_state, load_tokenizer, set_adapter_state  # noqa: E402
@@ -46,7 +48,7 @@ from common.train import EncodedData, encode, train  # noqa: E402
 def settings(quick: bool, device: torch.device) -> dict:
     if device.type == "cuda":
         return {"examples": 8192, "batch": 32, "steps": 120, "dp_batch": 1024, "dp_steps": 24, "dp_physical": 256,
-                "max_length": 66}
+                "max_length": 66, "bf16_batch": 256, "bf16_steps": 40}
     if quick:
         return {"examples": 1024, "batch": 32, "steps": 10, "dp_batch": 128, "dp_steps": 3, "dp_physical": 8,
                 "max_length": 64}
@@ -64,8 +66,10 @@ def plain_model(cfg: FedtuneConfig, num_labels: int, device: torch.device):
     return get_peft_model(base, lora).to(device)
 
 
-def plain_train(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr: float, device) -> float:
+def plain_train(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr: float, device,
+                compute_dtype: str = "float32") -> float:
     rng = np.random.default_rng(0)
+    precision = autocast(device, compute_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     model.train()
@@ -74,7 +78,9 @@ def plain_train(model, data: EncodedData, tokenizer, *, batch: int, steps: int, 
         idx = rng.choice(len(data), size=batch, replace=False)
         enc = tokenizer.pad({"input_ids": [data.input_ids[i] for i in idx]}, return_tensors="pt").to(device)
         labels = torch.as_tensor(data.labels[idx], device=device)
-        loss = F.cross_entropy(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits, labels)
+        with precision:
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -118,9 +124,10 @@ def plain_dp(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr:
     return seen / (time.perf_counter() - start)
 
 
-def fedtune_train(model, data, pad_id: int, *, batch: int, steps: int, lr: float, device) -> float:
+def fedtune_train(model, data, pad_id: int, *, batch: int, steps: int, lr: float, device,
+                  compute_dtype: str = "float32") -> float:
     result = train(model, data, pad_id=pad_id, epochs=1, steps=steps, batch_size=batch, learning_rate=lr,
-                   weight_decay=0.0, max_grad_norm=1.0, seed=0)
+                   weight_decay=0.0, max_grad_norm=1.0, seed=0, compute_dtype=compute_dtype)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return result.examples / result.seconds
@@ -135,6 +142,26 @@ def fedtune_dp(model, data, pad_id: int, *, batch: int, steps: int, lr: float, p
     if device.type == "cuda":
         torch.cuda.synchronize()
     return result.examples / result.seconds
+
+
+def fedtune_epoch(cfg: FedtuneConfig, labels, tok, device) -> dict:
+    """One epoch of all of SST-2's training sentences, batch 32, then the dev set (the issue's
+    plain-loop figure on an H200: 55 s, dev accuracy 0.870)."""
+    from common.federation_data import heldout_set
+    from common.train import evaluate
+
+    full = cfg.replace(max_train_examples=0, heldout_data=str(SST2.parent / "dev.tsv"))
+    train_data = encode(train_and_heldout(full)[0], tok, labels, max_length=cfg.max_length, where="bench")
+    dev = encode(heldout_set(full), tok, labels, max_length=cfg.max_length, where="bench")
+    model = model_for_config(cfg, len(labels), device=device)
+    start = time.perf_counter()
+    result = train(model, train_data, pad_id=tok.pad_token_id, epochs=1, steps=0, batch_size=32,
+                   learning_rate=cfg.learning_rate, weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    scored = evaluate(model, dev, pad_id=tok.pad_token_id, batch_size=256, num_labels=len(labels))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"examples": result.examples, "seconds_with_dev": round(time.perf_counter() - start, 1),
+            "dev_accuracy": round(scored["accuracy"], 4), "dev_macro_f1": round(scored["macro_f1"], 4)}
 
 
 def main() -> None:
@@ -155,14 +182,21 @@ def main() -> None:
     plain = plain_model(cfg, len(labels), device)
     lr = cfg.learning_rate
     figures: dict = {}
-    for name, run in [
+    runs = [
         ("train", lambda: (fedtune_train(ours, data, tok.pad_token_id, batch=s["batch"], steps=s["steps"], lr=lr,
                                          device=device),
                            plain_train(plain, data, tok, batch=s["batch"], steps=s["steps"], lr=lr, device=device))),
         ("dp", lambda: (fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr,
                                    physical=s["dp_physical"], device=device),
                         plain_dp(plain, data, tok, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, device=device))),
-    ]:
+    ]
+    if device.type == "cuda":  # bfloat16 autocast at a larger batch (refused on a CPU)
+        runs.append(("train_bf16", lambda: (
+            fedtune_train(ours, data, tok.pad_token_id, batch=s["bf16_batch"], steps=s["bf16_steps"], lr=lr,
+                          device=device, compute_dtype="bfloat16"),
+            plain_train(plain, data, tok, batch=s["bf16_batch"], steps=s["bf16_steps"], lr=lr, device=device,
+                        compute_dtype="bfloat16"))))
+    for name, run in runs:
         set_adapter_state(ours, initial)
         run()  # warm-up: kernels, allocator, Opacus hooks
         set_adapter_state(ours, initial)
@@ -170,6 +204,10 @@ def main() -> None:
         figures[name] = {"fedtune_samples_per_s": round(fed, 1), "plain_samples_per_s": round(ref, 1)}
         figures[f"ratio_{name}"] = round(fed / ref, 3)
         print(f"{name}: fedtune {fed:.1f} samples/s, plain loop {ref:.1f} samples/s, ratio {fed / ref:.3f}", flush=True)
+    if device.type == "cuda" and SST2.exists():
+        set_adapter_state(ours, initial)
+        figures["sst2_epoch"] = fedtune_epoch(cfg, labels, tok, device)
+        print(f"SST-2 epoch: {figures['sst2_epoch']}", flush=True)
     result = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
               "quick": args.quick, "data": cfg.data, "settings": s, **figures}

@@ -79,9 +79,9 @@ def open_session(msg: Message, context: Context) -> Session:
     set_threads(context.node_config)
     labels = LabelMap.parse(cfg.labels)
     device = node_device(context.node_config, cfg)
-    check_precision(device, cfg.compute_dtype)
+    check_precision(device, cfg.compute_dtype, cfg.load_in)
     bound_memory(device)
-    model = model_for_config(cfg, len(labels)).to(device)
+    model = model_for_config(cfg, len(labels), device=device)
     if cfg.lora_freeze_a:
         check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
     set_adapter_state(model, record_to_state(msg.content["arrays"]))

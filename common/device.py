@@ -16,6 +16,7 @@ clients join one federation with the same adapter format.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import torch
@@ -57,11 +58,31 @@ def noise_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def check_precision(device: torch.device, compute_dtype: str) -> None:
-    """Mixed precision is for CUDA devices: refuse it, saying so, where training runs on a CPU."""
+def check_precision(device: torch.device, compute_dtype: str, load_in: str = "none") -> None:
+    """Mixed precision and 8/4-bit bases (QLoRA) are for CUDA devices: refuse them, saying so,
+    where training runs on a CPU, and refuse QLoRA where bitsandbytes is missing."""
     if compute_dtype != "float32" and device.type != "cuda":
         raise ConfigError(f"compute-dtype = {compute_dtype!r}: expected a CUDA device for mixed precision, got "
                           f"{device.type} (device resolves to it here); use compute-dtype = 'float32' on a CPU")
+    problems = quantization_problems(device, load_in)
+    if problems:
+        raise ConfigError(f"load-in = {load_in!r}: " + "; ".join(problems) + "; or use load-in = 'none'")
+
+
+def quantization_problems(device: torch.device, load_in: str, *, bitsandbytes: bool | None = None) -> list[str]:
+    """What this process lacks for an 8/4-bit base: a CUDA device and the bitsandbytes package
+    (the `qlora` extra). `bitsandbytes` overrides the package lookup (tests)."""
+    if load_in == "none":
+        return []
+    if bitsandbytes is None:
+        bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
+    problems = []
+    if device.type != "cuda":
+        problems.append(f"expected a CUDA GPU for bitsandbytes' 8/4-bit kernels, but device resolves to "
+                        f"{device.type} here (torch.cuda.is_available() is {torch.cuda.is_available()})")
+    if not bitsandbytes:
+        problems.append("expected the bitsandbytes package, which is not installed (pip install 'fedtune[qlora]')")
+    return problems
 
 
 def autocast(device: torch.device, compute_dtype: str):

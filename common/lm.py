@@ -21,6 +21,7 @@ from peft import PeftModel, TaskType
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.data import TextDataset
+from common.device import check_precision, resolve_device
 from common.errors import ConfigError, DataError
 from common.model import LOAD_COUNT, load_lora_model, resolve_model_path, with_lora
 from common.train import IGNORE_INDEX as IGNORE
@@ -42,39 +43,51 @@ def check_causal_lm(model: str) -> None:
         )
 
 
-def check_hardware(load_in: str) -> None:
-    """8/4-bit bases are for GPUs: say so clearly rather than fail deep in a library."""
-    if load_in == "none":
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"load-in = {load_in!r}: expected a CUDA GPU, but torch sees none (torch.cuda.is_available() is "
-            f"False); on a CPU use load-in = 'none'"
-        )
-    raise ConfigError(
-        f"load-in = {load_in!r}: not supported yet: bitsandbytes quantization (QLoRA) is not built in this "
-        f"version; use load-in = 'none' (compute-dtype = 'bfloat16' saves activation memory on a GPU)"
-    )
-
-
 @functools.lru_cache(maxsize=2)
 def load_lora_causal_lm(
     model: str, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...], seed: int,
-    freeze_a: bool = False, load_in: str = "none",
+    freeze_a: bool = False, load_in: str = "none", device: str | None = None, compute_dtype: str = "float32",
 ) -> PeftModel:
     """The base causal LM, loaded once per process, wrapped with a LoRA adapter.
 
     LoRA targets PEFT's default modules for the architecture (c_attn for GPT-2, q_proj and
     v_proj for Llama, Qwen and Mistral) unless `target_modules` names others.
+
+    With `load_in` = 8bit or 4bit (QLoRA, Dettmers et al. 2023, https://arxiv.org/abs/2305.14314)
+    the frozen base is quantized by bitsandbytes as it loads onto `device` (a CUDA device; 4-bit
+    is NF4 with double quantization, computing in `compute_dtype`) and prepared by PEFT's
+    `prepare_model_for_kbit_training` (norms in float32); the LoRA weights stay float32, so the
+    adapter has the same names, shapes and dtype as over a full-precision base.
     """
-    check_hardware(load_in)
     check_causal_lm(model)
     LOAD_COUNT["base_model"] += 1
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
+    if load_in == "none":
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
+    else:
+        base = quantized_base(model, load_in, torch.device(device), compute_dtype)
+    torch.manual_seed(seed)  # LoRA's A matrices: the same whichever way the base was loaded (lora-freeze-a)
     return with_lora(base, model, task_type=TaskType.CAUSAL_LM, r=r, alpha=alpha, dropout=dropout,
                      target_modules=target_modules, freeze_a=freeze_a)
+
+
+def quantized_base(model: str, load_in: str, device: torch.device, compute_dtype: str):
+    """The frozen base in 8 or 4 bits on a CUDA device, ready for LoRA training."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    check_precision(device, compute_dtype, load_in)
+    if load_in == "4bit":
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), quantization_config=quantization,
+                                                dtype=torch.float32, device_map={"": device.index or 0})
+    # Without gradient checkpointing: it would run each layer's forward twice under DP-SGD's
+    # per-sample-gradient hooks; activation memory is bounded by batch-size and max-length.
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
 
 
 def prompt_text(tokenizer, template: str, instruction: str, extra: str = "") -> str:
@@ -183,15 +196,23 @@ def encode_for_task(cfg, data: TextDataset, tokenizer, labels, *, where: str) ->
     return encode(data, tokenizer, labels, max_length=cfg.max_length, where=where)
 
 
-def model_for_config(cfg, num_labels: int) -> PeftModel:
-    """The process's LoRA model for this run's task (num_labels is unused for causal-lm)."""
+def model_for_config(cfg, num_labels: int, *, device: torch.device | None = None) -> PeftModel:
+    """The process's LoRA model for this run's task (num_labels is unused for causal-lm), on
+    `device` when given. A quantized base (load-in) is placed as it loads: on `device`, else
+    where the run's `device` setting resolves."""
     if cfg.task == "causal-lm":
-        return load_lora_causal_lm(
+        quantized = cfg.load_in != "none"
+        if quantized:
+            device = device or resolve_device(cfg.device)
+            check_precision(device, cfg.compute_dtype, cfg.load_in)
+        model = load_lora_causal_lm(
             cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
             target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-            load_in=cfg.load_in,
+            load_in=cfg.load_in, **({"device": str(device), "compute_dtype": cfg.compute_dtype} if quantized else {}),
         )
-    return load_lora_model(
+        return model if quantized or device is None else model.to(device)
+    model = load_lora_model(
         cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
         target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
     )
+    return model if device is None else model.to(device)

@@ -25,7 +25,7 @@ from server.state import ServerState
 def evaluation_row(state: ServerState, server_round: int) -> dict:
     """Evaluate the global adapter on the server's held-out set."""
     cfg = state.cfg
-    model = model_for_config(cfg, len(state.labels)).to(resolve_device(cfg.device))
+    model = model_for_config(cfg, len(state.labels), device=resolve_device(cfg.device))
     tokenizer = load_tokenizer(cfg.model)
     set_adapter_state(model, state.arrays)
     heldout = encode_for_task(cfg, heldout_set(cfg), tokenizer, state.labels, where="held-out set")

@@ -36,7 +36,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, merged: bool) -> tuple[P
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                 target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a)
     if cfg.task == "causal-lm":
-        model = load_lora_causal_lm.__wrapped__(cfg.model, **lora, load_in=cfg.load_in)
+        # A QLoRA adapter goes onto the full-precision base (on the CPU, no bitsandbytes needed):
+        # its weights are float32 with the same names either way, and a merge into a 4-bit base
+        # would round the merged weights back to 4 bits.
+        model = load_lora_causal_lm.__wrapped__(cfg.model, **lora, load_in="none")
     else:
         model = load_lora_model.__wrapped__(cfg.model, len(LabelMap.parse(cfg.labels)), **lora)
     set_adapter_state(model, ckpt.adapter)

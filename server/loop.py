@@ -58,7 +58,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     cfg, labels = with_labels(cfg)
     # Each fails before the run directory exists: a device or precision this machine lacks, a model
     # path or lora-target-modules that cannot work.
-    check_precision(resolve_device(cfg.device), cfg.compute_dtype)
+    check_precision(resolve_device(cfg.device), cfg.compute_dtype, cfg.load_in)
     model_for_config(cfg, len(labels))
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)

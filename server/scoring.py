@@ -98,8 +98,8 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
         raise ConfigError(f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which holds "
                           "files; refusing to overwrite them (give another --out)")
     device = resolve_device(cfg.device)
-    check_precision(device, cfg.compute_dtype)
-    model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0).to(device)
+    check_precision(device, cfg.compute_dtype, cfg.load_in)
+    model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0, device=device)
     set_adapter_state(model, ckpt.adapter)
     tokenizer = load_tokenizer(cfg.model)
 

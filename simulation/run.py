@@ -50,7 +50,7 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
     from common.device import check_precision, resolve_device
     from server.strategy import robust_capacity_problem
 
-    check_precision(resolve_device(cfg.device), cfg.compute_dtype)  # refused before the engine starts
+    check_precision(resolve_device(cfg.device), cfg.compute_dtype, cfg.load_in)  # refused before the engine starts
 
     problem = robust_capacity_problem(cfg, cfg.train_sample_size(num_clients))
     if problem:

@@ -120,10 +120,10 @@ def test_lora_targets_follow_the_architecture_and_can_be_overridden(tiny_gpt2, t
 def test_refusals_name_what_was_expected(tiny_gpt2):
     with pytest.raises(ConfigError, match="expects a causal language model.*BertModel"):
         model_for_config(FedtuneConfig(task="causal-lm"), 0)
-    for changes in ({"load_in": "4bit"}, {"load_in": "8bit"}):
-        if torch.cuda.is_available():
-            pytest.skip("this machine has a GPU")
-        with pytest.raises(ConfigError, match="expected a CUDA GPU"):
+    for changes in ({"load_in": "4bit"}, {"load_in": "8bit"}, {"load_in": "4bit", "device": "cpu"}):
+        if torch.cuda.is_available() and changes.get("device") != "cpu":
+            continue  # tests/test_gpu.py loads them there
+        with pytest.raises(ConfigError, match="expected a CUDA GPU for bitsandbytes"):
             model_for_config(lm_config(tiny_gpt2, **changes), 0)
     from common.device import check_precision, resolve_device  # compute-dtype: refused where training runs
 

@@ -113,6 +113,27 @@ def test_mixed_precision_is_refused_where_training_runs_on_a_cpu(dtype):
     count("bad_inputs_rejected", f"compute-dtype {dtype} on a CPU")
 
 
+@NO_GPU
+def test_qlora_is_refused_where_cuda_or_bitsandbytes_is_missing_saying_which():
+    """load-in = 8bit / 4bit needs a CUDA device and the `qlora` extra: each missing one is named,
+    before the engine starts and before a model loads."""
+    from common.device import check_precision, quantization_problems
+    from simulation.run import prepare
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
+    assert quantization_problems(cpu, "none") == [] and quantization_problems(gpu, "4bit", bitsandbytes=True) == []
+    [no_cuda] = quantization_problems(cpu, "4bit", bitsandbytes=True)
+    assert "expected a CUDA GPU for bitsandbytes' 8/4-bit kernels, but device resolves to cpu" in no_cuda
+    [no_package] = quantization_problems(gpu, "8bit", bitsandbytes=False)
+    assert "expected the bitsandbytes package" in no_package and "fedtune[qlora]" in no_package
+    assert len(quantization_problems(cpu, "8bit", bitsandbytes=False)) == 2
+    with pytest.raises(ConfigError, match=r"load-in = '4bit': expected a CUDA GPU .*; or use load-in = 'none'"):
+        check_precision(resolve_device("auto"), "float32", "4bit")
+    with pytest.raises(ConfigError, match="load-in = '8bit': expected a CUDA GPU"):
+        prepare({"task": "causal-lm", "model": "packaged:all-MiniLM-L6-v2", "load-in": "8bit"}, 2)
+    count("bad_inputs_rejected", "load-in 4bit / 8bit without CUDA or bitsandbytes", 2)
+
+
 def test_float16_with_dp_sgd_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="compute-dtype: expected float32 or bfloat16 with dp-sample = true"):
         parse_run_config({"compute-dtype": "float16", "dp-sample": True, "dp-noise-multiplier": 1.0})

@@ -8,13 +8,16 @@ steps on the device `auto` resolves to (CUDA when torch sees one):
 - train: fedtune's `common.train.train` (what the ClientApp runs: shuffled batches, dynamic
   padding, FedProx-free AdamW, gradient clipping) against a plain loop: the same LoRA model,
   `tokenizer.pad` batches of the same examples, AdamW, clipping;
-- dp: fedtune's `common.dp_train.dp_train` (Poisson batches computed in length-sorted chunks,
-  fedtune's default dp-physical-batch-size) against Opacus' PrivacyEngine over a Poisson
-  DataLoader of the same expected batch, noise and clipping.
-On CUDA also `train_bf16` (bfloat16 autocast, batch 256, both sides) and, with SST-2, one epoch
-of SST-2 through fedtune's loop with the dev accuracy. Each side warms up first, then is timed;
-samples/s counts the examples stepped on. Writes gpu.json with the figures and `ratio_train`,
-`ratio_dp` (and `ratio_train_bf16` on CUDA): fedtune / plain loop, >= 0.8 is the target.
+- dp: fedtune's `common.dp_train.dp_train` at its default dp-physical-batch-size (auto: chunks
+  of 8 length-sorted examples on a CPU, the whole Poisson batch on a GPU) against Opacus'
+  PrivacyEngine over a Poisson DataLoader of the same expected batch, noise and clipping, in
+  one piece (Opacus' default).
+On CUDA also `dp_chunked` (both sides in pieces of at most 256 examples: fedtune's length-sorted
+chunks, Opacus' BatchMemoryManager), `train_bf16` (bfloat16 autocast, batch 256, both sides) and,
+with SST-2, one epoch of SST-2 through fedtune's loop with the dev accuracy. Each side warms up
+first, then is timed; samples/s counts the examples stepped on. Writes gpu.json with the figures
+and `ratio_train`, `ratio_dp` (and `ratio_dp_chunked`, `ratio_train_bf16` on CUDA): fedtune /
+plain loop, >= 0.8 is the target.
 Data: SST-2 train from ../shared/data when present, else the packaged chatterbot corpus.
 """
 
@@ -36,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SST2 = Path(os.environ.get("FEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2" / "train.tsv"
 
-import common.dp_train  # noqa: E402,F401  (imports Opacus without its logging side effect)
+from common.dp_train import AUTO_CHUNK  # noqa: E402  (imports Opacus without its logging side effect)
 from common.config import FedtuneConfig  # noqa: E402
 from common.device import autocast, resolve_device  # noqa: E402
 from common.federation_data import federation_labels, train_and_heldout  # noqa: E402
@@ -47,13 +50,11 @@ from common.train import EncodedData, encode, train  # noqa: E402
 
 def settings(quick: bool, device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"examples": 8192, "batch": 32, "steps": 120, "dp_batch": 1024, "dp_steps": 24, "dp_physical": 256,
+        return {"examples": 8192, "batch": 32, "steps": 120, "dp_batch": 1024, "dp_steps": 24, "dp_chunk": 256,
                 "max_length": 66, "bf16_batch": 256, "bf16_steps": 40}
     if quick:
-        return {"examples": 1024, "batch": 32, "steps": 10, "dp_batch": 128, "dp_steps": 3, "dp_physical": 8,
-                "max_length": 64}
-    return {"examples": 4096, "batch": 32, "steps": 40, "dp_batch": 256, "dp_steps": 6, "dp_physical": 8,
-            "max_length": 64}
+        return {"examples": 1024, "batch": 32, "steps": 10, "dp_batch": 128, "dp_steps": 3, "max_length": 64}
+    return {"examples": 4096, "batch": 32, "steps": 40, "dp_batch": 256, "dp_steps": 6, "max_length": 64}
 
 
 def plain_model(cfg: FedtuneConfig, num_labels: int, device: torch.device):
@@ -91,8 +92,12 @@ def plain_train(model, data: EncodedData, tokenizer, *, batch: int, steps: int, 
     return seen / (time.perf_counter() - start)
 
 
-def plain_dp(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr: float, device) -> float:
+def plain_dp(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr: float, device,
+             physical: int = 0) -> float:
+    """Opacus' PrivacyEngine; with `physical` > 0 its BatchMemoryManager computes each Poisson
+    batch in pieces of at most that many examples (in sampled order, each padded to its longest)."""
     from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
     from torch.utils.data import DataLoader
 
     def collate(items):
@@ -108,16 +113,18 @@ def plain_dp(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr:
         max_grad_norm=1.0, poisson_sampling=True)
     start, seen, done = time.perf_counter(), 0, 0
     while done < steps:
-        for ids, mask, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            if len(labels):
-                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                F.cross_entropy(module(input_ids=ids, attention_mask=mask).logits, labels).backward()
-                seen += len(labels)
-            optimizer.step()
-            done += 1
-            if done >= steps:
-                break
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical or batch * 4,
+                                optimizer=optimizer) as pieces:
+            for ids, mask, labels in pieces:
+                optimizer.zero_grad(set_to_none=True)  # Opacus keeps the summed clipped gradients of skipped steps
+                if len(labels):
+                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                    F.cross_entropy(module(input_ids=ids, attention_mask=mask).logits, labels).backward()
+                    seen += len(labels)
+                optimizer.step()
+                done += not optimizer._is_last_step_skipped
+                if done >= steps:
+                    break
     if device.type == "cuda":
         torch.cuda.synchronize()
     module._close()
@@ -187,10 +194,15 @@ def main() -> None:
                                          device=device),
                            plain_train(plain, data, tok, batch=s["batch"], steps=s["steps"], lr=lr, device=device))),
         ("dp", lambda: (fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr,
-                                   physical=s["dp_physical"], device=device),
+                                   physical=AUTO_CHUNK, device=device),
                         plain_dp(plain, data, tok, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, device=device))),
     ]
-    if device.type == "cuda":  # bfloat16 autocast at a larger batch (refused on a CPU)
+    if device.type == "cuda":  # pieces that bound memory; bfloat16 autocast at a larger batch (refused on a CPU)
+        runs.append(("dp_chunked", lambda: (
+            fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr,
+                       physical=s["dp_chunk"], device=device),
+            plain_dp(plain, data, tok, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, device=device,
+                     physical=s["dp_chunk"]))))
         runs.append(("train_bf16", lambda: (
             fedtune_train(ours, data, tok.pad_token_id, batch=s["bf16_batch"], steps=s["bf16_steps"], lr=lr,
                           device=device, compute_dtype="bfloat16"),

@@ -136,7 +136,7 @@ class FedtuneConfig:
     dp_delta: float = _f(1e-5, "Delta of every (epsilon, delta) guarantee, sample- and client-level.")
     dp_clipping_norm: float = _f(1.0, "Sample-level per-sample gradient clipping norm.")
     dp_batch_size: int = _f(0, "DP-SGD: expected Poisson batch per client; 0 = auto, the client's training examples / 8 up to 1024 (8 steps a local epoch). DP needs batches in the hundreds: noise sigma*C/B per coordinate drowns small batches (`fedtune plan` shows the ratio).")
-    dp_physical_batch_size: int = _f(8, "DP-SGD: compute each Poisson batch in length-sorted chunks of this many examples (0 = in one piece); the update is the same.")
+    dp_physical_batch_size: int = _f(-1, "DP-SGD: compute each Poisson batch in length-sorted chunks of this many examples; 0 = in one piece; -1 = auto: 8 on a CPU, one piece on a GPU. On a GPU a chunk that runs out of memory is halved. The update is the same.")
     dp_epsilon_budget: float = _f(0.0, "A client refuses a round that would take its epsilon above this; 0 = dp-target-epsilon (no limit if that is 0).")
     dp_client: ClientDP = _f("off", "Client-level DP with Flower's wrappers: off, server-fixed, client-fixed or server-adaptive clipping.")
     dp_client_noise_multiplier: float = _f(1.0, "Client-level noise multiplier (noise std = multiplier * clipping norm / sampled clients).")
@@ -158,7 +158,8 @@ class FedtuneConfig:
             _check_min(name, getattr(self, name), 1)
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):
             _check_min(name, getattr(self, name), 1)
-        for name in ("min_evaluate_clients", "local_steps", "max_train_examples", "dp_physical_batch_size", "dp_batch_size",
+        _check_min("dp_physical_batch_size", self.dp_physical_batch_size, -1)
+        for name in ("min_evaluate_clients", "local_steps", "max_train_examples", "dp_batch_size",
                      "max_heldout_examples", "shards_per_client", "seed", "early_stopping_rounds"):
             _check_min(name, getattr(self, name), 0)
         for name in ("round_timeout", "lora_alpha", "learning_rate", "dirichlet_alpha",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,11 +29,16 @@ from opacus.optimizers import DPOptimizer  # noqa: E402
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
 
 logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() on import: undo it
+log = logging.getLogger(__name__)
 
 from common.device import autocast, model_device, noise_generator
 from common.errors import FedtuneError
 from common.privacy import Mechanism
 from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, pad_batch, run_steps
+
+
+AUTO_CHUNK = -1  # dp-physical-batch-size's default: by device
+CPU_CHUNK = 8  # on a CPU, chunks of 8 cut padding (0.74 vs 0.33 of the tokens real on chatterbot, bench/README.md)
 
 
 class DPTrainingError(FedtuneError, RuntimeError):
@@ -86,6 +92,8 @@ def dp_train(
     length and run in chunks of that many examples, each padded only to its own longest
     member. Per-sample gradients are clipped and summed across the chunks and noised once per
     logical batch (Opacus' skip-step accumulation), so the released update is the same.
+    0 runs a logical batch in one piece; AUTO_CHUNK (-1) picks by device (`Chunking`). On a GPU
+    a chunk that runs out of memory is halved and the logical batch computed again.
 
     With `compute_dtype` bfloat16 the forward pass runs under autocast; the per-sample gradients
     are cast to the parameters' float32 before clipping, so clipping, noise and the update are
@@ -111,13 +119,21 @@ def dp_train(
         )
         _check_same_parameters(gsm, optimizer)
 
+        chunking = Chunking.for_device(physical_batch_size, device)
+
         def step(batch) -> StepOutcome:  # the learning rate (set by run_steps) is post-processing
-            ids, mask, labels = (t.to(device, non_blocking=True) for t in batch)
+            ids, mask, labels = batch  # on the CPU: lengths and chunks are planned there, without syncs
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:
                 _noise_only_step(optimizer)
                 return StepOutcome(float("nan"), 0, 0, 0)
-            return _logical_step(gsm, optimizer, ids, mask, labels, data.task, physical_batch_size, compute_dtype)
+            while True:
+                try:
+                    return _logical_step(gsm, optimizer, ids, mask, labels, device, data.task, chunking.size,
+                                         compute_dtype)
+                except torch.cuda.OutOfMemoryError:
+                    chunking.shrink(len(labels))
+                    _discard_partial_step(gsm, optimizer)
 
         gsm.train()
         result = run_steps(lambda: loader, step, optimizer, total=steps, lr_at=lr_at, progress=progress)
@@ -128,18 +144,22 @@ def dp_train(
     return result, mechanism
 
 
-def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, physical: int,
+def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, task: str, physical: int,
                   compute_dtype: str = "float32") -> StepOutcome:
-    """One DP-SGD step on a logical (Poisson) batch, in length-sorted physical chunks."""
+    """One DP-SGD step on a logical (Poisson) batch, in length-sorted physical chunks. The batch
+    arrives on the CPU, where the chunks and their widths are planned; each chunk then moves to
+    `device`, and the loss is read back once per step (a sync per chunk would stall a GPU)."""
     lengths = mask.sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
     chunks = order.split(physical) if physical > 0 else [order]
-    loss_sum, real, processed = 0.0, 0, 0
+    loss_sum, real, processed = torch.zeros((), device=device), 0, 0
     for i, chunk in enumerate(chunks):
         width = int(lengths[chunk].max())
         chunk_labels = labels[chunk, :width] if task == "causal-lm" else labels[chunk]
-        with autocast(ids.device, compute_dtype):
-            logits = gsm(input_ids=ids[chunk, :width], attention_mask=mask[chunk, :width]).logits
+        chunk_ids, chunk_mask, chunk_labels = (t.to(device, non_blocking=True)
+                                               for t in (ids[chunk, :width], mask[chunk, :width], chunk_labels))
+        with autocast(device, compute_dtype):
+            logits = gsm(input_ids=chunk_ids, attention_mask=chunk_mask).logits
         loss = batch_loss(logits.float(), chunk_labels, task)
         loss.backward()
         if compute_dtype != "float32":
@@ -150,10 +170,57 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, task: str, phy
         optimizer.step()
         if not last:
             optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum (the step was skipped)
-        loss_sum += loss.item() * len(chunk)
+        loss_sum += loss.detach() * len(chunk)
         real += int(lengths[chunk].sum())
         processed += len(chunk) * width
-    return StepOutcome(loss_sum / len(order), len(order), real, processed)
+    return StepOutcome(loss_sum.item() / len(order), len(order), real, processed)
+
+
+@dataclass
+class Chunking:
+    """How many examples of a logical batch run through the model at once (0 = all of them).
+
+    Auto: CPU_CHUNK on a CPU, where less padding is less work; the whole batch on a GPU, where
+    each chunk costs a model's worth of kernel launches (on an H200, Opacus ran batches of 1024
+    at 10,688 samples/s whole and fedtune at 4,898 in chunks of 256, bench/README.md). On a GPU a
+    chunk that runs out of memory is halved, so the auto size finds what fits; the released
+    update does not depend on the chunking.
+    """
+
+    size: int
+
+    @classmethod
+    def for_device(cls, physical_batch_size: int, device: torch.device) -> Chunking:
+        if physical_batch_size == AUTO_CHUNK:
+            return cls(CPU_CHUNK if device.type == "cpu" else 0)
+        return cls(physical_batch_size)
+
+    def shrink(self, batch: int) -> None:
+        smaller = (self.size or batch) // 2
+        if smaller < 1:
+            raise DPTrainingError("DP step: out of GPU memory with one example at a time; use a smaller max-length, "
+                                  "model or compute-dtype = 'bfloat16'")
+        log.warning("DP-SGD: out of GPU memory with chunks of %d examples; computing the logical batch again in "
+                    "chunks of %d (set dp-physical-batch-size to start there)", self.size or batch, smaller)
+        self.size = smaller
+
+
+def _discard_partial_step(gsm: GradSampleModule, optimizer: DPOptimizer) -> None:
+    """Forget a logical step that failed part-way, as if it never started: the clipped sums
+    accumulated so far and a pending skip signal (DPOptimizer), the activations and forward counts
+    of the interrupted pass (GradSampleModule). No noise was drawn: that is the last chunk's."""
+    optimizer._step_skip_queue.clear()
+    optimizer._is_last_step_skipped = False
+    optimizer.zero_grad(set_to_none=True)  # with no step skipped, this clears the clipped sums too
+    for module in gsm.modules():
+        if hasattr(module, "activations"):
+            module.activations = []
+        if hasattr(module, "max_batch_len"):
+            del module.max_batch_len
+    for p in optimizer.params:
+        p._forward_counter = 0
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _per_sample_grads_in_param_dtype(optimizer: DPOptimizer) -> None:

@@ -66,21 +66,27 @@ def load_lora_causal_lm(
     if load_in == "none":
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
     else:
-        base = quantized_base(model, load_in, torch.device(device), compute_dtype)
+        base = quantized_base(model, load_in, torch.device(device))
     torch.manual_seed(seed)  # LoRA's A matrices: the same whichever way the base was loaded (lora-freeze-a)
-    return with_lora(base, model, task_type=TaskType.CAUSAL_LM, r=r, alpha=alpha, dropout=dropout,
-                     target_modules=target_modules, freeze_a=freeze_a)
+    peft_model = with_lora(base, model, task_type=TaskType.CAUSAL_LM, r=r, alpha=alpha, dropout=dropout,
+                           target_modules=target_modules, freeze_a=freeze_a)
+    if load_in == "4bit":
+        set_4bit_compute_dtype(peft_model, getattr(torch, compute_dtype))
+    return peft_model
 
 
-def quantized_base(model: str, load_in: str, device: torch.device, compute_dtype: str):
+def quantized_base(model: str, load_in: str, device: torch.device):
     """The frozen base in 8 or 4 bits on a CUDA device, ready for LoRA training."""
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    check_precision(device, compute_dtype, load_in)
+    check_precision(device, "float32", load_in)
     if load_in == "4bit":
+        # Computing in float32 while LoRA is attached: PEFT rounds new LoRA weights through a 4-bit
+        # layer's compute dtype, so a bfloat16 one would give other frozen A matrices than a
+        # full-precision base (lora-freeze-a, export); set_4bit_compute_dtype switches it after.
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=getattr(torch, compute_dtype))
+                                          bnb_4bit_compute_dtype=torch.float32)
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), quantization_config=quantization,
@@ -88,6 +94,15 @@ def quantized_base(model: str, load_in: str, device: torch.device, compute_dtype
     # Without gradient checkpointing: it would run each layer's forward twice under DP-SGD's
     # per-sample-gradient hooks; activation memory is bounded by batch-size and max-length.
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+
+
+def set_4bit_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The dtype bitsandbytes' 4-bit layers dequantize to and multiply in (compute-dtype)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype = dtype
 
 
 def prompt_text(tokenizer, template: str, instruction: str, extra: str = "") -> str:

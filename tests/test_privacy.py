@@ -28,6 +28,7 @@ from common.errors import ConfigError, PrivacyBudgetError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import get_adapter_state, load_tokenizer, set_adapter_state
 from common.lm import model_for_config
+from tests.reliability import count
 from common.privacy import (
     PLD_DISCRETIZATION, RDP_ORDERS, WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, composed_event, epsilon_pld,
     epsilon_rdp, gaussian_noise_std, grouped, smallest_noise,
@@ -391,6 +392,96 @@ def test_length_sorted_physical_chunks_release_the_same_dp_update(lora):
     assert np.linalg.norm(whole - chunked) <= 1e-4 * np.linalg.norm(whole)  # equal up to float rounding
     assert results[1].padding_efficiency > results[0].padding_efficiency
     assert results[0].examples == results[1].examples and results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
+
+
+def test_auto_chunks_are_8_examples_on_a_cpu_and_the_whole_batch_on_a_gpu():
+    from common.dp_train import AUTO_CHUNK, Chunking
+
+    assert FedtuneConfig().dp_physical_batch_size == AUTO_CHUNK
+    assert Chunking.for_device(AUTO_CHUNK, torch.device("cpu")).size == 8
+    assert Chunking.for_device(AUTO_CHUNK, torch.device("cuda:0")).size == 0
+    assert Chunking.for_device(32, torch.device("cuda:0")).size == 32
+    with pytest.raises(ConfigError, match="dp-physical-batch-size"):
+        FedtuneConfig(dp_physical_batch_size=-2)
+    count("bad_inputs_rejected", "dp-physical-batch-size -2")
+
+
+class OutOfMemoryAt:
+    """Fault injection: a late encoder layer raises CUDA's out-of-memory error for chunks of more
+    than `fits` examples from its `after`-th call on (earlier layers have saved their activations
+    for Opacus by then, and earlier chunks have had their clipped gradients accumulated)."""
+
+    def __init__(self, model, *, fits: int, after: int = 1) -> None:
+        layer = [m for m in model.modules() if type(m).__name__ == "BertLayer"][-1]
+        self.fits, self.after, self.calls = fits, after, 0
+        self.handle = layer.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls >= self.after and args[0].shape[0] > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+
+def clipping_out_of_memory_at(monkeypatch, *, fits: int, after: int) -> None:
+    """Fault injection: Opacus' clipping of per-sample gradients raises CUDA's out-of-memory error
+    for chunks of more than `fits` examples from its `after`-th call on (the chunk's skip signal is
+    then pending)."""
+    from opacus.optimizers import DPOptimizer
+
+    clip, calls = DPOptimizer.clip_and_accumulate, []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) >= after and self.params[0].grad_sample.shape[0] > fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return clip(self)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", failing)
+
+
+@pytest.mark.parametrize("where", ["forward", "clipping"])
+def test_a_dp_chunk_that_runs_out_of_gpu_memory_is_halved_and_the_batch_computed_again(lora, caplog, monkeypatch,
+                                                                                          where):
+    """RELIABILITY fault: a GPU out-of-memory error part-way through a DP step, in a late layer's
+    forward pass or in the clipping. The logical batch is computed again in half-size chunks, and
+    nothing of the failed attempt (clipped sums, a pending skip, saved activations, forward counts)
+    reaches the update: it equals a run that used the smaller chunks from the start, bit for bit.
+    When one example does not fit, the step fails saying so."""
+    cfg, model, tok, data = lora
+    initial = get_adapter_state(model)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    for m in dropouts:  # the failed attempt would otherwise have drawn dropout masks
+        m.p = 0.0
+    train = dict(pad_id=tok.pad_token_id, steps=2, batch_size=16, learning_rate=1e-2, weight_decay=0.0,
+                 noise_multiplier=1.0, clipping_norm=0.5, seed=5)
+    try:
+        set_adapter_state(model, initial)
+        with monkeypatch.context() as patch:  # the first chunk of 8 passes, the second fails
+            fault = OutOfMemoryAt(model, fits=4 if where == "forward" else 8, after=2)
+            if where == "clipping":
+                clipping_out_of_memory_at(patch, fits=4, after=2)
+            with caplog.at_level(logging.WARNING, logger="common.dp_train"):
+                recovered, _ = dp_train(model, data, physical_batch_size=8, **train)
+            fault.handle.remove()
+        assert "out of GPU memory with chunks of 8 examples; computing the logical batch again in chunks of 4" \
+            in caplog.text
+        after_fault = get_adapter_state(model)
+        set_adapter_state(model, initial)
+        direct, _ = dp_train(model, data, physical_batch_size=4, **train)
+        assert all(np.array_equal(after_fault[k], v) for k, v in get_adapter_state(model).items())
+        assert recovered.loss == direct.loss and recovered.examples == direct.examples
+
+        set_adapter_state(model, initial)
+        fault = OutOfMemoryAt(model, fits=0)
+        with pytest.raises(DPTrainingError, match="out of GPU memory with one example at a time"):
+            dp_train(model, data, physical_batch_size=2, **train)
+        fault.handle.remove()
+    finally:
+        set_adapter_state(model, initial)
+        for m, rate in zip(dropouts, rates):
+            m.p = rate
+    count("faults_survived", "GPU out of memory part-way through a DP step")
 
 
 def test_auto_dp_batch_is_an_eighth_of_the_data_up_to_1024_and_an_explicit_one_wins():

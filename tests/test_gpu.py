@@ -134,6 +134,35 @@ def test_what_repeats_bit_for_bit_on_the_gpu(small):
     count("invariant_checks_passed", "seeded GPU training repeats (plain and DP)")
 
 
+def test_auto_dp_chunks_compute_the_whole_poisson_batch_on_the_gpu_and_release_the_same_update(small):
+    """dp-physical-batch-size auto is one piece on a GPU; the update equals the chunked one up to
+    float rounding (dropout off: its masks depend on how a batch is cut)."""
+    from common.dp_train import AUTO_CHUNK, dp_train
+    from common.model import get_adapter_state, set_adapter_state
+
+    model, _, tok, data, initial, _ = small
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    for m in dropouts:
+        m.p = 0.0
+    updates, results = [], []
+    try:
+        for physical in (AUTO_CHUNK, 16):
+            set_adapter_state(model, initial)
+            result, _ = dp_train(model, data, pad_id=tok.pad_token_id, steps=3, batch_size=64, learning_rate=1e-3,
+                                 weight_decay=0.0, noise_multiplier=1.0, clipping_norm=0.5, seed=3,
+                                 physical_batch_size=physical)
+            results.append(result)
+            state = get_adapter_state(model)
+            updates.append(np.concatenate([(state[k] - initial[k]).ravel() for k in initial]))
+    finally:
+        for m, rate in zip(dropouts, rates):
+            m.p = rate
+    assert np.linalg.norm(updates[0] - updates[1]) <= 1e-4 * np.linalg.norm(updates[0])
+    assert results[0].padding_efficiency < results[1].padding_efficiency  # one piece: padded to the longest
+    count("invariant_checks_passed", "auto DP chunks on the GPU release the chunked update")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_on_cuda_keeps_the_adapter_in_float32(small, dtype):
     model, _, tok, data, initial, _ = small

@@ -124,8 +124,8 @@ def dp_train(
         def step(batch) -> StepOutcome:  # the learning rate (set by run_steps) is post-processing
             ids, mask, labels = batch  # on the CPU: lengths and chunks are planned there, without syncs
             optimizer.zero_grad(set_to_none=True)
-            if len(labels) == 0:
-                _noise_only_step(optimizer)
+            if len(labels) == 0:  # an empty Poisson batch still releases a noisy (zero-sum) update
+                _release(optimizer)
                 return StepOutcome(float("nan"), 0, 0, 0)
             while True:
                 try:
@@ -164,15 +164,16 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.
         loss.backward()
         if compute_dtype != "float32":
             _per_sample_grads_in_param_dtype(optimizer)
-        last = i == len(chunks) - 1
-        if not last:
-            optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only; noise once, at the end
+        optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only; noise once, at the end
         optimizer.step()
-        if not last:
-            optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum (the step was skipped)
+        optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum (the step was skipped)
         loss_sum += loss.detach() * len(chunk)
         real += int(lengths[chunk].sum())
         processed += len(chunk) * width
+    try:
+        _release(optimizer)
+    except torch.cuda.OutOfMemoryError as err:  # not retried: the noise may have been drawn
+        raise DPTrainingError("DP step: out of GPU memory while noising and applying the update") from err
     return StepOutcome(loss_sum.item() / len(order), len(order), real, processed)
 
 
@@ -208,7 +209,7 @@ class Chunking:
 def _discard_partial_step(gsm: GradSampleModule, optimizer: DPOptimizer) -> None:
     """Forget a logical step that failed part-way, as if it never started: the clipped sums
     accumulated so far and a pending skip signal (DPOptimizer), the activations and forward counts
-    of the interrupted pass (GradSampleModule). No noise was drawn: that is the last chunk's."""
+    of the interrupted pass (GradSampleModule). No noise was drawn: that is `_release`'s."""
     optimizer._step_skip_queue.clear()
     optimizer._is_last_step_skipped = False
     optimizer.zero_grad(set_to_none=True)  # with no step skipped, this clears the clipped sums too
@@ -231,8 +232,11 @@ def _per_sample_grads_in_param_dtype(optimizer: DPOptimizer) -> None:
             p.grad_sample = p.grad_sample.to(p.dtype)
 
 
-def _noise_only_step(optimizer: DPOptimizer) -> None:
-    """An empty Poisson batch still releases a noisy (zero-sum) update, as the analysis assumes."""
+def _release(optimizer: DPOptimizer) -> None:
+    """End a logical step: add the noise once to the clipped sum accumulated over its chunks
+    (none for an empty Poisson batch, which still releases a noisy update, as the analysis
+    assumes) and take the optimizer step. Every chunk only accumulated, so an out-of-memory error
+    in one leaves the noise undrawn and the step can be computed again."""
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()

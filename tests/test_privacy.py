@@ -345,12 +345,12 @@ def test_dp_steps_follow_the_learning_rate_schedule(lora):
 def test_an_empty_poisson_batch_still_takes_a_noisy_step():
     from opacus.optimizers import DPOptimizer
 
-    from common.dp_train import _noise_only_step
+    from common.dp_train import _release
 
     param = torch.nn.Parameter(torch.zeros(1000))
     opt = DPOptimizer(torch.optim.SGD([param], lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
                       expected_batch_size=4)
-    _noise_only_step(opt)
+    _release(opt)
     assert param.abs().sum() > 0 and torch.isfinite(param).all()
 
 

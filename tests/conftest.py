@@ -18,6 +18,25 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
+def save_tiny_llama(out: Path, *, hidden: int = 64) -> str:
+    """A 2-layer Llama with random weights and the packaged model's tokenizer, saved to `out`:
+    a causal LM that loads offline (tests/test_causal_lm.py, tests/test_gpu.py)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.model import load_tokenizer
+
+    tokenizer = load_tokenizer("packaged:all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
+                         max_position_embeddings=256, bos_token_id=tokenizer.cls_token_id,
+                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def pytest_configure(config):
     """Under pytest-xdist (the default, see pyproject's addopts) each worker gets its share of
     the cores, and so do the federations it starts (they inherit OMP_NUM_THREADS): two workers

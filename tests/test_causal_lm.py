@@ -23,6 +23,7 @@ from common.errors import ConfigError, DataError
 from common.lm import IGNORE, encode_example, encode_lm, load_lora_causal_lm, model_for_config, pack, prompt_text
 from common.model import get_adapter_state, load_tokenizer
 from common.train import batch_loss, collate, evaluate
+from tests.conftest import save_tiny_llama
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune
 
@@ -47,18 +48,7 @@ def tiny_gpt2(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = load_tokenizer("packaged:all-MiniLM-L6-v2")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def lm_config(model: str, **changes) -> FedtuneConfig:

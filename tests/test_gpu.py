@@ -22,6 +22,7 @@ import torch
 
 from common.config import FedtuneConfig
 from common.errors import ConfigError
+from tests.conftest import save_tiny_llama
 from tests.reliability import count
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -196,20 +197,7 @@ def test_a_clients_share_of_a_shared_gpu_is_enforced(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from common.model import load_tokenizer
-
-    tokenizer = load_tokenizer("packaged:all-MiniLM-L6-v2")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden=128)
 
 
 @pytest.mark.parametrize("load_in,compute_dtype", [("4bit", "bfloat16"), ("4bit", "float32"), ("8bit", "float32")])

@@ -132,13 +132,14 @@ def dp_train(
                     return _logical_step(gsm, optimizer, ids, mask, labels, device, data.task, chunking.size,
                                          compute_dtype)
                 except torch.cuda.OutOfMemoryError:
-                    chunking.shrink(len(labels))
                     _discard_partial_step(gsm, optimizer)
+                    chunking.shrink(len(labels))
 
         gsm.train()
         result = run_steps(lambda: loader, step, optimizer, total=steps, lr_at=lr_at, progress=progress)
     finally:
-        gsm._close()  # remove Opacus hooks: the cached model is reused by later rounds
+        _forget_pass(gsm)  # whatever stopped a step part-way: the cached model is reused by later rounds
+        gsm._close()  # remove Opacus hooks
     _check_weights_moved(params, before)
     mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=result.steps, sample_rate=loader.sample_rate)
     return result, mechanism
@@ -213,15 +214,20 @@ def _discard_partial_step(gsm: GradSampleModule, optimizer: DPOptimizer) -> None
     optimizer._step_skip_queue.clear()
     optimizer._is_last_step_skipped = False
     optimizer.zero_grad(set_to_none=True)  # with no step skipped, this clears the clipped sums too
-    for module in gsm.modules():
-        if hasattr(module, "activations"):
-            module.activations = []
-        if hasattr(module, "max_batch_len"):
-            del module.max_batch_len
+    _forget_pass(gsm)
     for p in optimizer.params:
         p._forward_counter = 0
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _forget_pass(gsm: GradSampleModule) -> None:
+    """Drop the activations Opacus saved for a backward pass that never came, and the batch size
+    it inferred from them; left on the modules, they would size a later pass's per-sample
+    gradients (Opacus' own cleanup removes its hooks and parameter attributes, not these)."""
+    for module in gsm.modules():  # in the module's own __dict__: PEFT wrappers forward attribute look-ups
+        module.__dict__.pop("activations", None)
+        module.__dict__.pop("max_batch_len", None)
 
 
 def _per_sample_grads_in_param_dtype(optimizer: DPOptimizer) -> None:

@@ -411,15 +411,15 @@ class OutOfMemoryAt:
     than `fits` examples from its `after`-th call on (earlier layers have saved their activations
     for Opacus by then, and earlier chunks have had their clipped gradients accumulated)."""
 
-    def __init__(self, model, *, fits: int, after: int = 1) -> None:
+    def __init__(self, model, *, fits: int, after: int = 1, error: type[Exception] = torch.cuda.OutOfMemoryError):
         layer = [m for m in model.modules() if type(m).__name__ == "BertLayer"][-1]
-        self.fits, self.after, self.calls = fits, after, 0
+        self.fits, self.after, self.calls, self.error = fits, after, 0, error
         self.handle = layer.register_forward_pre_hook(self)
 
     def __call__(self, module, args):
         self.calls += 1
         if self.calls >= self.after and args[0].shape[0] > self.fits:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            raise self.error("CUDA out of memory (injected)")
 
 
 def clipping_out_of_memory_at(monkeypatch, *, fits: int, after: int) -> None:
@@ -446,7 +446,8 @@ def test_a_dp_chunk_that_runs_out_of_gpu_memory_is_halved_and_the_batch_computed
     forward pass or in the clipping. The logical batch is computed again in half-size chunks, and
     nothing of the failed attempt (clipped sums, a pending skip, saved activations, forward counts)
     reaches the update: it equals a run that used the smaller chunks from the start, bit for bit.
-    When one example does not fit, the step fails saying so."""
+    When one example does not fit, the step fails saying so; after any failure the cached model
+    trains as if it had not happened."""
     cfg, model, tok, data = lora
     initial = get_adapter_state(model)
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -469,7 +470,8 @@ def test_a_dp_chunk_that_runs_out_of_gpu_memory_is_halved_and_the_batch_computed
         after_fault = get_adapter_state(model)
         set_adapter_state(model, initial)
         direct, _ = dp_train(model, data, physical_batch_size=4, **train)
-        assert all(np.array_equal(after_fault[k], v) for k, v in get_adapter_state(model).items())
+        direct_state = get_adapter_state(model)
+        assert all(np.array_equal(after_fault[k], v) for k, v in direct_state.items())
         assert recovered.loss == direct.loss and recovered.examples == direct.examples
 
         set_adapter_state(model, initial)
@@ -477,6 +479,13 @@ def test_a_dp_chunk_that_runs_out_of_gpu_memory_is_halved_and_the_batch_computed
         with pytest.raises(DPTrainingError, match="out of GPU memory with one example at a time"):
             dp_train(model, data, physical_batch_size=2, **train)
         fault.handle.remove()
+        fault = OutOfMemoryAt(model, fits=0, after=2, error=KeyboardInterrupt)  # any other stop part-way
+        with pytest.raises(KeyboardInterrupt):
+            dp_train(model, data, physical_batch_size=8, **train)
+        fault.handle.remove()
+        set_adapter_state(model, initial)  # failed trainings leave the cached model as they found it
+        dp_train(model, data, physical_batch_size=4, **train)
+        assert all(np.array_equal(direct_state[k], v) for k, v in get_adapter_state(model).items())
     finally:
         set_adapter_state(model, initial)
         for m, rate in zip(dropouts, rates):

@@ -40,7 +40,7 @@ class OpacusSpy:
 
         def clip_and_accumulate(opt):
             before = [p.summed_grad.clone() if getattr(p, "summed_grad", None) is not None else 0 for p in opt.params]
-            samples = [p.grad_sample.reshape(len(p.grad_sample), -1) for p in opt.params]
+            samples = [p.grad_sample.flatten(start_dim=1) for p in opt.params]  # (0, n) for the release step
             norms = torch.cat(samples, dim=1).norm(dim=1)
             factor = (spy.clip / (norms + 1e-6)).clamp(max=1.0)
             real_clip(opt)

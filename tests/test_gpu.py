@@ -241,13 +241,12 @@ def test_qlora_trains_on_a_quantized_base_and_its_adapter_fits_the_full_precisio
     on_cpu = evaluate(full, data, pad_id=tok.pad_token_id, batch_size=16, num_labels=0)
     report(f"qlora_{load_in}_{compute_dtype}", {"loss_before": before["loss"], "loss_after": after["loss"],
                                                 "loss_full_precision_cpu": on_cpu["loss"]})
-    assert np.isfinite(on_cpu["loss"])
+    assert on_cpu["loss"] == pytest.approx(after["loss"], rel=0.02)  # H200: 10.027 against 10.026
 
     set_adapter_state(model, initial)
-    dp_dtype = compute_dtype if compute_dtype != "float16" else "float32"
     result, mechanism = dp_train(model, data, pad_id=tok.pad_token_id, steps=3, batch_size=16, learning_rate=1e-3,
                                  weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=0,
-                                 physical_batch_size=8, compute_dtype=dp_dtype)
+                                 physical_batch_size=8, compute_dtype=compute_dtype)
     assert mechanism.steps == 3 and np.isfinite(result.loss)
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in get_adapter_state(model).values())
 

@@ -24,6 +24,7 @@ Data: SST-2 train from ../shared/data when present, else the packaged chatterbot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -112,10 +113,11 @@ def plain_dp(model, data: EncodedData, tokenizer, *, batch: int, steps: int, lr:
         module=model, optimizer=torch.optim.AdamW(params, lr=lr), data_loader=loader, noise_multiplier=1.0,
         max_grad_norm=1.0, poisson_sampling=True)
     start, seen, done = time.perf_counter(), 0, 0
+    pieces = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer)
+              if physical else contextlib.nullcontext(loader))
     while done < steps:
-        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical or batch * 4,
-                                optimizer=optimizer) as pieces:
-            for ids, mask, labels in pieces:
+        with pieces as batches:
+            for ids, mask, labels in batches:
                 optimizer.zero_grad(set_to_none=True)  # Opacus keeps the summed clipped gradients of skipped steps
                 if len(labels):
                     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)

@@ -66,7 +66,7 @@ def load_lora_causal_lm(
     if load_in == "none":
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
     else:
-        base = quantized_base(model, load_in, torch.device(device))
+        base = quantized_base(model, load_in, torch.device(device), compute_dtype)
     torch.manual_seed(seed)  # LoRA's A matrices: the same whichever way the base was loaded (lora-freeze-a)
     peft_model = with_lora(base, model, task_type=TaskType.CAUSAL_LM, r=r, alpha=alpha, dropout=dropout,
                            target_modules=target_modules, freeze_a=freeze_a)
@@ -75,12 +75,12 @@ def load_lora_causal_lm(
     return peft_model
 
 
-def quantized_base(model: str, load_in: str, device: torch.device):
+def quantized_base(model: str, load_in: str, device: torch.device, compute_dtype: str):
     """The frozen base in 8 or 4 bits on a CUDA device, ready for LoRA training."""
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    check_precision(device, "float32", load_in)
+    check_precision(device, compute_dtype, load_in)
     if load_in == "4bit":
         # Computing in float32 while LoRA is attached: PEFT rounds new LoRA weights through a 4-bit
         # layer's compute dtype, so a bfloat16 one would give other frozen A matrices than a
@@ -217,9 +217,8 @@ def model_for_config(cfg, num_labels: int, *, device: torch.device | None = None
     where the run's `device` setting resolves."""
     if cfg.task == "causal-lm":
         quantized = cfg.load_in != "none"
-        if quantized:
+        if quantized:  # placed as it loads; quantized_base checks the device and bitsandbytes
             device = device or resolve_device(cfg.device)
-            check_precision(device, cfg.compute_dtype, cfg.load_in)
         model = load_lora_causal_lm(
             cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
             target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,

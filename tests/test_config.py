@@ -120,3 +120,17 @@ def test_an_older_runs_config_with_a_removed_option_at_its_neutral_value_still_p
                        ("shared-moments", "second")):
         with pytest.raises(ConfigError, match=f"unknown config key\\(s\\) \\['{key}'\\]"):
             parse_run_config({key: value})
+
+
+def test_fedtune_config_into_a_reader_that_leaves_early_ends_without_a_traceback():
+    """`fedtune config | head -1`: the listing's reader has closed the pipe (here before the
+    command writes its first line); the command ends with status 1 and nothing on stderr
+    (before: a BrokenPipeError traceback)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "simulation.cli", "config"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # Popen returns once the child runs; Python's start-up outlasts this
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err == b"", err.decode()[-2000:]

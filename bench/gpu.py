@@ -12,12 +12,12 @@ steps on the device `auto` resolves to (CUDA when torch sees one):
   of 8 length-sorted examples on a CPU, the whole Poisson batch on a GPU) against Opacus'
   PrivacyEngine over a Poisson DataLoader of the same expected batch, noise and clipping, in
   one piece (Opacus' default).
-On CUDA also `dp_chunked` (both sides in pieces of at most 256 examples: fedtune's length-sorted
-chunks, Opacus' BatchMemoryManager), `train_bf16` (bfloat16 autocast, batch 256, both sides) and,
-with SST-2, one epoch of SST-2 through fedtune's loop with the dev accuracy. Each side warms up
-first, then is timed; samples/s counts the examples stepped on. Writes gpu.json with the figures
-and `ratio_train`, `ratio_dp` (and `ratio_dp_chunked`, `ratio_train_bf16` on CUDA): fedtune /
-plain loop, >= 0.8 is the target.
+On a CPU also `dp_whole` (fedtune in one piece, what auto does on a GPU). On CUDA also
+`dp_chunked` (both sides in pieces of at most 256 examples: fedtune's length-sorted chunks,
+Opacus' BatchMemoryManager), `train_bf16` (bfloat16 autocast, batch 256, both sides) and, with
+SST-2, one epoch of SST-2 through fedtune's loop with the dev accuracy. Each side warms up
+first, then is timed; samples/s counts the examples stepped on. Writes gpu.json with the
+figures and `ratio_<run>` for each: fedtune / plain loop, >= 0.8 is the target.
 Data: SST-2 train from ../shared/data when present, else the packaged chatterbot corpus.
 """
 
@@ -199,6 +199,11 @@ def main() -> None:
                                    physical=AUTO_CHUNK, device=device),
                         plain_dp(plain, data, tok, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, device=device))),
     ]
+    if device.type != "cuda":  # the GPU's auto choice (the Poisson batch in one piece) on this device
+        runs.append(("dp_whole", lambda: (
+            fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, physical=0,
+                       device=device),
+            plain_dp(plain, data, tok, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, device=device))))
     if device.type == "cuda":  # pieces that bound memory; bfloat16 autocast at a larger batch (refused on a CPU)
         runs.append(("dp_chunked", lambda: (
             fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr,

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 from common.device import autocast, model_device, noise_generator
 from common.errors import FedtuneError
 from common.privacy import Mechanism
-from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, pad_batch, run_steps
+from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, collate, run_steps
 
 
 AUTO_CHUNK = -1  # dp-physical-batch-size's default: by device
@@ -45,30 +45,31 @@ class DPTrainingError(FedtuneError, RuntimeError):
     """DP training ran, but its result cannot be trusted."""
 
 
-class _Examples(Dataset):
+class _Indices(Dataset):
+    """The loader samples example indices; `_pad` pads the sampled examples in one go. Opacus
+    sizes an empty first batch from item 0: a one-element list, a 0-length index tensor."""
+
     def __init__(self, data: EncodedData) -> None:
         self.data = data
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int):  # tensors: Opacus builds empty batches from their shapes and dtypes
-        return (torch.tensor(self.data.input_ids[i], dtype=torch.long),
-                torch.tensor(self.data.labels[i], dtype=torch.long))
+    def __getitem__(self, i: int) -> tuple[int]:
+        return (i,)
 
 
-def _pad(pad_id: int, task: str):
-    def collate(items):
-        batch = pad_batch([ids for ids, _ in items], [labels for _, labels in items], pad_id,
-                          token_labels=task == "causal-lm")
+def _pad(data: EncodedData, pad_id: int):
+    def pad(items):
+        batch = collate(data, [i for (i,) in items], pad_id)
         return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
-    return collate
+    return pad
 
 
 def poisson_loader(data: EncodedData, *, batch_size: int, pad_id: int, seed: int) -> DPDataLoader:
     """A Poisson-sampling loader with expected batch size ~ batch_size; its rate is what we account."""
-    base = DataLoader(_Examples(data), batch_size=batch_size, collate_fn=_pad(pad_id, data.task))
+    base = DataLoader(_Indices(data), batch_size=batch_size, collate_fn=_pad(data, pad_id))
     loader = DPDataLoader.from_data_loader(base, generator=torch.Generator().manual_seed(seed))
     if not isinstance(loader.batch_sampler, UniformWithReplacementSampler):
         raise DPTrainingError(f"DP loader: expected Poisson sampling, got {type(loader.batch_sampler).__name__}")
@@ -122,11 +123,11 @@ def dp_train(
         chunking = Chunking.for_device(physical_batch_size, device)
 
         def step(batch) -> StepOutcome:  # the learning rate (set by run_steps) is post-processing
-            ids, mask, labels = batch  # on the CPU: lengths and chunks are planned there, without syncs
             optimizer.zero_grad(set_to_none=True)
-            if len(labels) == 0:  # an empty Poisson batch still releases a noisy (zero-sum) update
-                _release(optimizer)
+            if len(batch[-1]) == 0:  # an empty Poisson batch still releases a noisy (zero-sum) update; one
+                _release(optimizer)  # before any example was drawn is a single empty tensor (Opacus)
                 return StepOutcome(float("nan"), 0, 0, 0)
+            ids, mask, labels = batch  # on the CPU: lengths and chunks are planned there, without syncs
             while True:
                 try:
                     return _logical_step(gsm, optimizer, ids, mask, labels, device, data.task, chunking.size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from itertools import chain
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,18 +55,22 @@ def collate(data: EncodedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-        if token_labels:
-            targets[row, : len(seq)] = torch.as_tensor(labels[row], dtype=torch.long)
-    if not token_labels:
-        targets = torch.stack([torch.as_tensor(label, dtype=torch.long) for label in labels])
-    return {"input_ids": ids, "attention_mask": mask, "labels": targets}
+    """Pad to the longest sequence, in numpy, handed to torch once: a torch operation per row
+    costs microseconds, and a DP-SGD batch of 1,024 examples took 3,000 of them (16 ms a step
+    on a 2-core CPU, 0.7 ms in numpy; bench/README.md)."""
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    mask = np.arange(lengths.max()) < lengths[:, None]  # row-major: True cells in the order of the tokens
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
+    if token_labels:
+        if not np.array_equal(np.fromiter(map(len, labels), dtype=np.int64, count=len(labels)), lengths):
+            raise ValueError("token labels: expected one label per token in every example")
+        targets = np.full(mask.shape, IGNORE_INDEX, dtype=np.int64)
+        targets[mask] = np.fromiter(chain.from_iterable(labels), dtype=np.int64, count=int(lengths.sum()))
+    else:
+        targets = np.asarray(labels, dtype=np.int64)
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+            "labels": torch.from_numpy(targets)}
 
 
 def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:

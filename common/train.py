@@ -244,7 +244,9 @@ def train(
         return batch_order(lengths, batch_size, rng, group_by_length=group_by_length)
 
     def step(batch_idx) -> StepOutcome:
-        batch = to_device(collate(data, batch_idx, pad_id), device)
+        batch = collate(data, batch_idx, pad_id)
+        real, processed = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()  # on the CPU: no sync
+        batch = to_device(batch, device)
         with autocast(device, compute_dtype):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = batch_loss(out.logits.float(), batch["labels"], data.task)
@@ -260,8 +262,7 @@ def train(
         else:
             scaler.step(optimizer)  # skips a step whose gradients overflowed
             scaler.update()
-        mask = batch["attention_mask"]
-        return StepOutcome(loss.item(), len(batch_idx), int(mask.sum()), mask.numel())
+        return StepOutcome(loss.item(), len(batch_idx), real, processed)  # the step's one read from the device
 
     model.train()
     total = steps if steps > 0 else epochs * math.ceil(len(data) / batch_size)

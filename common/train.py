@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -63,8 +63,11 @@ def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> d
     ids = np.full(mask.shape, pad_id, dtype=np.int64)
     ids[mask] = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
     if token_labels:
-        if not np.array_equal(np.fromiter(map(len, labels), dtype=np.int64, count=len(labels)), lengths):
-            raise ValueError("token labels: expected one label per token in every example")
+        counts = np.fromiter(map(len, labels), dtype=np.int64, count=len(seqs))
+        if not np.array_equal(counts, lengths):
+            row = int(np.flatnonzero(counts != lengths)[0])
+            raise ValueError(f"token labels: expected one label per token, got {counts[row]} labels for "
+                             f"{lengths[row]} tokens in row {row} of the batch")
         targets = np.full(mask.shape, IGNORE_INDEX, dtype=np.int64)
         targets[mask] = np.fromiter(chain.from_iterable(labels), dtype=np.int64, count=int(lengths.sum()))
     else:

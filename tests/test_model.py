@@ -22,7 +22,7 @@ from common.model import (
 )
 from common.lm import model_for_config
 from common.train import (
-    TOKENIZE_COUNT, cosine_lr, encode, evaluate, macro_f1, round_schedule, train,
+    TOKENIZE_COUNT, cosine_lr, encode, evaluate, macro_f1, pad_batch, round_schedule, train,
 )
 
 CFG = FedtuneConfig(partitioner="iid")
@@ -376,3 +376,28 @@ def test_pooling_modes_ignore_padding_and_a_plain_model_keeps_its_own_head(tmp_p
     with pytest.raises(ConfigError, match="pooling: expected one of"):
         PooledClassifier(BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
                                               num_attention_heads=2, intermediate_size=16)), 2, "median")
+
+
+@pytest.mark.parametrize("token_labels", [False, True])
+def test_padded_batches_equal_a_row_by_row_reference(token_labels):
+    """pad_batch builds batches in numpy (one hand-over to torch): the same tensors as padding
+    row by row, with token labels -100 past each example's end; a token-label row of the wrong
+    length is refused, naming the row."""
+    rng = np.random.default_rng(0)
+    seqs = [[int(t) for t in rng.integers(1, 1000, size=n)] for n in rng.integers(1, 40, size=50)]
+    labels = [[int(t) for t in rng.integers(-100, 5, size=len(s))] for s in seqs] if token_labels else list(range(50))
+    width = max(map(len, seqs))
+    ids, mask = torch.full((50, width), 7), torch.zeros((50, width), dtype=torch.long)
+    targets = torch.full((50, width), -100) if token_labels else torch.tensor(labels)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+        if token_labels:
+            targets[row, : len(seq)] = torch.tensor(labels[row])
+    batch = pad_batch(seqs, labels, 7, token_labels=token_labels)
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert torch.equal(batch["input_ids"], ids) and torch.equal(batch["attention_mask"], mask)
+    assert torch.equal(batch["labels"], targets)
+    if token_labels:
+        labels[3] = labels[3][:-1]
+        with pytest.raises(ValueError, match=f"got {len(seqs[3]) - 1} labels for {len(seqs[3])} tokens in row 3"):
+            pad_batch(seqs, labels, 7, token_labels=True)

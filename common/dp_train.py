@@ -30,6 +30,9 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: 
 
 logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() on import: undo it
 log = logging.getLogger(__name__)
+# An empty first Poisson batch is a step like any other here (`dp_train`); Opacus' warning that
+# its stand-in "may cause issues" would only alarm, once per client and round.
+logging.getLogger("opacus.data_loader").addFilter(lambda rec: not rec.getMessage().startswith("First batch is empty"))
 
 from common.device import autocast, model_device, noise_generator
 from common.errors import FedtuneError

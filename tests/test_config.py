@@ -124,13 +124,17 @@ def test_an_older_runs_config_with_a_removed_option_at_its_neutral_value_still_p
 
 def test_fedtune_config_into_a_reader_that_leaves_early_ends_without_a_traceback():
     """`fedtune config | head -1`: the listing's reader has closed the pipe (here before the
-    command writes its first line); the command ends with status 1 and nothing on stderr
-    (before: a BrokenPipeError traceback)."""
+    command starts, so its first write finds no reader); the command ends with status 1 and
+    nothing on stderr (before: a BrokenPipeError traceback)."""
+    import os
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "simulation.cli", "config"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # Popen returns once the child runs; Python's start-up outlasts this
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and err == b"", err.decode()[-2000:]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "simulation.cli", "config"], cwd=REPO, stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == b"", done.stderr.decode()[-2000:]

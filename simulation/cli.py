@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The `fedtune` command: `main`, then an exit without the interpreter's last sweep for
-    garbage cycles through everything torch, transformers and Ray loaded (1.2-1.7 s of CPU at
+    garbage cycles through everything torch, transformers and Ray loaded (0.9-1.9 s of CPU at
     every exit). Only for a process about to end: exit handlers still run (Ray's shutdown,
     logging's flush); fedtune closes what it writes as it writes it; frozen objects are never
     collected afterwards."""

@@ -9,6 +9,7 @@
 #     python3 -m pytest -o addopts="" -n 0 tests/test_gpu.py; python3 bench/gpu.py --out OUT   (there)
 set -euo pipefail
 out=${1:?usage: bash bench/gpu_bundle.sh DIR}
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the wheels are unpacked from inside DIR/site
 repo=$(cd "$(dirname "$0")/.." && pwd)
 python=$repo/.venv/bin/python
 shared=${FEDTUNE_SHARED_DATA:-$repo/../shared/data}

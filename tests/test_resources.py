@@ -47,6 +47,25 @@ def test_the_engine_gives_each_client_its_share_of_the_cores():
     assert all_a_round["init_args"]["num_cpus"] <= cpus
 
 
+def test_on_a_gpu_the_clients_that_train_at_once_share_it(monkeypatch):
+    """device auto on a machine with a GPU (torch's answer patched): each of the clients that
+    train at once asks Ray for an equal share of one GPU, so they fit on it together; one client
+    a round gets the whole GPU. (On the H200 the share's memory cap is enforced: tests/test_gpu.py.)"""
+    import torch
+
+    import common.device
+
+    monkeypatch.setattr(common.device, "resolve_device", lambda spec: torch.device("cuda:0"))
+    cpus = len(os.sched_getaffinity(0))
+    for clients, overrides in [(10, {}), (3, {}), (10, {"fraction-train": 0.1, "min-train-clients": 1})]:
+        cfg = prepare(overrides, clients)
+        parallel, _ = plan_resources(cfg.train_sample_size(clients), cpus=cpus)
+        share = backend_config(cfg, clients)["client_resources"]["num_gpus"]
+        assert share == 1.0 / parallel and parallel * share <= 1.0
+    assert backend_config(prepare({"fraction-train": 0.1, "min-train-clients": 1}, 10), 10)[
+        "client_resources"]["num_gpus"] == 1.0
+
+
 def test_a_clients_threads_come_from_its_node_config_else_omp_num_threads(monkeypatch):
     """num-threads is a node's setting (node config); the engine sets OMP_NUM_THREADS per client."""
     import torch

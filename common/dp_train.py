@@ -188,9 +188,9 @@ class Chunking:
 
     Auto: CPU_CHUNK on a CPU, where less padding is less work; the whole batch on a GPU, where
     each chunk costs a model's worth of kernel launches (on an H200, Opacus ran batches of 1024
-    at 10,688 samples/s whole and fedtune at 4,898 in chunks of 256, bench/README.md). On a GPU a
-    chunk that runs out of memory is halved, so the auto size finds what fits; the released
-    update does not depend on the chunking.
+    at 10,688 samples/s whole and fedtune at 4,898 in chunks of 256; whole, fedtune ran at
+    11,099, bench/README.md). On a GPU a chunk that runs out of memory is halved, so the auto
+    size finds what fits; the released update does not depend on the chunking.
     """
 
     size: int

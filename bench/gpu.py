@@ -204,7 +204,7 @@ def main() -> None:
             fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, physical=0,
                        device=device),
             plain_dp(plain, data, tok, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr, device=device))))
-    if device.type == "cuda":  # pieces that bound memory; bfloat16 autocast at a larger batch (refused on a CPU)
+    else:  # pieces that bound memory; bfloat16 autocast at a larger batch (refused on a CPU)
         runs.append(("dp_chunked", lambda: (
             fedtune_dp(ours, data, tok.pad_token_id, batch=s["dp_batch"], steps=s["dp_steps"], lr=lr,
                        physical=s["dp_chunk"], device=device),

@@ -15,13 +15,20 @@ from collections.abc import Iterator
 
 import numpy as np
 from flwr.app import ArrayRecord
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key, bytes_to_public_key, generate_key_pairs, private_key_to_bytes, public_key_to_bytes,
+)
 
 from common.records import state_to_record
 
-__all__ = ["KEY_CLIPPING_NORM", "STATEFUL_ATTRS", "OrderedGrid", "dp_clipping_norm", "federation_epsilon",
-           "find_strategy", "load_strategy_state", "seed_sampling_and_noise", "set_dp_sample_size",
-           "strategy_chain", "strategy_state"]
+__all__ = ["KEY_CLIPPING_NORM", "STATEFUL_ATTRS", "OrderedGrid", "agreed_key", "dp_clipping_norm",
+           "federation_epsilon", "find_strategy", "join_shares", "load_strategy_state", "new_key_pair", "open_share",
+           "seal_share", "seed_sampling_and_noise", "set_dp_sample_size", "split_secret", "strategy_chain",
+           "strategy_state"]
 
 # Attributes of Flower's strategies that carry state from one round to the next (FedOpt's
 # current arrays and moments, FedAvgM's momentum, the adaptive DP wrapper's clipping norm).
@@ -146,3 +153,41 @@ def federation_epsilon(mechanisms: list[dict], delta: float) -> float:
         accountant.compose(GaussianPrivacyEvent(noise_multiplier=m["noise_multiplier"],
                                                 sample_size=m["sample_size"], population_size=m["population"]))
     return float(accountant.get_epsilon(delta))
+
+
+# --- Secure aggregation: Flower's SecAgg+ primitives --------------------------------------------
+# Flower 1.42 runs its SecAgg+ workflow only on the legacy path (a LegacyContext, legacy fit
+# messages); fedtune drives the protocol from its own loop (common/secagg.py) and takes the
+# cryptography from Flower: EC key pairs (SECP384R1), ECDH + HKDF key agreement, Fernet
+# authenticated encryption, Shamir secret sharing (pycryptodome) and the framing of a share
+# pair. Flower's own mask generator is not used: it folds its seed to 32 bits (see secagg.py).
+
+def new_key_pair() -> tuple[bytes, bytes]:
+    """A fresh (private, public) EC key pair, PEM-encoded."""
+    private, public = generate_key_pairs()
+    return private_key_to_bytes(private), public_key_to_bytes(public)
+
+
+def agreed_key(private_pem: bytes, public_pem: bytes) -> bytes:
+    """The 32-byte key two parties agree on (ECDH, then HKDF-SHA256), URL-safe base64 as Fernet wants it."""
+    return generate_shared_key(bytes_to_private_key(private_pem), bytes_to_public_key(public_pem))
+
+
+def split_secret(secret: bytes, *, threshold: int, shares: int) -> list[bytes]:
+    """Shamir shares of `secret`: any `threshold` of the `shares` rebuild it, fewer reveal nothing."""
+    return create_shares(secret, threshold, shares)
+
+
+def join_shares(shares: list[bytes]) -> bytes:
+    """The secret from at least a threshold of its shares (ValueError when they do not fit)."""
+    return combine_shares(shares)
+
+
+def seal_share(key: bytes, *, src: int, dst: int, seed_share: bytes, key_share: bytes) -> bytes:
+    """Encrypt and authenticate one party's pair of shares for another (Fernet)."""
+    return encrypt(key, share_keys_plaintext_concat(src, dst, seed_share, key_share))
+
+
+def open_share(key: bytes, ciphertext: bytes) -> tuple[int, int, bytes, bytes]:
+    """(src, dst, seed share, key share) of a sealed share; raises when it was not sealed with `key`."""
+    return share_keys_plaintext_separate(decrypt(key, ciphertext))

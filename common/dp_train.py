@@ -151,14 +151,27 @@ def dp_train(
 
 def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, task: str, physical: int,
                   compute_dtype: str = "float32") -> StepOutcome:
-    """One DP-SGD step on a logical (Poisson) batch, in length-sorted physical chunks. The batch
-    arrives on the CPU, where the chunks and their widths are planned; each chunk then moves to
-    `device`, and the loss is read back once per step (a sync per chunk would stall a GPU)."""
+    """One DP-SGD step on a logical (Poisson) batch: clip and accumulate it (`_accumulate`), then
+    noise the sum and apply the update once (`_release`)."""
+    outcome = _accumulate(gsm, optimizer, ids, mask, labels, device, task, physical, compute_dtype)
+    try:
+        _release(optimizer)
+    except torch.cuda.OutOfMemoryError as err:  # not retried: the noise may have been drawn
+        raise DPTrainingError("DP step: out of GPU memory while noising and applying the update") from err
+    return outcome
+
+
+def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, task: str, physical: int,
+                compute_dtype: str = "float32") -> StepOutcome:
+    """Clip every example's gradient and add it to the parameters' clipped sums (Opacus' skipped
+    steps), in length-sorted physical chunks. The batch arrives on the CPU, where the chunks and
+    their widths are planned; each chunk then moves to `device`, and the loss is read back once
+    (a sync per chunk would stall a GPU). No noise is drawn here."""
     lengths = mask.sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
     chunks = order.split(physical) if physical > 0 else [order]
     loss_sum, real, processed = torch.zeros((), device=device), 0, 0
-    for i, chunk in enumerate(chunks):
+    for chunk in chunks:
         width = int(lengths[chunk].max())
         chunk_labels = labels[chunk, :width] if task == "causal-lm" else labels[chunk]
         chunk_ids, chunk_mask, chunk_labels = (t.to(device, non_blocking=True)
@@ -175,11 +188,58 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.
         loss_sum += loss.detach() * len(chunk)
         real += int(lengths[chunk].sum())
         processed += len(chunk) * width
+    return StepOutcome(loss_sum.item() / max(1, len(order)), len(order), real, processed)
+
+
+def clipped_gradient_sum(
+    model: torch.nn.Module, data: EncodedData, *, pad_id: int, sample_rate: float, clipping_norm: float,
+    seed: int, physical_batch_size: int = AUTO_CHUNK, compute_dtype: str = "float32",
+) -> tuple[dict[str, np.ndarray], int]:
+    """Distributed DP-SGD's client step: draw one Poisson sample of `data` at `sample_rate` and sum
+    its per-example gradients, each clipped to `clipping_norm`. No noise and no update: the client
+    adds its share of the noise after rounding the sum to integers (common/quantize.py) and the
+    server, which sees only the secure sum of every client's, takes the step.
+
+    Returns (clipped sum by adapter tensor name, float64 on the CPU; examples sampled). The count
+    stays on the client: it depends on the data, so it must not travel unprotected.
+    """
+    if compute_dtype == "float16":
+        raise DPTrainingError("DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
+                              "would scale the per-sample gradients before they are clipped)")
+    if len(data) == 0:
+        raise DPTrainingError("DP training: expected at least one example, got none")
+    if not 0 < sample_rate <= 1:
+        raise DPTrainingError(f"DP training: expected a sample rate in (0, 1], got {sample_rate}")
+    torch.manual_seed(seed)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    loader = DPDataLoader(_Indices(data), sample_rate=sample_rate, collate_fn=_pad(data, pad_id),
+                          generator=torch.Generator().manual_seed(seed))
+    device = model_device(model)
+    ids, mask, labels = next(iter(loader))
+    gsm = GradSampleModule(model)
     try:
-        _release(optimizer)
-    except torch.cuda.OutOfMemoryError as err:  # not retried: the noise may have been drawn
-        raise DPTrainingError("DP step: out of GPU memory while noising and applying the update") from err
-    return StepOutcome(loss_sum.item() / len(order), len(order), real, processed)
+        optimizer = DPOptimizer(torch.optim.SGD([p for _, p in named], lr=0.0), noise_multiplier=0.0,
+                                max_grad_norm=clipping_norm, expected_batch_size=1)
+        _check_same_parameters(gsm, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        chunking = Chunking.for_device(physical_batch_size, device)
+        gsm.train()
+        while len(labels):
+            try:
+                _accumulate(gsm, optimizer, ids, mask, labels, device, data.task, chunking.size, compute_dtype)
+                break
+            except torch.cuda.OutOfMemoryError:
+                _discard_partial_step(gsm, optimizer)
+                chunking.shrink(len(labels))
+        sums = {n: (p.summed_grad.detach().to("cpu", torch.float64).numpy() if getattr(p, "summed_grad", None)
+                    is not None else np.zeros(tuple(p.shape))) for n, p in named}
+    finally:
+        _forget_pass(gsm)
+        for _, p in named:  # the cached model is reused: no clipped sum may outlive this call
+            p.summed_grad = None
+            p.grad = None
+        gsm._close()
+    return sums, len(labels)
 
 
 @dataclass

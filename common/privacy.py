@@ -8,6 +8,9 @@ rounds and restarts is exact, and anyone can recompute it from a ledger.
   report (Koskela et al. 2020; Doroshenko et al. 2022, https://arxiv.org/abs/2207.04380).
 - RDP (Mironov 2017, https://arxiv.org/abs/1702.07476) is the cross-check; it overstates
   epsilon by roughly 5-30% against PLD, never understates it.
+- Distributed DP adds Skellam noise (`common/skellam.py`), which neither library accounts for: a
+  history that holds it is accounted by RDP at integer orders, the Skellam steps by their bound and
+  any Gaussian steps by dp-accounting, added order by order.
 """
 
 from __future__ import annotations
@@ -27,16 +30,19 @@ if TYPE_CHECKING:  # dp_accounting (and scipy under it) is imported where epsilo
 
 POISSON = "poisson"
 WITHOUT_REPLACEMENT = "without-replacement"
+GAUSSIAN, SKELLAM = "gaussian", "skellam"
 PLD_DISCRETIZATION = 1e-4
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512])
 
 
 @dataclass(frozen=True)
 class Mechanism:
-    """`steps` applications of a subsampled Gaussian mechanism.
+    """`steps` applications of a subsampled Gaussian (or Skellam) mechanism.
 
     sampling = "poisson": each record is included with probability `sample_rate`.
     sampling = "without-replacement": a fixed `sample_size` of `population` records.
+    noise = "skellam": integer noise of variance (noise_multiplier * l2_sensitivity)^2 on an integer
+    vector of the given L2 and L1 sensitivities (distributed DP, Poisson sampling only).
     """
 
     noise_multiplier: float
@@ -45,6 +51,9 @@ class Mechanism:
     sample_rate: float = 1.0
     population: int = 0
     sample_size: int = 0
+    noise: str = GAUSSIAN
+    l2_sensitivity: float = 0.0
+    l1_sensitivity: float = 0.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
@@ -59,9 +68,23 @@ class Mechanism:
                 raise ConfigError(f"sample size: expected 1..population={self.population}, got {self.sample_size}")
         else:
             raise ConfigError(f"sampling: expected {POISSON!r} or {WITHOUT_REPLACEMENT!r}, got {self.sampling!r}")
+        if self.noise not in (GAUSSIAN, SKELLAM):
+            raise ConfigError(f"noise: expected {GAUSSIAN!r} or {SKELLAM!r}, got {self.noise!r}")
+        if self.noise == SKELLAM and (self.sampling != POISSON or not self.l2_sensitivity > 0
+                                      or not self.l1_sensitivity > 0):
+            raise ConfigError("Skellam mechanism: expected Poisson sampling and L2 / L1 sensitivities > 0, got "
+                              f"{self.sampling}, {self.l2_sensitivity}, {self.l1_sensitivity}")
+
+    @property
+    def variance(self) -> float:
+        """Skellam: the noise variance per coordinate of the integer sum."""
+        return (self.noise_multiplier * self.l2_sensitivity) ** 2
 
     def event(self) -> dpa.DpEvent:
         import dp_accounting as dpa
+
+        if self.noise == SKELLAM:
+            raise ConfigError("a Skellam mechanism has no dp-accounting event; account it with epsilon_rdp")
 
         gaussian = dpa.GaussianDpEvent(self.noise_multiplier)
         if self.sampling == POISSON:
@@ -102,8 +125,9 @@ def epsilon_pld(mechanisms: Sequence[Mechanism], *, delta: float,
     """Tight epsilon of the composition (add/remove neighbours), Poisson sampling only."""
     if not any(m.steps for m in mechanisms):
         return 0.0
-    if any(m.sampling != POISSON for m in mechanisms):
-        raise ConfigError("PLD accounting: expected Poisson sampling; use epsilon_rdp for fixed-size samples")
+    if any(m.sampling != POISSON or m.noise != GAUSSIAN for m in mechanisms):
+        raise ConfigError("PLD accounting: expected Poisson-sampled Gaussian steps; use epsilon_rdp for fixed-size "
+                          "samples and Skellam noise")
     from dp_accounting import pld
 
     accountant = pld.PLDAccountant(value_discretization_interval=discretization)
@@ -115,6 +139,8 @@ def epsilon_rdp(mechanisms: Sequence[Mechanism], *, delta: float) -> float:
     """RDP epsilon; handles fixed-size sampling without replacement (replace-one neighbours)."""
     if not any(m.steps for m in mechanisms):
         return 0.0
+    if any(m.noise == SKELLAM for m in mechanisms):
+        return _epsilon_rdp_with_skellam(mechanisms, delta=delta)
     import dp_accounting as dpa
     from dp_accounting import rdp
 
@@ -124,6 +150,32 @@ def epsilon_rdp(mechanisms: Sequence[Mechanism], *, delta: float) -> float:
         accountant = rdp.RdpAccountant(orders=RDP_ORDERS, neighboring_relation=relation)
         accountant.compose(composed_event(mechanisms))
         return float(accountant.get_epsilon(delta))
+
+
+def _epsilon_rdp_with_skellam(mechanisms: Sequence[Mechanism], *, delta: float) -> float:
+    """RDP at integer orders: Skellam steps by their bound (common/skellam.py), Gaussian steps by
+    dp-accounting (add/remove neighbours, Poisson sampling only), added order by order."""
+    import numpy as np
+    from dp_accounting import rdp
+
+    from common.skellam import ORDERS, subsampled_skellam_rdp
+
+    if any(m.sampling != POISSON for m in mechanisms):
+        raise ConfigError("RDP accounting with Skellam steps: expected Poisson sampling throughout")
+    total = np.zeros(len(ORDERS))
+    gaussian = [m for m in grouped(mechanisms) if m.noise == GAUSSIAN]
+    if gaussian:
+        with _quiet_absl():
+            accountant = rdp.RdpAccountant(orders=[float(a) for a in ORDERS])
+            accountant.compose(composed_event(gaussian))
+            total += np.asarray(accountant.rdp)
+    for m in grouped(mechanisms):
+        if m.noise == SKELLAM:
+            one = subsampled_skellam_rdp(rate=m.sample_rate, l2=m.l2_sensitivity, l1=m.l1_sensitivity,
+                                         variance=m.variance)
+            total += m.steps * np.asarray(one)
+    eps, _ = rdp.compute_epsilon(list(ORDERS), total, delta)
+    return float(eps)
 
 
 @contextmanager
@@ -143,7 +195,7 @@ def _quiet_absl():
 
 def epsilon(mechanisms: Sequence[Mechanism], *, delta: float) -> tuple[float, str]:
     """The tightest available epsilon and the accountant that produced it."""
-    if all(m.sampling == POISSON for m in mechanisms):
+    if all(m.sampling == POISSON and m.noise == GAUSSIAN for m in mechanisms):
         return epsilon_pld(mechanisms, delta=delta), "pld"
     return epsilon_rdp(mechanisms, delta=delta), "rdp"
 

@@ -189,3 +189,93 @@ def make_plan(*, target_epsilon: float, delta: float, rounds: int, num_clients: 
                                 local_steps=local_steps) if alternatives or sample.problems() else []
     return Plan(sample=sample, client_noise_multiplier=z, sample_epsilons=sample_eps, client_epsilons=client_eps,
                 alternatives=others)
+
+
+# --- Distributed DP: one DP-SGD step a round over the federation's data -------------------------
+
+ROUNDING_HEADROOM = 100.0  # s * C = 100 sqrt(d): rounding adds at most 1% to the L2 sensitivity
+
+
+@dataclass(frozen=True)
+class DistributedPlan:
+    """Distributed DP-SGD for a whole run (Kairouz et al. 2021; Agarwal et al. 2021): each round every
+    client Poisson-samples its records at `sample_rate`, sums their clipped gradients, scales the sum by
+    `scale`, rounds it and adds Skellam noise of variance `variance / threshold`; the secure sum of
+    at least `threshold` clients carries variance `variance`, i.e. noise_multiplier * l2_sensitivity. The
+    server divides by the expected batch and steps AdamW. One round is one DP-SGD step."""
+
+    examples: int  # training records across the federation
+    batch_size: int  # expected Poisson batch across the federation
+    rounds: int
+    noise_multiplier: float  # of the summed noise, relative to the L2 sensitivity of the rounded sum
+    clipping_norm: float
+    dimension: int  # d: the values that travel
+    scale: float
+
+    @property
+    def sample_rate(self) -> float:
+        return min(1.0, self.batch_size / self.examples)
+
+    @property
+    def sensitivities(self) -> tuple[float, float]:
+        from common.skellam import sensitivities
+
+        return sensitivities(scale=self.scale, clipping_norm=self.clipping_norm, dimension=self.dimension)
+
+    @property
+    def variance(self) -> float:
+        return (self.noise_multiplier * self.sensitivities[0]) ** 2
+
+    def mechanism(self, steps: int = 1) -> Mechanism:
+        from common.privacy import SKELLAM
+
+        l2, l1 = self.sensitivities
+        return Mechanism(noise_multiplier=self.noise_multiplier, steps=steps, sample_rate=self.sample_rate,
+                         noise=SKELLAM, l2_sensitivity=l2, l1_sensitivity=l1)
+
+    @property
+    def gradient_noise_std(self) -> float:
+        """Per-coordinate noise on the averaged gradient the server steps with: sqrt(variance) / (s B)."""
+        return self.noise_multiplier * self.sensitivities[0] / (self.scale * self.batch_size)
+
+    @property
+    def noise_to_signal(self) -> float:
+        """Noise norm over the largest signal norm of the averaged gradient (as for local DP-SGD)."""
+        return self.gradient_noise_std * math.sqrt(self.dimension) / self.clipping_norm
+
+
+def distributed_scale(*, dimension: int, clipping_norm: float, batch_size: int) -> float:
+    """The integer scale s of a client's clipped-gradient sum: s C = ROUNDING_HEADROOM sqrt(d), so that
+    rounding adds at most 1% to the sensitivity, unless a batch far above the expected one could then
+    leave the secure sum's +-M/2 (a coordinate of the sum is at most batch * s * C): s C is kept
+    under M / (8 (B + 10 sqrt(B) + 10)), which leaves three quarters of the range to the noise."""
+    from common.secagg import MODULUS
+
+    high = batch_size + 10 * math.sqrt(batch_size) + 10
+    return min(ROUNDING_HEADROOM * math.sqrt(dimension), MODULUS / (8 * high)) / clipping_norm
+
+
+def distributed_plan(*, examples: int, batch_size: int, rounds: int, clipping_norm: float, dimension: int,
+                     delta: float, target_epsilon: float = 0.0, noise_multiplier: float = 0.0) -> DistributedPlan:
+    """The plan for a run: the given noise multiplier, or the smallest whose Skellam epsilon after
+    `rounds` steps meets `target_epsilon` (common/skellam.py)."""
+    from common.privacy import epsilon_rdp
+
+    batch = dp_batch_size(batch_size, examples)
+    scale = distributed_scale(dimension=dimension, clipping_norm=clipping_norm, batch_size=batch)
+
+    def plan(z: float) -> DistributedPlan:
+        return DistributedPlan(examples=examples, batch_size=batch, rounds=rounds, noise_multiplier=z,
+                               clipping_norm=clipping_norm, dimension=dimension, scale=scale)
+
+    if not noise_multiplier:
+        noise_multiplier = smallest_noise(
+            lambda z: epsilon_rdp([plan(z).mechanism(steps=rounds)], delta=delta), target_epsilon)
+    return plan(noise_multiplier)
+
+
+def distributed_plan_for_config(cfg, examples: int, *, dimension: int) -> DistributedPlan:
+    """`distributed_plan` with a run's settings (a FedtuneConfig)."""
+    return distributed_plan(examples=examples, batch_size=cfg.dp_batch_size, rounds=cfg.num_server_rounds,
+                            clipping_norm=cfg.dp_clipping_norm, dimension=dimension, delta=cfg.dp_delta,
+                            target_epsilon=cfg.dp_target_epsilon, noise_multiplier=cfg.dp_noise_multiplier)

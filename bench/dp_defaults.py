@@ -9,6 +9,11 @@ review: 4 IID clients on 8,000 training examples, 3 rounds, epsilon 8 (the revie
 table: 10 IID clients on a 20,000-example subset, 3 rounds: no DP, epsilon 1 / 3 / 8, and
   epsilon 3 with FFA-LoRA (`lora-freeze-a`).
 headline: 10 IID clients on all of SST-2 train (67,349), epsilon 3, 5 rounds.
+distributed: the headline's data and clients under distributed DP (issue 38): one DP-SGD step a
+  round over the federation, expected batch 1,024, 198 rounds (3 epochs of 67,349: the clients
+  keep no local validation slice, as the central anchor used all of train), epsilon 3 and 1.
+distributed-table: the table's 20,000 examples under distributed DP, 53 rounds (3 epochs of the
+  18,000 the clients train on), epsilon 1 / 3 / 8.
 
 Each run is `fedtune simulate` (round-timeout 3600 s: a DP round on 2 busy cores can outlast the
 default 600 s) in its own run directory under --out, with its own privacy store (so no earlier
@@ -33,12 +38,18 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 SST2 = Path(os.environ.get("FEDTUNE_SHARED_DATA", REPO.parent / "shared" / "data")) / "sst2"
 DP = ["dp-sample=true"]
+DISTRIBUTED = [*DP, "dp-mode=distributed", "secure-aggregation=true", "validate-updates=false", "fraction-evaluate=0.0"]
 SETTINGS = {
     "review": (4, 3, ["max-train-examples=8000"], {"eps8": [*DP, "dp-target-epsilon=8"]}),
     "table": (10, 3, ["max-train-examples=20000"], {
         "nodp": [], "eps1": [*DP, "dp-target-epsilon=1"], "eps3": [*DP, "dp-target-epsilon=3"],
         "eps8": [*DP, "dp-target-epsilon=8"], "eps3-ffa": [*DP, "dp-target-epsilon=3", "lora-freeze-a=true"]}),
     "headline": (10, 5, [], {"eps3": [*DP, "dp-target-epsilon=3"]}),
+    "distributed": (10, 198, ["local-val-fraction=0.0"], {
+        "eps3": [*DISTRIBUTED, "dp-target-epsilon=3"], "eps1": [*DISTRIBUTED, "dp-target-epsilon=1"]}),
+    "distributed-table": (10, 53, ["max-train-examples=20000"], {
+        "eps1": [*DISTRIBUTED, "dp-target-epsilon=1"], "eps3": [*DISTRIBUTED, "dp-target-epsilon=3"],
+        "eps8": [*DISTRIBUTED, "dp-target-epsilon=8"]}),
 }
 
 
@@ -58,7 +69,7 @@ def peak_rss(proc: subprocess.Popen, out: dict) -> None:
 
 def run_one(name: str, clients: int, rounds: int, config: list[str], out: Path) -> dict:
     run_dir = out / name
-    args = [sys.executable, "-m", "simulation.cli", "simulate", "--num-clients", str(clients)]
+    args = [sys.executable, "-m", "simulation.cli", "simulate", "--quiet", "--num-clients", str(clients)]
     for item in [f'data="{SST2 / "train.tsv"}"', f'heldout-data="{SST2 / "dev.tsv"}"', "text-column=sentence",
                  "partitioner=iid", f"num-server-rounds={rounds}", "round-timeout=3600", *config,
                  f'run-dir="{run_dir}"']:

@@ -3,7 +3,8 @@
 The run's settings arrive with every message (the server parses the run config once);
 where this node's data lives comes from its node config: `partition-id` and
 `num-partitions` in simulation, `data-path` (and optional column settings) in deployment.
-Only the adapter and aggregate metrics leave the node.
+Only the adapter and aggregate metrics leave the node; with secure aggregation, only a masked
+vector (client/secagg.py).
 
 The server's first message to a node is a query (who are you, how much data); it is
 answered without loading the model. Train and evaluate messages run client/training.py,
@@ -19,6 +20,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 
 from client.messages import message_config, node_data
 from common.flower import KEY_CLIPPING_NORM
+from common.secagg import ACTIONS
 
 
 def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -63,3 +65,32 @@ def evaluate_handler(msg: Message, context: Context) -> Message:
     from client.training import evaluate_reply
 
     return evaluate_reply(msg, context)
+
+
+# Secure aggregation (common/secagg.py): one train action per SecAgg+ stage.
+@app.train(ACTIONS["keys"])
+def secagg_keys(msg: Message, context: Context) -> Message:
+    from client.secagg import keys_reply
+
+    return keys_reply(msg, context)
+
+
+@app.train(ACTIONS["shares"])
+def secagg_shares(msg: Message, context: Context) -> Message:
+    from client.secagg import shares_reply
+
+    return shares_reply(msg, context)
+
+
+@app.train(ACTIONS["masked"])
+def secagg_masked(msg: Message, context: Context) -> Message:
+    from client.secagg import masked_reply
+
+    return masked_reply(msg, context)
+
+
+@app.train(ACTIONS["unmask"])
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    from client.secagg import unmask_reply
+
+    return unmask_reply(msg, context)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from common.budget import PrivacyRecord, data_fingerprint, privacy_dir
+from common.budget import PrivacyRecord, data_fingerprint, node_secret, private_seed, privacy_dir
 from common.config import FedtuneConfig
+from common.errors import ConfigError
 from common.privacy import Mechanism
 from common.privacy_plan import dp_batch_size, plan_for_config
 from common.train import round_schedule
@@ -51,17 +52,42 @@ class Decision:
         })
 
 
-def decide(cfg: FedtuneConfig, train_set, node_config: dict) -> Decision:
-    """Open this client's record and check the planned round against its budget.
+def decide(cfg: FedtuneConfig, train_set, node_config: dict, *, planned: Mechanism | None = None) -> Decision:
+    """Open this client's record and check the planned round (this client's own DP-SGD plan, or the
+    distributed mechanism the server announced) against its budget.
 
     The budget is the tighter of the server's (dp-epsilon-budget / dp-target-epsilon) and
     the node's own `epsilon-budget`: a client never accepts a looser limit from the server.
     """
     record = PrivacyRecord.open(privacy_dir(node_config), data_fingerprint(train_set), delta=cfg.dp_delta)
-    planned = planned_mechanism(cfg, len(train_set))
+    planned = planned or planned_mechanism(cfg, len(train_set))
     budgets = [b for b in (cfg.sample_epsilon_budget, float(node_config.get("epsilon-budget", 0.0))) if b > 0]
     budget = min(budgets) if budgets else 0.0
     return Decision(record=record, planned=planned, budget=budget, projected=record.projected(planned))
+
+
+# Run-config keys that do not change what a client computes: left out of the seed, so that a resumed
+# run (resume, run-dir) or one with another time-out repeats its randomness exactly.
+BOOKKEEPING_KEYS = ("resume", "run-dir", "round-timeout", "best-metric", "early-stopping-rounds")
+
+
+def dp_seed(node_config: dict, cfg: FedtuneConfig, server_round: int, client_id: str, arrays, *records) -> int:
+    """The seed of this round's DP randomness (Poisson sample, noise, rounding): keyed by this node's
+    secret (common/budget.py) and bound to everything the round computes from: the run config (less
+    BOOKKEEPING_KEYS), the global adapter and any `records` the server announced (distributed DP's
+    rate, noise and scale). The same input repeats its output exactly; any other gets fresh randomness,
+    so two releases never share a noise draw."""
+    import hashlib
+    import json
+
+    config = {k: v for k, v in cfg.to_run_config().items() if k not in BOOKKEEPING_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(arrays.keys()):
+        digest.update(name.encode())
+        digest.update(arrays[name].numpy().tobytes())
+    for record in records:
+        digest.update(json.dumps(dict(record), sort_keys=True).encode())
+    return private_seed(node_secret(privacy_dir(node_config)), "dp", server_round, client_id, digest.hexdigest())
 
 
 def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad_id: int, seed: int,
@@ -81,16 +107,45 @@ def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad
         raise RuntimeError(
             f"DP sample rate: planned {decision.planned.sample_rate}, loader used {mechanism.sample_rate}"
         )
+    return result, spend(decision, mechanism, cfg.dp_clipping_norm, run=run, server_round=server_round)
+
+
+def spend(decision: Decision, mechanism: Mechanism, clipping_norm: float, *, run: str, server_round: int) -> ConfigRecord:
+    """Record a mechanism that ran in this client's own record (before anything leaves the node) and
+    describe it, with the client's whole history, for the server's ledger."""
     entry = decision.record.append(run=run, server_round=server_round, mechanism=mechanism,
-                                   clipping_norm=cfg.dp_clipping_norm)
+                                   clipping_norm=clipping_norm)
     history = decision.record.mechanisms()
-    return result, ConfigRecord({
+    return ConfigRecord({
         "status": TRAINED, "fingerprint": decision.record.fingerprint,
         "noise-multiplier": mechanism.noise_multiplier, "sample-rate": mechanism.sample_rate,
-        "steps": mechanism.steps, "clipping-norm": cfg.dp_clipping_norm,
+        "steps": mechanism.steps, "clipping-norm": clipping_norm, "noise": mechanism.noise,
+        "l2-sensitivity": mechanism.l2_sensitivity, "l1-sensitivity": mechanism.l1_sensitivity,
         "epsilon": entry["epsilon"], "epsilon-rdp": entry["epsilon_rdp"], "accountant": entry["accountant"],
         "delta": decision.record.delta, "epsilon-budget": decision.budget,
         "history-noise": [m.noise_multiplier for m in history],
         "history-rate": [m.sample_rate for m in history],
         "history-steps": [m.steps for m in history],
+        "history-kind": [m.noise for m in history],
+        "history-l2": [m.l2_sensitivity for m in history],
+        "history-l1": [m.l1_sensitivity for m in history],
     })
+
+
+def distributed_mechanism(cfg: FedtuneConfig, announced, data) -> Mechanism:
+    """The distributed DP-SGD step the server announced for this round (sample rate, noise
+    multiplier, integer scale, dimension), checked, as the Skellam mechanism that protects this
+    client's records; the client accounts it in its own record as any other."""
+    from common.privacy import SKELLAM
+    from common.skellam import sensitivities
+
+    values = {k: announced.get(k) for k in ("sample-rate", "noise-multiplier", "scale", "dimension")}
+    bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))
+           or not math.isfinite(v) or v <= 0}
+    if bad or values["sample-rate"] > 1:
+        raise ConfigError(f"distributed DP: expected a sample rate in (0, 1] and a positive noise multiplier, "
+                          f"scale and dimension from the server, got {values}")
+    l2, l1 = sensitivities(scale=float(values["scale"]), clipping_norm=cfg.dp_clipping_norm,
+                           dimension=int(values["dimension"]))
+    return Mechanism(noise_multiplier=float(values["noise-multiplier"]), steps=1,
+                     sample_rate=float(values["sample-rate"]), noise=SKELLAM, l2_sensitivity=l2, l1_sensitivity=l1)

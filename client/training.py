@@ -13,13 +13,13 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from client.messages import (
     PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_device, node_threads,
 )
-from client.privacy import decide, train_private
+from client.privacy import decide, dp_seed, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
@@ -98,42 +98,65 @@ def check_frozen(server: str, mine: str) -> None:
         )
 
 
-def train_reply(msg: Message, context: Context) -> Message:
+@dataclass
+class Trained:
+    """One round of local training: the session it ran in, its result and privacy record; or, when
+    this client's budget refused the round, only the refusal."""
+
+    session: Session
+    examples: int
+    result: object = None
+    privacy: ConfigRecord | None = None
+    refusal: ConfigRecord | None = None
+
+
+def train_locally(msg: Message, context: Context) -> Trained:
+    """Train the global adapter the message carries on this node's data (DP-SGD under dp-sample)."""
     s = open_session(msg, context)
     cfg, encoded = s.cfg, s.encode(s.data.train)
-
     progress = progress_reporter(s.server_round, s.data.client_id)
-    seed = client_seed(cfg.seed, s.server_round, s.data.client_id)
-    privacy = None
     if cfg.dp_sample:
         decision = decide(cfg, s.data.train, dict(context.node_config))
         if not decision.allowed:
-            log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f (%.3f already spent on "
-                "this data by earlier rounds or runs, recorded in %s; set privacy-dir in the node config or "
-                "FEDTUNE_PRIVACY_DIR to keep another record)", s.data.client_id, s.server_round, decision.projected,
-                decision.budget, decision.record.spent(), decision.record.path)
-            content = RecordDict({"privacy": decision.refusal(), "client": client_record(s.data, s.server_round)})
-            return Message(content=content, reply_to=msg)
+            log_refusal(decision, s)
+            return Trained(session=s, examples=len(encoded), refusal=decision.refusal())
+        seed = dp_seed(dict(context.node_config), cfg, s.server_round, s.data.client_id, msg.content["arrays"])
         result, privacy = train_private(decision, cfg, s.model, encoded, pad_id=s.tokenizer.pad_token_id,
                                         seed=seed, run=str(context.run_id), server_round=s.server_round,
                                         progress=progress)
-    else:
-        result = train(
-            s.model, encoded, pad_id=s.tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
-            batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm, seed=seed,
-            proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
-            group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
-            compute_dtype=cfg.compute_dtype,
-        )
-    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (len(encoded), result.loss, result.steps, result.seconds))))
+        return Trained(session=s, examples=len(encoded), result=result, privacy=privacy)
+    result = train(
+        s.model, encoded, pad_id=s.tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, seed=client_seed(cfg.seed, s.server_round, s.data.client_id),
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
+        group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
+        compute_dtype=cfg.compute_dtype,
+    )
+    return Trained(session=s, examples=len(encoded), result=result)
+
+
+def log_refusal(decision, s: Session) -> None:
+    log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f (%.3f already spent on "
+        "this data by earlier rounds or runs, recorded in %s; set privacy-dir in the node config or "
+        "FEDTUNE_PRIVACY_DIR to keep another record)", s.data.client_id, s.server_round, decision.projected,
+        decision.budget, decision.record.spent(), decision.record.path)
+
+
+def train_reply(msg: Message, context: Context) -> Message:
+    t = train_locally(msg, context)
+    s, result = t.session, t.result
+    if t.refusal is not None:
+        content = RecordDict({"privacy": t.refusal, "client": client_record(s.data, s.server_round)})
+        return Message(content=content, reply_to=msg)
+    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (t.examples, result.loss, result.steps, result.seconds))))
     content = RecordDict({
         "arrays": state_to_record(get_adapter_state(s.model)),
         "metrics": metrics,
         "client": client_record(s.data, s.server_round),
     })
-    if privacy is not None:
-        content["privacy"] = privacy
+    if t.privacy is not None:
+        content["privacy"] = t.privacy
     return Message(content=content, reply_to=msg)
 
 

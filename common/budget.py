@@ -6,11 +6,20 @@ before training and refuses a round whose epsilon would exceed its budget.
 
     <privacy-dir>/<fingerprint>.json    (privacy-dir: node config `privacy-dir`,
                                           else $FEDTUNE_PRIVACY_DIR, else ~/.fedtune/privacy)
+    <privacy-dir>/node-secret           32 random bytes, readable by the node's user only
+
+The node secret keys every random choice DP rests on (which records a Poisson sample takes, the
+noise, the rounding): the server knows the run's seed, so randomness derived from it alone would
+let the server redraw the sample and subtract the noise. `private_seed` mixes the secret with what
+the round is computed from, so a repeated round on the same input repeats exactly (a resumed run
+ends bit for bit as an uninterrupted one, and a replay teaches the server nothing), while any
+other input gets fresh, independent randomness.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,12 +31,45 @@ from common.files import atomic_write
 from common.privacy import Mechanism, epsilon, epsilon_rdp
 
 RECORD_VERSION = 1
+SECRET_NAME, SECRET_BYTES = "node-secret", 32
 
 
 def privacy_dir(node_config: dict | None = None) -> Path:
     if node_config and node_config.get("privacy-dir"):
         return Path(str(node_config["privacy-dir"])).expanduser()
     return Path(os.environ.get("FEDTUNE_PRIVACY_DIR", "~/.fedtune/privacy")).expanduser()
+
+
+def node_secret(directory: Path) -> bytes:
+    """This node's secret (see the module docstring), made on first use with mode 0600; processes that
+    race to make it all read the one that won."""
+    path = directory / SECRET_NAME
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{SECRET_NAME}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, os.urandom(SECRET_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process made it first: theirs is kept
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    secret = path.read_bytes()
+    if len(secret) != SECRET_BYTES:
+        raise PrivacyBudgetError(f"node secret {path}: expected {SECRET_BYTES} bytes, got {len(secret)}; remove the "
+                                 "file to make a new one")
+    return secret
+
+
+def private_seed(secret: bytes, *parts: object) -> int:
+    """A 63-bit seed from the node secret and `parts` (HMAC-SHA256): unpredictable without the secret."""
+    digest = hmac.new(secret, "|".join(map(str, parts)).encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def data_fingerprint(data: TextDataset) -> str:

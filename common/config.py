@@ -33,6 +33,9 @@ LoadIn = Literal["none", "8bit", "4bit"]
 ComputeDtype = Literal["float32", "bfloat16", "float16"]
 LRSchedule = Literal["constant", "cosine"]
 BestMetric = Literal["auto", "macro-f1", "accuracy", "loss"]
+DPMode = Literal["local", "distributed"]
+# Strategies that aggregate by a weighted mean alone: the only ones a secure sum can feed.
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 DEFAULT_DATA = "packaged:chatterbot"
@@ -74,6 +77,8 @@ class FedtuneConfig:
     num_malicious_clients: int = _f(1, "Krum/Multi-Krum/Bulyan: clients assumed malicious (f).")
     multikrum_select: int = _f(2, "Multi-Krum: updates averaged after selection.")
     trimmed_beta: float = _f(0.2, "FedTrimmedAvg: fraction trimmed from each end, in [0, 0.5).")
+    secure_aggregation: bool = _f(False, "SecAgg+ among each round's sampled clients: the server learns only the sum of their quantized updates, never one client's (needs validate-updates = false and a mean-based strategy; docs/privacy.md).")
+    secagg_max_dropouts: int = _f(1, "Secure aggregation: sampled clients that may drop out of a round (under distributed DP: drop out or collude) with the round still applied; fewer than half of those sampled. More end the round unapplied.")
     # Update validation
     validate_updates: bool = _f(True, "Check every reply (schema, finite, norm, weight, round, node) before aggregation.")
     max_norm_factor: float = _f(10.0, "Reject an update whose norm exceeds this multiple of the round's median update norm (0 = off).")
@@ -131,11 +136,12 @@ class FedtuneConfig:
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
     # Differential privacy
     dp_sample: bool = _f(False, "Sample-level DP-SGD (Opacus) on every client: per-sample clipping, Gaussian noise, Poisson sampling.")
+    dp_mode: DPMode = _f("local", "With dp-sample: local (each client runs DP-SGD with the full noise on its own update) or distributed (one DP-SGD step a round over the whole federation: each client adds a share of Skellam noise to its clipped gradient sum, secure aggregation sums them, the server steps AdamW; needs secure-aggregation = true).")
     dp_noise_multiplier: float = _f(0.0, "Sample-level noise multiplier; 0 = calibrate it from dp-target-epsilon over the planned rounds.")
     dp_target_epsilon: float = _f(0.0, "Sample-level target epsilon after num-server-rounds (used when dp-noise-multiplier = 0).")
     dp_delta: float = _f(1e-5, "Delta of every (epsilon, delta) guarantee, sample- and client-level.")
     dp_clipping_norm: float = _f(1.0, "Sample-level per-sample gradient clipping norm.")
-    dp_batch_size: int = _f(0, "DP-SGD: expected Poisson batch per client; 0 = auto, the client's training examples / 8 up to 1024 (8 steps a local epoch). DP needs batches in the hundreds: noise sigma*C/B per coordinate drowns small batches (`fedtune plan` shows the ratio).")
+    dp_batch_size: int = _f(0, "DP-SGD: expected Poisson batch per client (dp-mode = distributed: across the federation); 0 = auto, the training examples / 8 up to 1024 (8 steps an epoch). DP needs batches in the hundreds: noise sigma*C/B per coordinate drowns small batches (`fedtune plan` shows the ratio).")
     dp_physical_batch_size: int = _f(-1, "DP-SGD: compute each Poisson batch in length-sorted chunks of this many examples; 0 = in one piece; -1 = auto: 8 on a CPU, one piece on a GPU. On a GPU a chunk that runs out of memory is halved. The update is the same.")
     dp_epsilon_budget: float = _f(0.0, "A client refuses a round that would take its epsilon above this; 0 = dp-target-epsilon (no limit if that is 0).")
     dp_client: ClientDP = _f("off", "Client-level DP with Flower's wrappers: off, server-fixed, client-fixed or server-adaptive clipping.")
@@ -201,6 +207,7 @@ class FedtuneConfig:
                         "sample-level DP would run and nothing would be accounted; expected dp-sample = true "
                         f"with it, or {name.replace('_', '-')} = 0"
                     )
+        _check_secure_aggregation(self)
         if self.dp_client == "off" and self.dp_client_epsilon_budget != 0:
             raise ConfigError(f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
                               "'off', so no client-level DP would run; expected a dp-client mode with it, or 0")
@@ -259,6 +266,40 @@ class FedtuneConfig:
 
     def replace(self, **changes: Any) -> FedtuneConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_secure_aggregation(cfg: FedtuneConfig) -> None:
+    """Secure aggregation and distributed DP against the options they cannot serve."""
+    _check_min("secagg_max_dropouts", cfg.secagg_max_dropouts, 0)
+    if cfg.dp_mode == "distributed" and not cfg.dp_sample:
+        raise ConfigError("dp-mode: set to 'distributed', but dp-sample = false, so no DP would run; expected "
+                          "dp-sample = true with it, or dp-mode = 'local'")
+    if cfg.dp_mode == "distributed" and not cfg.secure_aggregation:
+        raise ConfigError("dp-mode: 'distributed' needs secure-aggregation = true, got false (each client adds only "
+                          "a share of the noise: an update seen alone would be under-noised)")
+    if not cfg.secure_aggregation:
+        return
+    needs_updates = {
+        "validate-updates": (cfg.validate_updates, "it checks each client's update, which the server never sees"),
+        "dp-client": (cfg.dp_client != "off", "Flower's client-level DP clips each client's update on the server"),
+        "weight-policy": (cfg.weight_policy != "examples", "the secure sum weights each update by its examples"),
+        "max-client-weight": (cfg.max_client_weight > 0, "capping one client's weight needs its weight"),
+    }
+    for key, (on, why) in needs_updates.items():
+        if on:
+            raise ConfigError(f"{key}: set to {getattr(cfg, key.replace('-', '_'))!r}, but secure-aggregation = true "
+                              f"and {why}; expected it off with secure aggregation")
+    if cfg.strategy not in MEAN_STRATEGIES:
+        raise ConfigError(f"strategy: expected one of {list(MEAN_STRATEGIES)} with secure-aggregation = true (they "
+                          f"aggregate by a weighted mean, which a secure sum gives), got {cfg.strategy!r}, which "
+                          "needs every update")
+    if cfg.dp_mode == "distributed":
+        fixed = {"strategy": ("fedavg", "the server's own AdamW takes the DP-SGD step"),
+                 "local-steps": (0, "a round is one DP-SGD step"), "local-epochs": (1, "a round is one DP-SGD step")}
+        for key, (neutral, why) in fixed.items():
+            if getattr(cfg, key.replace("-", "_")) != neutral:
+                raise ConfigError(f"{key}: expected {neutral!r} with dp-mode = 'distributed' ({why}), got "
+                                  f"{getattr(cfg, key.replace('-', '_'))!r}")
 
 
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

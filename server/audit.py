@@ -34,6 +34,7 @@ from pathlib import Path
 
 from common.errors import FedtuneError
 from common.ledger import GENESIS, Ledger, verify_chain
+from common.privacy import SKELLAM
 
 # Agreement expected between independent accountants (RELIABILITY: PLD and PRV agree closely;
 # two RDP implementations differ only by their grid of orders).
@@ -106,27 +107,81 @@ def _audit_client(e: dict, histories: dict[str, list[dict]], problems: list[str]
         if history[: len(before)] != before:
             problems.append(f"{where}: history does not extend this client's previous entry (privacy forgotten)")
         histories[e["fingerprint"]] = history
-        prv, rdp = opacus_epsilons(history, e["delta"])
         row.update({"noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"], "steps": e["steps"],
-                    "clipping_norm": e["clipping_norm"], "epsilon_rdp": e["epsilon_rdp"],
-                    "check_prv": prv, "check_rdp": rdp, "accountant": e["accountant"]})
+                    "clipping_norm": e["clipping_norm"], "epsilon_rdp": e["epsilon_rdp"], "accountant": e["accountant"]})
+        if any(h.get("noise") == SKELLAM for h in history):
+            row.update(_check_skellam(where, history, e["epsilon"], e["delta"], problems))
+            return _check_budget(e, row, where, problems, notes)
+        prv, rdp = opacus_epsilons(history, e["delta"])
+        row.update({"check_prv": prv, "check_rdp": rdp})
         if not _close(prv, e["epsilon"], PRV_VS_PLD_REL):
             problems.append(f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {prv:.4f} (PRV)")
         if not _close(rdp, e["epsilon_rdp"], RDP_VS_RDP_REL):
             problems.append(f"{where}: recorded RDP epsilon {e['epsilon_rdp']:.4f} but Opacus RDP gives {rdp:.4f}")
         if e["epsilon_rdp"] + 1e-9 < e["epsilon"]:
             problems.append(f"{where}: RDP epsilon below the tight epsilon (impossible for honest accounting)")
+    return _check_budget(e, row, where, problems, notes)
+
+
+def _check_budget(e: dict, row: dict, where: str, problems: list[str], notes: list[str]) -> dict:
     budget = e.get("epsilon_budget") or 0.0
     if e["status"] == "trained" and budget > 0 and e["epsilon"] > budget + 1e-9:
         problems.append(f"{where}: overspent: epsilon {e['epsilon']:.4f} > budget {budget:.4f}")
-    elif e["status"] == "trained" and budget > 0 and row["check_prv"] > budget:
+    elif e["status"] == "trained" and budget > 0 and row.get("check_prv", 0.0) > budget:
         notes.append(f"{where}: the binding PLD epsilon {e['epsilon']:.4f} meets the budget {budget:.4f}; Opacus' "
                      f"PRV estimate {row['check_prv']:.4f} is {row['check_prv'] - budget:.4f} above it, within "
                      "PRV's own error of 0.01")
     return row
 
 
+def _check_skellam(where: str, history: list[dict], recorded: float, delta: float, problems: list[str]) -> dict:
+    """A history with distributed DP steps: epsilon again from its mechanisms (fedtune's Skellam
+    bound, the same code as the run: this catches a ledger that does not match its mechanisms), and
+    bounded below by Opacus' RDP of Gaussian noise with the same multipliers (an independent library:
+    Skellam's bound can only be larger, so a smaller record understates the spend)."""
+    from common.privacy import Mechanism, epsilon_rdp
+
+    again = epsilon_rdp([Mechanism.from_dict(h) for h in history], delta=delta)
+    _, gaussian = opacus_epsilons([{k: h[k] for k in ("noise_multiplier", "sample_rate", "steps")} for h in history],
+                                  delta)
+    if not _close(again, recorded, RDP_VS_RDP_REL):
+        problems.append(f"{where}: recorded epsilon {recorded:.4f} but its mechanisms give {again:.4f} (Skellam RDP)")
+    if recorded < gaussian * (1 - RDP_VS_RDP_REL) - ABS_SLACK:
+        problems.append(f"{where}: recorded epsilon {recorded:.4f} is below {gaussian:.4f}, Opacus' RDP epsilon of "
+                        "Gaussian noise with the same multipliers, which a Skellam step can only exceed")
+    return {"check_rdp": again, "check_gaussian": gaussian}
+
+
+def _audit_distributed(e: dict, federation: list[dict], problems: list[str]) -> dict:
+    """A distributed DP round: the released step's mechanism is the plan's, carried at least its
+    noise (S3), and the federation's epsilon follows from every released step (S4)."""
+    where = f"entry {e.get('seq')} (round {e.get('round')}, federation, distributed DP)"
+    if e.get("mechanism"):
+        m = e["mechanism"]
+        federation.append(m)
+        planned = (e["noise_multiplier"], e["sample_rate"], e["l2_sensitivity"], e["l1_sensitivity"], 1, SKELLAM)
+        if (m.get("noise_multiplier"), m.get("sample_rate"), m.get("l2_sensitivity"), m.get("l1_sensitivity"),
+                m.get("steps"), m.get("noise")) != planned:
+            problems.append(f"{where}: the released mechanism {m} is not the round's plan {planned}")
+        if e["summed"] < e["threshold"] or e["noise_variance_summed"] < e["noise_variance_target"] * (1 - 1e-9):
+            problems.append(f"{where}: released a sum of {e['summed']} clients carrying noise variance "
+                            f"{e['noise_variance_summed']:.6g}, below the target {e['noise_variance_target']:.6g} "
+                            f"(threshold {e['threshold']})")
+    row = {"round": e["round"], "party": "federation", "status": f"{e['summed']}/{e['sampled']} summed",
+           "epsilon": e["epsilon"], "budget": e.get("epsilon_budget") or 0.0, "delta": e["delta"],
+           "noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"], "steps": len(federation),
+           "clipping_norm": e["clipping_norm"], "accountant": e["accountant"]}
+    history = [{**m, "steps": m["steps"]} for m in federation]
+    row.update(_check_skellam(where, history, e["epsilon"], e["delta"], problems) if history else
+               {"check_rdp": 0.0})
+    if row["budget"] > 0 and e["epsilon"] > row["budget"] + 1e-9:
+        problems.append(f"{where}: overspent: epsilon {e['epsilon']:.4f} > budget {row['budget']:.4f}")
+    return row
+
+
 def _audit_federation(e: dict, federation: list[dict], problems: list[str]) -> dict:
+    if e.get("mode") == "distributed":
+        return _audit_distributed(e, federation, problems)
     where = f"entry {e.get('seq')} (round {e.get('round')}, federation)"
     if e.get("mechanism"):
         federation.append(e["mechanism"])
@@ -180,7 +235,7 @@ def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
                         f"{path.name} (round {ckpt.server_round}) records, got {len(entries)} (head {head(entries)}): "
                         f"entries {'removed' if len(entries) < len(anchored) else 'added or replaced'}")
     rounds_file = run_dir / "rounds.jsonl"
-    if dp_sample and rounds_file.is_file():
+    if dp_sample and rounds_file.is_file():  # (a secure round's discarded clients spent too, and are in the ledger)
         clients_in = {}
         for e in entries:
             if e.get("kind") == "client":

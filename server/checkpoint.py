@@ -1,7 +1,7 @@
 """Durable checkpoints: one safetensors file per round, written atomically, with a hash.
 
 A checkpoint holds everything needed to resume: the round, the global adapter, the
-strategy's state and the per-round history
+strategy's state (and the server's AdamW under distributed DP) and the per-round history
 (as JSON metadata). The write goes to a temporary file that is fsync'ed and renamed, so a
 kill mid-write leaves the previous checkpoint intact; the SHA-256 beside it is checked on load.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ class Checkpoint:
     adapter: dict[str, np.ndarray]
     strategy: dict[str, np.ndarray]
     meta: dict
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)  # the server's AdamW (distributed DP)
 
     def run_config(self) -> FedtuneConfig:
         """The run config the checkpoint was written with, parsed as any config is: options since
@@ -44,6 +45,7 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"adapter/{k}": np.ascontiguousarray(v) for k, v in ckpt.adapter.items()}
     tensors.update({f"strategy/{k}": np.ascontiguousarray(v) for k, v in ckpt.strategy.items()})
+    tensors.update({f"optimizer/{k}": np.ascontiguousarray(v) for k, v in ckpt.optimizer.items()})
     meta = {"round": str(ckpt.server_round), "meta": json.dumps(ckpt.meta)}
     blob = st_save(tensors, metadata=meta)
     path = directory / f"round-{ckpt.server_round:04d}.safetensors"
@@ -75,7 +77,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path}: expected fedtune checkpoint metadata, got an unreadable file ({err})") from None
     adapter = {k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")}
     strategy = {k[len("strategy/"):]: v for k, v in tensors.items() if k.startswith("strategy/")}
-    return Checkpoint(server_round=server_round, adapter=adapter, strategy=strategy, meta=extra)
+    optimizer = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
+    return Checkpoint(server_round=server_round, adapter=adapter, strategy=strategy, meta=extra, optimizer=optimizer)
 
 
 def checkpoints_by_round(directory: Path) -> dict[int, Path]:

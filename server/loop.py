@@ -26,18 +26,24 @@ from common.flower import (
     OrderedGrid, dp_clipping_norm, find_strategy, seed_sampling_and_noise, set_dp_sample_size, strategy_state,
 )
 from common.lm import model_for_config
-from common.model import check_adapter_state, save_adapter
+from common.model import save_adapter
 from common.records import record_to_state, state_to_record
+from common.secagg import SecAggError, threshold_for
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.best import best_row, keep_best, rounds_without_improvement, should_stop_early
 from server.evaluation import evaluation_row, federated_evaluation, plot_final_confusion
 from server.privacy import (
     check_sample_level_plan, client_entries, federation_entry, federation_would_exceed, wrap_client_dp,
 )
-from server.replies import classify_replies, client_of, discover_clients, round_entry, sent_to, sort_replies, train_summary
+from server.distributed_dp import ServerAdamW, make_plan, plan_to_dict, would_exceed
+from server.distributed_dp import federation_entry as distributed_entry
+from server.replies import (
+    RoundOutcome, classify_replies, client_of, discover_clients, round_entry, sent_to, sort_replies, train_summary,
+)
+from server.secure_train import secure_train
 from server.resume import fresh_start, restore
 from server.rundir import RunDir
-from server.state import ServerState, initial_state, with_labels
+from server.state import ServerState, conform_to_schema, initial_state, with_labels
 from server.strategy import build_strategy, robust_capacity_problem
 from server.tensorboard import Scalars
 from server.validation import Policy, ValidatedStrategy
@@ -64,6 +70,8 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     log(INFO, "fedtune: run directory %s", run.path)
     model, state = initial_state(cfg, labels, run)
     strategy = build_strategy_chain(state)
+    if cfg.dp_sample and cfg.dp_mode == "distributed":
+        state.dp_optimizer = ServerAdamW(state.arrays, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     start_round = restore(state, strategy) if cfg.resume else fresh_start(state)
     run.write_json("config.json", cfg.to_run_config())
     state.scalars = Scalars(run.path, state.history, state.ledger.entries)
@@ -116,6 +124,18 @@ def check_federation(grid: Grid, state: ServerState) -> None:
     problem = robust_capacity_problem(cfg, cfg.train_sample_size(len(state.declared)))
     if problem:
         end_run(state, "not-enough-clients", problem)
+    if cfg.secure_aggregation:
+        try:
+            threshold_for(cfg.train_sample_size(len(state.declared)), cfg.secagg_max_dropouts)
+        except SecAggError as err:
+            end_run(state, "not-enough-clients", str(err))
+    if cfg.dp_sample and cfg.dp_mode == "distributed" and state.dp_plan is None:
+        state.dp_plan = make_plan(cfg, state.declared, dimension=sum(v.size for v in state.initial.values()))
+        plan = state.dp_plan
+        log(INFO, "fedtune: distributed DP-SGD over %d records: expected batch %d (rate %.5f), %d steps (one a "
+            "round), noise multiplier %.4f of the summed Skellam noise (integer scale %.1f), noise per coordinate "
+            "%.3g, noise/signal %.2f", plan.examples, plan.batch_size, plan.sample_rate, plan.rounds,
+            plan.noise_multiplier, plan.scale, plan.gradient_noise_std, plan.noise_to_signal)
 
 
 def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> None:
@@ -135,27 +155,20 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     set_dp_sample_size(strategy, len(messages))  # Flower's DP noise is z*C/num_sampled_clients
     if federation_budget_exhausted(state, server_round, population=population, sampled=len(messages)):
         return
-    log(INFO, "fedtune: round %d/%d: training on %d clients", server_round, cfg.num_server_rounds, len(messages))
-    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)  # sets each message's id
-    sent = sent_to(messages)
-    replies = sort_replies(replies, state.clients, sent)
-    failed, refused, ok = classify_replies(replies, state.clients, sent)
-    if refused and not ok and not failed:
-        all_refused(state, server_round)
-    summary = train_summary(ok, sampled=len(messages))
-    aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
-    if aggregated is not None:
-        state.arrays = conform_to_schema(state.initial, record_to_state(aggregated))
-    validation = find_strategy(strategy, ValidatedStrategy)
-    rejected = list(validation.rejections) if ok and validation is not None else []
-    entry = round_entry(server_round, messages, replies, failed, refused, rejected, state.clients, sent)
+    log(INFO, "fedtune: round %d/%d: training on %d clients%s", server_round, cfg.num_server_rounds, len(messages),
+        " (secure aggregation)" if cfg.secure_aggregation else "")
+    train = secure_train if cfg.secure_aggregation else plain_train
+    outcome = train(grid, state, strategy, server_round, messages)
+    entry = outcome.entry
     state.rounds.append(entry)
-    if entry["sampled"] and not entry["aggregated"] and not entry["refused"]:
+    if outcome.refused and not (entry["aggregated"] or entry["rejected"] or outcome.failed or entry.get("discarded")):
+        all_refused(state, server_round)
+    if entry["sampled"] and not entry["aggregated"] and not entry["refused"] and not entry.get("discarded"):
         state.status = "all-clients-failed"
-    privacy = record_privacy(state, strategy, server_round, ok, refused, failed, population=population,
-                             sampled=len(messages), accepted=len(entry["aggregated"]))
-    row = {**evaluation_row(state, server_round), **summary,
-           **{k: len(entry[k]) for k in ("aggregated", "rejected", "failed", "timed_out", "refused")}, **privacy}
+    privacy = record_privacy(state, strategy, server_round, outcome, population=population)
+    row = {**evaluation_row(state, server_round), **outcome.summary,
+           **{k: len(entry.get(k, [])) for k in ("aggregated", "rejected", "failed", "timed_out", "refused", "discarded")
+              if k in entry}, **privacy}
     if state.status == "running":
         row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -164,14 +177,37 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     log(INFO, "fedtune: %s", summary_line(row, cfg.num_server_rounds))
 
 
+def plain_train(grid: Grid, state: ServerState, strategy, server_round: int, messages) -> RoundOutcome:
+    """Send the round's training messages, validate and aggregate the replies the strategy's way."""
+    replies = grid.send_and_receive(messages, timeout=state.cfg.round_timeout)  # sets each message's id
+    sent = sent_to(messages)
+    replies = sort_replies(replies, state.clients, sent)
+    failed, refused, ok = classify_replies(replies, state.clients, sent)
+    summary = train_summary(ok, sampled=len(messages))
+    aggregated, _ = strategy.aggregate_train(server_round, ok) if ok else (None, None)
+    if aggregated is not None:
+        state.arrays = conform_to_schema(state.initial, record_to_state(aggregated))
+    validation = find_strategy(strategy, ValidatedStrategy)
+    rejected = list(validation.rejections) if ok and validation is not None else []
+    entry = round_entry(server_round, messages, replies, failed, refused, rejected, state.clients, sent)
+    trained = [(client_of(r, state.clients, sent), r) for r in ok if "privacy" in r.content.config_records]
+    return RoundOutcome(entry=entry, summary=summary, trained=trained, refused=refused, failed=failed)
+
+
 def federation_budget_exhausted(state: ServerState, server_round: int, *, population: int, sampled: int) -> bool:
-    """With dp-client: would this round take the federation's epsilon above its budget? Then the run stops."""
-    projected = federation_would_exceed(state.ledger, state.cfg, population=population, sampled=sampled)
+    """With dp-client or distributed DP: would this round take the federation's epsilon above its
+    budget? Then the run stops."""
+    cfg = state.cfg
+    if cfg.dp_sample and cfg.dp_mode == "distributed":
+        projected, budget = would_exceed(state.ledger, cfg, state.dp_plan), cfg.sample_epsilon_budget
+    else:
+        projected = federation_would_exceed(state.ledger, cfg, population=population, sampled=sampled)
+        budget = cfg.dp_client_epsilon_budget
     if projected is None:
         return False
     state.status = "federation-privacy-budget-exhausted"
     log(WARNING, "fedtune: stopping before round %d: federation epsilon would reach %.3f, budget %.3f",
-        server_round, projected, state.cfg.dp_client_epsilon_budget)
+        server_round, projected, budget)
     return True
 
 
@@ -183,23 +219,30 @@ def all_refused(state: ServerState, server_round: int) -> None:
         server_round, privacy_dir())
 
 
-def record_privacy(state: ServerState, strategy, server_round: int, ok, refused, failed, *, population: int,
-                   sampled: int, accepted: int) -> dict:
+def record_privacy(state: ServerState, strategy, server_round: int, outcome: RoundOutcome, *, population: int) -> dict:
     """Append this round's ledger entries; returns the round's epsilon figures for the metrics row."""
-    cfg, out = state.cfg, {}
+    cfg, out, entry = state.cfg, {}, outcome.entry
     if cfg.dp_sample:
-        trained = [(client_of(r, state.clients, {}), r) for r in ok if "privacy" in r.content.config_records]
-        entries = [state.ledger.append(e) for e in client_entries(server_round, trained, refused, failed)]
+        entries = [state.ledger.append(e) for e in client_entries(server_round, outcome.trained, outcome.refused,
+                                                                  outcome.failed)]
         spent = [e["epsilon"] for e in entries if e["status"] == "trained"]
         if spent:
             out["epsilon_client_max"] = max(spent)
+    if cfg.dp_sample and cfg.dp_mode == "distributed":
+        secure = entry["secure_aggregation"]
+        federation = state.ledger.append(distributed_entry(
+            state.ledger, cfg, state.dp_plan, server_round=server_round, sampled=len(entry["sampled"]),
+            threshold=secure["threshold"], summed=len(entry["aggregated"]), records=secure.get("records", 0),
+            applied=secure["applied"]))
+        out["epsilon_federation"] = federation["epsilon"]
     if cfg.dp_client != "off":
-        entry = state.ledger.append(federation_entry(
+        sampled = len(entry["sampled"])
+        federation = state.ledger.append(federation_entry(
             state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
-            accepted=accepted, clipping_norm=dp_clipping_norm(strategy, cfg.dp_client_clipping_norm),
+            accepted=len(entry["aggregated"]), clipping_norm=dp_clipping_norm(strategy, cfg.dp_client_clipping_norm),
             noise_denominator=max(1, sampled),
         ))
-        out["epsilon_federation"] = entry["epsilon"]
+        out["epsilon_federation"] = federation["epsilon"]
     return out
 
 
@@ -209,7 +252,10 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     save_checkpoint(run.checkpoints, Checkpoint(
         server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
         meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries,
-              "rounds": state.rounds, "frozen": state.frozen, "data": state.data},
+              "rounds": state.rounds, "frozen": state.frozen, "data": state.data,
+              **({"secagg_keys": state.secagg_keys} if state.secagg_keys else {}),
+              **({"dp_plan": plan_to_dict(state.dp_plan)} if state.dp_plan else {})},
+        optimizer=state.dp_optimizer.state() if state.dp_optimizer else {},
     ))
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:
@@ -247,24 +293,14 @@ def end_run(state: ServerState, status: str, reason: str) -> None:
     raise RunFailed(f"{status}: {reason}")
 
 
-def conform_to_schema(initial: dict, aggregated: dict) -> dict:
-    """The server's own aggregate, in the initial adapter's dtypes (I2).
-
-    Flower's FedOpt family computes in float64; the global adapter stays float32. Keys and
-    shapes must already match: anything else is a bug and raises.
-    """
-    cast = {k: v.astype(initial[k].dtype, copy=False) if k in initial else v for k, v in aggregated.items()}
-    check_adapter_state(initial, cast)
-    return cast
-
-
 def round_seed(seed: int, server_round: int) -> int:
     return seed * 100_003 + server_round
 
 
 def summary_line(row: dict, num_rounds: int) -> str:
-    text = (f"round {row['round']}/{num_rounds} | clients {row.get('aggregated', 0)}/{row.get('clients_sampled', 0)}"
-            f" | train loss {row.get('train_loss', float('nan')):.4f}")
+    text = f"round {row['round']}/{num_rounds} | clients {row.get('aggregated', 0)}/{row.get('clients_sampled', 0)}"
+    if "train_loss" in row:  # distributed DP releases no training loss
+        text += f" | train loss {row['train_loss']:.4f}"
     if "heldout_perplexity" in row:
         text += f" | held-out loss {row['heldout_loss']:.4f} perplexity {row['heldout_perplexity']:.2f}"
     else:

@@ -22,7 +22,7 @@ from flwr.serverapp import strategy as fl
 
 from common.config import FedtuneConfig
 from common.ledger import Ledger
-from common.privacy import WITHOUT_REPLACEMENT, Mechanism, epsilon_rdp
+from common.privacy import SKELLAM, WITHOUT_REPLACEMENT, Mechanism, epsilon_rdp
 from common.privacy_plan import batch_alternatives, plan_for_config, suggested
 
 FAILED_CLIENT_POLICY = "effective noise multiplier z*k'/k for k' accepted of k sampled"
@@ -51,7 +51,7 @@ def check_sample_level_plan(cfg: FedtuneConfig, declared: dict[int, int], *, tra
     smallest), and warn, without refusing, when it cannot learn or wastes budget, with a batch
     size that fixes it. Returns the problems found."""
     sizes = [n for n in declared.values() if n > 0]  # a node without training data trains nothing
-    if not cfg.dp_sample or not sizes:
+    if not cfg.dp_sample or cfg.dp_mode != "local" or not sizes:
         return []
     examples = min(sizes)
     plan = plan_for_config(cfg, examples, trainable=trainable, clients_per_round=cfg.train_sample_size(connected))
@@ -82,10 +82,17 @@ def client_entries(server_round: int, trained: list[tuple[str, Message]], refuse
             {"noise_multiplier": z, "sample_rate": q, "steps": int(s)}
             for z, q, s in zip(p["history-noise"], p["history-rate"], p["history-steps"])
         ]
+        if SKELLAM in p.get("history-kind", []):  # distributed DP steps in the history: their noise and sensitivity
+            for h, kind, l2, l1 in zip(history, p["history-kind"], p["history-l2"], p["history-l1"]):
+                if kind == SKELLAM:
+                    h.update(noise=kind, l2_sensitivity=l2, l1_sensitivity=l1)
+        skellam = p.get("noise") == SKELLAM
         entries.append({
             "round": server_round, "kind": "client", "client_id": client_id, "status": "trained",
             "fingerprint": p["fingerprint"], "noise_multiplier": p["noise-multiplier"],
             "clipping_norm": p["clipping-norm"], "sample_rate": p["sample-rate"], "steps": int(p["steps"]),
+            **({"noise": SKELLAM, "l2_sensitivity": p["l2-sensitivity"], "l1_sensitivity": p["l1-sensitivity"]}
+               if skellam else {}),
             "epsilon": p["epsilon"], "epsilon_rdp": p["epsilon-rdp"], "delta": p["delta"],
             "accountant": p["accountant"], "epsilon_budget": p["epsilon-budget"], "history": history,
         })

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -13,6 +14,18 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from server.state import ServerState
+
+
+@dataclass
+class RoundOutcome:
+    """What a training round did, plain or secure: its round-ledger entry, the training figures, and
+    the replies the privacy ledger needs (trained with a privacy record; refused; failed ids)."""
+
+    entry: dict
+    summary: dict
+    trained: list[tuple[str, Message]] = field(default_factory=list)
+    refused: list[tuple[str, Message]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
 
 
 def discover_clients(grid: Grid, state: ServerState) -> None:

@@ -101,6 +101,13 @@ def restore(state: ServerState, strategy) -> int:
     state.history = [row for row in ckpt.meta["history"] if row["round"] <= ckpt.server_round]
     load_strategy_state(strategy, ckpt.strategy)
     state.ledger = Ledger(ckpt.meta.get("ledger", []))
+    state.secagg_keys = list(ckpt.meta.get("secagg_keys", []))
+    if "dp_plan" in ckpt.meta:  # distributed DP: the plan the ledger accounts, and the server's AdamW state
+        from server.distributed_dp import plan_from_dict
+
+        state.dp_plan = plan_from_dict(ckpt.meta["dp_plan"])
+    if state.dp_optimizer is not None:
+        state.dp_optimizer.load(ckpt.optimizer)
     state.rounds = [r for r in ckpt.meta.get("rounds", []) if r["round"] <= ckpt.server_round]
     state.run.write_metrics(state.history)
     if state.private:

@@ -11,7 +11,7 @@ from common.data import LabelMap
 from common.federation_data import data_fingerprint, federation_labels
 from common.ledger import Ledger
 from common.lm import model_for_config
-from common.model import frozen_fingerprint, get_adapter_state
+from common.model import check_adapter_state, frozen_fingerprint, get_adapter_state
 from common.records import FROZEN_KEY
 from server.rundir import RunDir
 
@@ -32,6 +32,9 @@ class ServerState:
     frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
     data: str = ""  # fingerprint of the training data and held-out set (data_fingerprint): resume checks it
     scalars: object = None  # server.tensorboard.Scalars, once the run knows its first round
+    secagg_keys: list[str] = field(default_factory=list)  # digests of every public key a secure round accepted
+    dp_plan: object = None  # common.privacy_plan.DistributedPlan, with dp-mode = distributed
+    dp_optimizer: object = None  # server.distributed_dp.ServerAdamW, likewise
 
     @property
     def private(self) -> bool:
@@ -59,3 +62,14 @@ def initial_state(cfg: FedtuneConfig, labels: LabelMap, run: RunDir):
     state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
                         frozen=frozen_fingerprint(model), data=data_fingerprint(cfg))
     return model, state
+
+
+def conform_to_schema(initial: dict, aggregated: dict) -> dict:
+    """The server's own aggregate, in the initial adapter's dtypes (I2).
+
+    Flower's FedOpt family computes in float64; the global adapter stays float32. Keys and
+    shapes must already match: anything else is a bug and raises.
+    """
+    cast = {k: v.astype(initial[k].dtype, copy=False) if k in initial else v for k, v in aggregated.items()}
+    check_adapter_state(initial, cast)
+    return cast

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Trainable values d; 0 = the adapter of the run config's model and LoRA (-c).")
     plan.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                       help="Model and LoRA keys that set d when --trainable is 0 (e.g. -c lora-r=16).")
+    plan.add_argument("--dp-mode", choices=["local", "distributed"], default="local",
+                      help="local: each client's DP-SGD (default); distributed: one DP-SGD step a round over the "
+                           "federation's records, --batch-size their expected batch, --rounds the steps.")
+    plan.add_argument("--max-dropouts", type=int, default=1,
+                      help="distributed: secagg-max-dropouts, the clients a round may lose (default 1).")
     audit = sub.add_parser("audit", help="Verify a run's privacy ledger; exit 1 on any problem.")
     audit.add_argument("run_dir", help="A fedtune run directory.")
     certs = sub.add_parser("certs", help="Create a CA, the SuperLink's TLS certificate and one key pair per node.")
@@ -91,6 +96,9 @@ def print_plan(args) -> None:
         raise ConfigError(f"--clients-per-round: expected at most --num-clients ({args.num_clients}), "
                           f"got {args.clients_per_round}")
     trainable = args.trainable or trainable_values(args.run_config)
+    if args.dp_mode == "distributed":
+        print_distributed_plan(args, trainable)
+        return
     plan = make_plan(target_epsilon=args.target_epsilon, delta=args.delta, rounds=args.rounds,
                      num_clients=args.num_clients, clients_per_round=args.clients_per_round,
                      local_examples=args.local_examples, trainable=trainable, batch_size=args.batch_size,
@@ -122,6 +130,42 @@ def print_plan(args) -> None:
         others.add_row(f"{p.batch_size}{mark}", f"{p.noise_multiplier:.3f}", str(p.steps_per_round * p.rounds),
                        f"{p.noise_to_signal:.2f}", f"{p.averaged_noise_to_signal:.2f}", verdict)
     console.print(others)
+
+
+def print_distributed_plan(args, trainable: int) -> None:
+    """`fedtune plan --dp-mode distributed`: the noise of the summed Skellam noise, each client's share,
+    and the epsilon the federation reaches over the steps."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.privacy import epsilon_rdp
+    from common.privacy_plan import distributed_plan
+    from common.secagg import SecAggError, threshold_for
+
+    try:
+        threshold = threshold_for(args.clients_per_round, args.max_dropouts)
+    except SecAggError as err:
+        raise ConfigError(f"--max-dropouts: {err}") from None
+    plan = distributed_plan(examples=args.num_clients * args.local_examples, batch_size=args.batch_size,
+                            rounds=args.rounds, clipping_norm=args.clipping_norm, dimension=trainable,
+                            delta=args.delta, target_epsilon=args.target_epsilon)
+    l2, _ = plan.sensitivities
+    console = Console()
+    console.print(f"distributed: dp-noise-multiplier = {plan.noise_multiplier:.4f} of the summed Skellam noise "
+                  f"(expected batch {plan.batch_size} of {plan.examples:,} records, rate {plan.sample_rate:.5f}, "
+                  f"{plan.rounds} steps, one a round; Skellam RDP)")
+    console.print(f"  integer scale s = {plan.scale:.1f}, L2 sensitivity s*C + sqrt(d) = {l2:.1f}; each of "
+                  f"{args.clients_per_round} clients adds noise of std {plan.noise_multiplier * l2 / threshold ** 0.5:.1f}"
+                  f" (any {threshold} carry the target {plan.noise_multiplier * l2:.1f})")
+    console.print(f"  noise per coordinate {plan.gradient_noise_std:.3g}; noise/signal {plan.noise_to_signal:.3f} for "
+                  f"d = {trainable:,} trainable values")
+    table = Table(title=f"projected federation epsilon at delta={args.delta:g}")
+    for col in ("round", "epsilon"):
+        table.add_column(col, justify="right")
+    shown = sorted({1, *range(max(1, plan.rounds // 10), plan.rounds + 1, max(1, plan.rounds // 10)), plan.rounds})
+    for r in shown:
+        table.add_row(str(r), f"{epsilon_rdp([plan.mechanism(steps=r)], delta=args.delta):.4f}")
+    console.print(table)
 
 
 def trainable_values(overrides: list[str]) -> int:

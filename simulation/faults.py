@@ -4,12 +4,14 @@
         fedtune simulate --client-app simulation.faults:app
 
 Kinds, applied to training messages of the named clients in the listed rounds (all rounds
-when "rounds" is absent):
+when "rounds" is absent; under secure aggregation, to the messages of the SecAgg+ stage named by
+"stage", "masked" by default: the stage that trains):
 - "raise": the ClientApp raises mid-training;
 - "hang": it sleeps "seconds" before replying (past the round timeout);
 - "nan": it replies with NaN arrays;
 - "scale": it multiplies its update by "factor" (100 by default);
-- "flip": it sends the sign-flipped update (global - factor * (local - global)).
+- "flip": it sends the sign-flipped update (global - factor * (local - global));
+- "exit": the whole client process ends at once (os._exit), as a node that dies mid-round.
 Never use it in production: it exists so tests and benchmarks can attack a real federation.
 """
 
@@ -23,7 +25,10 @@ import numpy as np
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
-from client.app import client_side_clipping, evaluate_handler, query, train_handler
+from client.app import (
+    client_side_clipping, evaluate_handler, query, secagg_keys, secagg_masked, secagg_shares, secagg_unmask, train_handler,
+)
+from common.secagg import ACTIONS
 from common.records import record_to_state, state_to_record
 
 
@@ -38,16 +43,28 @@ def _fault_for(msg: Message, context: Context) -> dict | None:
     return None
 
 
-def inject_faults(msg: Message, context: Context, call_next) -> Message:
-    fault = _fault_for(msg, context) if msg.metadata.message_type == MessageType.TRAIN else None
+def _applies(fault: dict | None, message_type: str) -> bool:
     if fault is None:
+        return False
+    if message_type.startswith(f"{MessageType.TRAIN}.secagg_"):  # a secure round's stage
+        return message_type == f"{MessageType.TRAIN}.{ACTIONS[fault.get('stage', 'masked')]}"
+    return message_type == MessageType.TRAIN
+
+
+def inject_faults(msg: Message, context: Context, call_next) -> Message:
+    fault = _fault_for(msg, context) if msg.metadata.message_type.startswith(MessageType.TRAIN) else None
+    if not _applies(fault, msg.metadata.message_type):
         return call_next(msg, context)
     kind = fault["kind"]
     if kind == "raise":
         raise RuntimeError("injected fault: ClientApp raised mid-training")
+    if kind == "exit":
+        os._exit(1)
     if kind == "hang":
         time.sleep(float(fault.get("seconds", 30)))
         return call_next(msg, context)
+    if msg.metadata.message_type != MessageType.TRAIN:
+        raise ValueError(f"FEDTUNE_FAULTS: {kind!r} changes an update; a secure round's stages take raise, exit, hang")
     global_state = record_to_state(msg.content["arrays"])
     reply = call_next(msg, context)
     local = record_to_state(reply.content["arrays"])
@@ -68,3 +85,6 @@ app = ClientApp(mods=[inject_faults, client_side_clipping])
 app.train()(train_handler)
 app.evaluate()(evaluate_handler)
 app.query()(query)
+for _stage, _handler in zip(("keys", "shares", "masked", "unmask"), (secagg_keys, secagg_shares, secagg_masked,
+                                                                    secagg_unmask)):
+    app.train(ACTIONS[_stage])(_handler)

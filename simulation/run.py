@@ -55,6 +55,13 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
     problem = robust_capacity_problem(cfg, cfg.train_sample_size(num_clients))
     if problem:
         raise ConfigError(problem)
+    if cfg.secure_aggregation:
+        from common.secagg import SecAggError, threshold_for
+
+        try:
+            threshold_for(cfg.train_sample_size(num_clients), cfg.secagg_max_dropouts)
+        except SecAggError as err:
+            raise ConfigError(f"secagg-max-dropouts: {err}") from None
     if cfg.min_available_clients > num_clients or cfg.min_train_clients > num_clients:
         raise ConfigError(
             f"min-available-clients / min-train-clients: expected at most num-clients={num_clients}, "

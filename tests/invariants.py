@@ -25,6 +25,7 @@ def check_run_invariants(run_dir: Path, rounds: int) -> list[dict]:
     closes = 0
     for r in (json.loads(line) for line in ledger.read_text().splitlines()) if ledger.exists() else []:
         parts = r["aggregated"] + r["failed"] + r["refused"] + r["timed_out"] + [x["client"] for x in r["rejected"]]
+        parts += r.get("discarded", [])  # a secure round that was not applied: clients whose vectors it dropped
         assert sorted(parts) == sorted(r["sampled"]), f"I4 round {r['round']}"
         closes += 1
     count("invariant_checks_passed", "I1-finite", rounds + 1)

@@ -38,8 +38,14 @@ def test_pyproject_defaults_and_the_docs_key_reference_are_generated_from_the_co
         assert f"| `{key}` |" in (REPO / "docs" / "configuration.md").read_text()
 
 
+SECURE = {"secure-aggregation": True, "validate-updates": False}
+DISTRIBUTED = {"dp-sample": True, "dp-target-epsilon": 3.0, "dp-mode": "distributed"}
+
+
 @pytest.mark.parametrize("raw, expected", [
     ({"num-server-rounds": 5}, {"num_server_rounds": 5}),
+    ({**SECURE, "strategy": "fedadam"}, {"secure_aggregation": True}),
+    ({**SECURE, **DISTRIBUTED}, {"dp_mode": "distributed"}),
     ({"num_server_rounds": "7"}, {"num_server_rounds": 7}),
     ({"learning-rate": 1}, {"learning_rate": 1.0}),
     ({"resume": "true", "run-dir": "/tmp/x"}, {"resume": True}),
@@ -84,6 +90,17 @@ def test_good_values_are_accepted(raw, expected):
     ({"dp-epsilon-budget": 3.0}, "dp-epsilon-budget: set to 3.0, but dp-sample = false"),
     ({"dp-batch-size": 256}, "dp-batch-size: set to 256, but dp-sample = false"),
     ({"dp-client-epsilon-budget": 2.0}, "dp-client-epsilon-budget: set to 2.0, but dp-client = 'off'"),
+    # Secure aggregation and distributed DP against what needs individual updates (issue 38)
+    ({"secure-aggregation": True}, "validate-updates: set to True, but secure-aggregation = true and it checks each"),
+    ({**SECURE, "strategy": "krum"}, "strategy: expected one of .* with secure-aggregation = true .* got 'krum'"),
+    ({**SECURE, "dp-client": "server-fixed"}, "dp-client: set to 'server-fixed', but secure-aggregation = true"),
+    ({**SECURE, "weight-policy": "uniform"}, "weight-policy: set to 'uniform', but secure-aggregation = true"),
+    ({**SECURE, "secagg-max-dropouts": -1}, "secagg-max-dropouts: expected a value >= 0, got -1"),
+    ({"dp-mode": "distributed"}, "dp-mode: set to 'distributed', but dp-sample = false"),
+    ({"dp-sample": True, "dp-target-epsilon": 3.0, "dp-mode": "distributed"},
+     "dp-mode: 'distributed' needs secure-aggregation = true"),
+    ({**SECURE, **DISTRIBUTED, "strategy": "fedadam"}, "strategy: expected 'fedavg' with dp-mode = 'distributed'"),
+    ({**SECURE, **DISTRIBUTED, "local-steps": 5}, "local-steps: expected 0 with dp-mode = 'distributed'"),
 ])
 def test_bad_values_are_refused_with_expected_and_got(raw, message):
     with pytest.raises(ConfigError, match=message):

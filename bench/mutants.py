@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRIVACY = ["tests/test_privacy_paths.py", "tests/test_client_app.py", "tests/test_privacy.py"]
 LEDGER = ["tests/test_privacy_paths.py", "tests/test_ledger_audit.py"]
 VALIDATION = ["tests/test_privacy_paths.py", "tests/test_validation.py", "tests/test_server_privacy.py"]
+SECAGG = ["tests/test_secagg.py", "tests/test_secure_rounds.py"]
+DISTRIBUTED = ["tests/test_distributed_dp.py", "tests/test_secure_rounds.py"]
 
 # (file, exact text, replacement, what the bug is, tests that guard it)
 MUTANTS = [
@@ -73,6 +75,34 @@ MUTANTS = [
      "proximal_mu=0.0", "FedProx's term never reaches the client", ["tests/test_privacy_paths.py"]),
     ("common/privacy.py", "return noise_multiplier * clipping_norm", "return noise_multiplier",
      "Gaussian std formula drops C", PRIVACY),
+    # Secure aggregation and distributed DP (issue 38)
+    ("common/secagg.py", "masked += pair if state.node > other else -pair", "masked += pair",
+     "pairwise masks added with the same sign by both parties (they never cancel)", SECAGG),
+    ("common/secagg.py", "state.seed = os.urandom(SEED_BYTES)", "state.seed = bytes(SEED_BYTES)",
+     "a fixed self-mask seed (a client called dropped is unmasked)", SECAGG),
+    ("common/secagg.py", "if active_set & dropped_set:", "if False:",
+     "a client reveals both shares of one client", SECAGG),
+    ("common/secagg.py", "if clients < 2 or threshold < minimum_threshold(clients):", "if clients < 2:",
+     "a minority threshold accepted (two disjoint sums could be unmasked)", SECAGG),
+    ("server/secure_round.py", 'elif _seen(state, keys["mask-public"]) or _seen(state, keys["seal-public"])',
+     "elif False", "a public key reused across rounds accepted", SECAGG),
+    ("client/contribution.py", "noise_share_variance(mechanism.variance, threshold=state.threshold)",
+     "noise_share_variance(mechanism.variance, threshold=len(state.peers))",
+     "noise shares split among all sampled clients (too little noise when one drops)", DISTRIBUTED),
+    ("common/skellam.py", "l2 = scale * clipping_norm + math.sqrt(dimension)", "l2 = scale * clipping_norm",
+     "rounding left out of the sensitivity", DISTRIBUTED),
+    ("common/skellam.py", "return a * l2 * l2 / (2 * variance) + np.minimum(", "return a * l2 * l2 / (2 * variance) + 0 * np.minimum(",
+     "Skellam's RDP taken as the Gaussian's", DISTRIBUTED),
+    ("common/skellam.py", "math.log(3.0) + _log_comb(a, ls)", "_log_comb(a, ls)",
+     "the general subsampling bound without its factor 3", DISTRIBUTED),
+    ("server/distributed_dp.py", "expected = plan.sample_rate * records", "expected = records",
+     "noisy sum divided by the records, not the expected batch", DISTRIBUTED),
+    ("common/dp_train.py", "max_grad_norm=clipping_norm, expected_batch_size=1)", "max_grad_norm=1.0, expected_batch_size=1)",
+     "distributed DP's clipping norm ignored (C = 1)", DISTRIBUTED),
+    ("server/audit.py", 'if e["summed"] < e["threshold"] or e["noise_variance_summed"] < e["noise_variance_target"] * (1 - 1e-9):',
+     "if False:", "the audit passes a released sum below its noise target", DISTRIBUTED),
+    ("client/privacy.py", "return private_seed(node_secret(privacy_dir(node_config)),", "return private_seed(b\"\",",
+     "DP randomness not keyed by the node secret (the server can redraw it)", DISTRIBUTED),
 ]
 
 

@@ -17,7 +17,6 @@ from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.privacy import Mechanism
 from common.privacy_plan import dp_batch_size, plan_for_config
-from common.train import round_schedule
 
 BUDGET_EXHAUSTED = "budget-exhausted"
 TRAINED = "trained"
@@ -94,6 +93,7 @@ def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad
                   run: str, server_round: int, progress) -> tuple[object, ConfigRecord]:
     """Run DP-SGD, record the mechanism on disk, and describe it for the server's ledger."""
     from common.dp_train import dp_train  # Opacus loads only in runs with sample-level DP
+    from common.train import round_schedule  # torch: not for the secure rounds' key and share stages
 
     result, mechanism = dp_train(
         model, encoded, pad_id=pad_id, steps=decision.planned.steps,

@@ -9,6 +9,11 @@
   accountants, an implementation independent of the dp-accounting library the run used;
 - re-derives every federation epsilon with Flower's RDP accountant (a second code path;
   it wraps dp-accounting, so it is not independent of the run's own computation);
+- under distributed DP, re-derives each Skellam epsilon with fedtune's own bound (the run's code:
+  it catches a ledger that does not match its mechanisms) and holds it against Opacus' RDP epsilon
+  of Gaussian noise with the same multipliers, which it can only exceed (an independent library);
+  checks that every released round's mechanism is the plan's and that its sum carried at least
+  the target noise (enough clients' shares);
 - checks that each client's history only grows (nothing forgotten) and that no recorded
   epsilon exceeds its budget.
 
@@ -342,7 +347,7 @@ def render_table(result: AuditResult) -> None:
     console.print(table)
     if result.ok:
         console.print("[green]audit passed[/green]: chain intact, every epsilon re-derived, no overspend "
-                      "(binding: PLD for clients, RDP for the federation)")
+                      "(binding: PLD for local DP-SGD, RDP for client-level DP, Skellam RDP for distributed DP)")
     for note in result.notes:
         console.print(f"note: {note}")
     for p in result.problems:

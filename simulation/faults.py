@@ -12,6 +12,7 @@ when "rounds" is absent; under secure aggregation, to the messages of the SecAgg
 - "scale": it multiplies its update by "factor" (100 by default);
 - "flip": it sends the sign-flipped update (global - factor * (local - global));
 - "exit": the whole client process ends at once (os._exit), as a node that dies mid-round.
+With "mark": PATH the fault first writes that file, so a test knows the moment it struck.
 Never use it in production: it exists so tests and benchmarks can attack a real federation.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message, MessageType
@@ -56,6 +58,8 @@ def inject_faults(msg: Message, context: Context, call_next) -> Message:
     if not _applies(fault, msg.metadata.message_type):
         return call_next(msg, context)
     kind = fault["kind"]
+    if fault.get("mark"):
+        Path(fault["mark"]).write_text(msg.metadata.message_type)
     if kind == "raise":
         raise RuntimeError("injected fault: ClientApp raised mid-training")
     if kind == "exit":

@@ -37,6 +37,10 @@ BIN = Path(sys.executable).parent
 SITES = ["site-0", "site-1", "site-2"]
 SMALL_RUN = ["local-steps=2", "max-train-examples=480", "max-heldout-examples=60", "max-length=32",
              'partitioner="iid"', "fraction-evaluate=0.0"]
+# Secure aggregation with distributed DP-SGD (issue 38): one DP-SGD step a round, noise shares, a secure sum.
+SECURE_DP = [*(item for item in SMALL_RUN if not item.startswith("local-steps")), "secure-aggregation=true",
+             "validate-updates=false", "dp-sample=true", 'dp-mode="distributed"', "dp-target-epsilon=6.0",
+             "dp-batch-size=120"]
 
 
 def free_port() -> int:
@@ -92,7 +96,8 @@ class Federation:
         self.root, self.procs, self.port = root, {}, free_port()
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FEDTUNE_TEST_RUN": str(root)}
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FEDTUNE_TEST_RUN": str(root),
+                    "FEDTUNE_PRIVACY_DIR": str(root / "privacy")}  # DP runs of other tests spend other budgets
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "w")
@@ -229,19 +234,22 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
         start_node(fed, "wrong-ca", ca=tmp_path / "other-ca" / "ca.crt", key="site-1")  # trusts another CA
         wait_for(lambda: fed.online() == 3, 90, "3 SuperNodes online")
 
-        run = tmp_path / "run"
-        config = [*SMALL_RUN, "num-server-rounds=2", "min-available-clients=3", "min-train-clients=3",
+        run = tmp_path / "run"  # under secure aggregation with distributed DP
+        config = [*SECURE_DP, "num-server-rounds=2", "min-available-clients=3", "min-train-clients=3",
                   "round-timeout=240.0", f'run-dir="{run}"']
         start = time.monotonic()
         run_id = fed.submit(REPO, config)
         fed.wait_for_run(run, run_id, 600)
         wall = time.monotonic() - start
 
-        assert json.loads((run / "status.json").read_text())["status"] == "completed"
+        assert json.loads((run / "status.json").read_text())["status"] == "completed", fed.server_log(run_id)
         rows = check_run_invariants(run, 2)
         assert all(0.0 <= r["heldout_accuracy"] <= 1.0 for r in rows)  # held-out metric every round
         rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
-        assert all(r["aggregated"] == SITES for r in rounds) and len(rounds) == 2
+        assert all(r["aggregated"] == SITES and r["secure_aggregation"]["applied"] for r in rounds) and len(rounds) == 2
+        audit = subprocess.run([sys.executable, "-m", "simulation.cli", "audit", str(run)], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+        assert audit.returncode == 0 and "audit passed" in audit.stdout, audit.stdout[-3000:]
         clients = {c["client_id"] for c in json.loads((run / "clients.json").read_text())}
         assert clients == set(SITES) and "intruder" not in clients
 
@@ -272,7 +280,7 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
         assert status["status"] == "not-enough-clients" and status["rounds_completed"] == 0, status
         assert "expected at least 4 connected clients" in fed.server_log(run_id)
         count("faults_survived", "fewer-nodes-than-minimum")
-        if nets:  # each site's adapters crossed its own link, both ways (~330 kB per adapter)
+        if nets:  # each site's adapter (~300 kB) and masked vector (~600 kB) crossed its own link, both ways
             adapter_bytes = 300_000
             for site in SITES:
                 received, sent = nets.bytes_through(site)
@@ -286,15 +294,17 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
             nets.delete()
 
 
-def bring_up(fed: Federation, sites: list[str], *, retries: int = 3) -> None:
+def bring_up(fed: Federation, sites: list[str], *, retries: int = 3, nets: Namespaces | None = None) -> None:
     """Keys and data for `sites`, a SuperLink with TLS + auth + database, the sites registered
-    and started on loopback, all online."""
-    make_deployment_pki(fed.root / "pki", nodes=sites, hosts=["127.0.0.1", "localhost"])
+    and started, all online: on loopback, or each in its network namespace of `nets`."""
+    hosts = ["127.0.0.1", "localhost", *([v["host_ip"] for v in nets.links.values()] if nets else [])]
+    make_deployment_pki(fed.root / "pki", nodes=sites, hosts=hosts)
     write_client_files(fed.root, sites)
-    fed.start_superlink()
+    fed.start_superlink(host="0.0.0.0" if nets else "127.0.0.1")
     fed.register(sites)
     for site in sites:
-        start_node(fed, site, ca=fed.root / "pki" / "ca.crt", key=site, retries=retries)
+        start_node(fed, site, ca=fed.root / "pki" / "ca.crt", key=site, retries=retries,
+                   netns=nets.links[site] if nets else None)
     wait_for(lambda: fed.online() == len(sites), 90, f"{len(sites)} SuperNodes online")
 
 
@@ -316,33 +326,33 @@ def rounds_done(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def clientapp_running(fed: Federation, name: str) -> bool:
-    """Whether the SuperNode `name` has a ClientApp process working on a message right now."""
-    try:
-        node = psutil.Process(fed.procs[name].pid)
-        return any("clientapp" in " ".join(p.cmdline()) for p in node.children(recursive=True))
-    except psutil.Error:
-        return False
-
-
 def test_killed_node_fails_its_round_and_rejoins_while_a_slow_node_outlasts_heartbeats(tmp_path):
-    """Round 1: site-2 is SIGKILLed while training (with its ClientApp) and site-0 stays busy for
-    70 s, more than twice Flower's 30 s heartbeat interval. The round completes with site-0 and
-    site-1 and counts site-2 failed; site-2 restarts with the same key, rejoins, and is sampled
-    in rounds 2 and 3 (min-available-clients=3 makes round 2 wait for it, bounded)."""
+    """Under secure aggregation with distributed DP. Round 1: site-2 is SIGKILLed while it trains
+    (after sharing its keys, in the stage that uploads its masked vector) and site-0 stays busy
+    for 70 s, more than twice Flower's 30 s heartbeat interval. The round completes with site-0 and
+    site-1, site-2's masks removed with the others' shares, and counts site-2 failed; site-2
+    restarts with the same key, rejoins, and is sampled in rounds 2 and 3 (min-available-clients=3
+    makes round 2 wait for it, bounded). The audit passes: the noise of two clients' shares met
+    the target (threshold 2 of 3). Each site in its own network namespace where the machine allows."""
     fed = Federation(tmp_path)
-    fed.env["FEDTUNE_FAULTS"] = json.dumps({"site-0": {"kind": "hang", "seconds": 70, "rounds": [1]}})
+    nets = Namespaces(SITES) if Namespaces.available() else None
+    training = tmp_path / "site-2-uploading"  # written by the fault when site-2 reaches the stage that uploads
+    fed.env["FEDTUNE_FAULTS"] = json.dumps({"site-0": {"kind": "hang", "seconds": 70, "rounds": [1]},
+                                            "site-2": {"kind": "hang", "seconds": 120, "rounds": [1],
+                                                       "mark": str(training)}})
     try:
-        bring_up(fed, SITES)
+        if nets:
+            nets.create()
+        bring_up(fed, SITES, nets=nets)
         pki = tmp_path / "pki"
 
         run = tmp_path / "run"
-        config = [*SMALL_RUN, "num-server-rounds=3", "min-available-clients=3", "min-train-clients=3",
+        config = [*SECURE_DP, "num-server-rounds=3", "min-available-clients=3", "min-train-clients=3",
                   "round-timeout=200.0", f'run-dir="{run}"']
         start = time.monotonic()
         run_id = fed.submit(fault_injecting_app(tmp_path), config)
-        round0 = lambda: (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 1
-        wait_for(lambda: round0() and clientapp_running(fed, "site-2"), 300, "site-2 training in round 1")
+        wait_for(training.exists, 300, "site-2 in round 1's masked stage")
+        assert training.read_text() == "train.secagg_masked"
         assert rounds_done(run) == 0
         kill_group(fed.procs["site-2"].pid)
         killed_at = time.monotonic()
@@ -351,7 +361,8 @@ def test_killed_node_fails_its_round_and_rejoins_while_a_slow_node_outlasts_hear
         except AssertionError as err:
             raise AssertionError(f"{err}; ServerApp log:\n{fed.server_log(run_id)}") from None
         round1_s = time.monotonic() - killed_at
-        start_node(fed, "site-2", ca=pki / "ca.crt", key="site-2")  # same key: a restart, not a new member
+        start_node(fed, "site-2", ca=pki / "ca.crt", key="site-2",  # same key: a restart, not a new member
+                   netns=nets.links["site-2"] if nets else None)
         fed.wait_for_run(run, run_id, 600)
         wall = time.monotonic() - start
 
@@ -360,14 +371,23 @@ def test_killed_node_fails_its_round_and_rejoins_while_a_slow_node_outlasts_hear
         rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
         assert rounds[0]["aggregated"] == ["site-0", "site-1"]  # the slow node was waited for, not dropped
         assert rounds[0]["failed"] + rounds[0]["timed_out"] == ["site-2"]
+        assert rounds[0]["secure_aggregation"]["applied"] and rounds[0]["secure_aggregation"]["stages"]["masked"] == 2
         assert rounds[1]["aggregated"] == SITES and rounds[2]["aggregated"] == SITES  # rejoined, sampled again
+        audit = subprocess.run([sys.executable, "-m", "simulation.cli", "audit", str(run)], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+        assert audit.returncode == 0 and "audit passed" in audit.stdout, audit.stdout[-3000:]
         count("faults_survived", "supernode-killed-mid-round")
+        count("faults_survived", "supernode killed mid secure round: its masks removed, the noise target met")
         count("faults_survived", "supernode-restarted-and-rejoined")
         count("faults_survived", "local-training-longer-than-heartbeat")
-        print(f"deployment fault test: wall {wall:.0f}s, round 1 ended {round1_s:.0f}s after the kill; "
-              f"round 1 ledger {rounds[0]}")
+        seconds = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()[1:]]
+        print(f"deployment fault test ({'own network namespaces' if nets else 'loopback'}): wall {wall:.0f}s, "
+              f"round 1 ended {round1_s:.0f}s after the kill; seconds per round {seconds}; round ledger "
+              f"{[r['secure_aggregation'] for r in rounds]}")
     finally:
         fed.stop()
+        if nets:
+            nets.delete()
 
 
 def test_superlink_restart_keeps_registrations_and_the_run_resumes(tmp_path):

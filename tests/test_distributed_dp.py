@@ -246,3 +246,28 @@ def test_the_audit_re_derives_a_distributed_ledger_and_catches_what_a_run_could_
     assert any("overspent" in p for p in audit_entries(rechain(overspent)).problems)
     count("bad_inputs_rejected", "a distributed DP ledger with an understated epsilon, too little noise, "
                                  "another mechanism or an overspend")
+
+
+def test_the_dp_seed_is_keyed_by_the_node_secret_and_bound_to_the_rounds_input(tmp_path):
+    """What a server knows (the run's seed, the round, the client id, the adapter) does not give it
+    a client's DP randomness; the same input repeats it (a resumed run), any other changes it."""
+    from flwr.app import ArrayRecord
+
+    from client.privacy import dp_seed
+    from common.config import FedtuneConfig
+    from common.records import state_to_record
+
+    cfg = FedtuneConfig(dp_sample=True, dp_target_epsilon=3.0, run_dir="/runs/a")
+    arrays = state_to_record({"w": np.arange(6, dtype=np.float32)})
+    node = {"privacy-dir": str(tmp_path / "a")}
+    seed = dp_seed(node, cfg, 2, "site-a", arrays)
+    assert seed == dp_seed(node, cfg, 2, "site-a", arrays)
+    assert seed == dp_seed(node, cfg.replace(resume=True, run_dir="/runs/b", round_timeout=5.0), 2, "site-a", arrays)
+    different = [dp_seed({"privacy-dir": str(tmp_path / "b")}, cfg, 2, "site-a", arrays),  # another node's secret
+                 dp_seed(node, cfg, 3, "site-a", arrays), dp_seed(node, cfg, 2, "site-b", arrays),
+                 dp_seed(node, cfg.replace(dp_clipping_norm=0.5), 2, "site-a", arrays),
+                 dp_seed(node, cfg, 2, "site-a", state_to_record({"w": np.ones(6, dtype=np.float32)})),
+                 dp_seed(node, cfg, 2, "site-a", arrays, {"noise-multiplier": 0.9})]
+    assert len({seed, *different}) == 1 + len(different)
+    assert isinstance(arrays, ArrayRecord)
+    count("invariant_checks_passed", "DP randomness keyed by the node secret and bound to the round's input")

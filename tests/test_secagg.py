@@ -191,3 +191,37 @@ def test_the_server_refuses_vectors_of_the_wrong_shape_dtype_or_range():
             server.add_masked(1, bad)
     assert server.masked == []
     count("bad_inputs_rejected", "a masked vector of the wrong shape, dtype or range")
+
+
+def test_a_server_that_calls_a_client_dropped_after_its_vector_arrived_still_learns_nothing():
+    """SecAgg's double mask: the server that gets a client's mask key (by naming it dropped) removes
+    its pairwise masks, and what remains, input plus self-mask, is fresh in every run of a round:
+    the same input in two runs of round 1 leaves uniform, unrelated remainders."""
+    from common.secagg import _context, _pair_seed
+
+    x = np.full(3000, 12345, dtype=np.int64)
+    remainders = []
+    for _ in range(2):
+        nodes, clients, keys = _three_clients()
+        sealed = {n: client_shares(clients[n], keys) for n in nodes}
+        inbox = {n: [(src, c) for src, items in sealed.items() for dst, c in items if dst == n] for n in nodes}
+        target, others = nodes[0], nodes[1:]
+        y = client_mask(clients[target], inbox[target], x)
+        for n in others:
+            client_mask(clients[n], inbox[n], np.zeros_like(x))
+        # The two others, told `target` dropped, hand over their shares of its mask key.
+        from common.flower import join_shares
+
+        shares = [dict(client_unmask(clients[n], active=others, dropped=[target]))[target] for n in others]
+        mask_key = join_shares(shares)
+        assert mask_key == clients[target].mask_key or clients[target].mask_key == b""  # (wiped after unmasking)
+        remainder = y.copy()
+        for n in others:
+            pair = mask_words(_pair_seed(mask_key, keys[n][0]), len(x), context=_context("r", 1, "pair", *sorted((target, n))))
+            remainder -= pair if target > n else -pair
+        remainders.append(np.mod(remainder, MODULUS))
+    diff = np.mod(remainders[0] - remainders[1], MODULUS)
+    assert np.count_nonzero(diff == 0) <= 2 and np.count_nonzero(remainders[0] == x) <= 2
+    counts, _ = np.histogram(diff, bins=8, range=(0, MODULUS))
+    assert stats.chisquare(counts).pvalue > 1e-4
+    count("invariant_checks_passed", "S2 a client wrongly called dropped stays hidden by its fresh self-mask")

@@ -181,3 +181,21 @@ def test_distributed_dp_noise_shares_and_the_released_sum_are_as_planned(tmp_pat
     assert np.abs(residual).max() <= 3  # one unbiased rounding per client
     assert captured["records"] == sum(state.declared.values())
     count("invariant_checks_passed", "S3 noise shares have the planned variance and the sum at least the target")
+
+
+def test_local_dp_under_secure_aggregation_records_each_clients_spend(tmp_path):
+    """Local DP-SGD and secure aggregation together: each client noises its own update and the server
+    sees only the sum; each client's privacy record still reaches the ledger, and a client whose own
+    budget refuses the round says so at the first stage, before any key is made."""
+    cfg = BASE.replace(dp_sample=True, dp_noise_multiplier=1.0, dp_batch_size=20, local_steps=2)
+    state, strategy, grid = federation(cfg, tmp_path)
+    grid.contexts[NODES[2]].node_config["epsilon-budget"] = 1e-3  # this node's own, tighter budget
+    outcome = secure_train(grid, state, strategy, 1, train_messages(state, strategy, grid))
+    assert outcome.entry["aggregated"] == ["partition-0", "partition-1"]
+    assert outcome.entry["refused"] == ["partition-2"]
+    assert [c for c, _ in outcome.trained] == ["partition-0", "partition-1"]
+    assert all(r.content["privacy"]["status"] == "trained" for _, r in outcome.trained)
+    assert [c for c, _ in outcome.refused] == ["partition-2"]
+    keys = [m for m in grid.sent if m.metadata.message_type == "train.secagg_shares"]
+    assert sorted(m.metadata.dst_node_id for m in keys) == NODES[:2]  # the refusing node got no further message
+    count("bad_inputs_rejected", "a round over a node's own budget refused at the first secure stage")

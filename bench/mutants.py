@@ -28,6 +28,8 @@ PRIVACY = ["tests/test_privacy_paths.py", "tests/test_client_app.py", "tests/tes
 LEDGER = ["tests/test_privacy_paths.py", "tests/test_ledger_audit.py"]
 VALIDATION = ["tests/test_privacy_paths.py", "tests/test_validation.py", "tests/test_server_privacy.py"]
 SECAGG = ["tests/test_secagg.py", "tests/test_secure_rounds.py"]
+NOTICE = ["tests/test_would_notice.py"]
+HARDENING = ["tests/test_hardening.py", "tests/test_ledger_audit.py"]
 DISTRIBUTED = ["tests/test_distributed_dp.py", "tests/test_secure_rounds.py"]
 
 # (file, exact text, replacement, what the bug is, tests that guard it)
@@ -57,7 +59,7 @@ MUTANTS = [
     ("server/audit.py", 'if e["status"] == "trained" and budget > 0 and e["epsilon"] > budget + 1e-9:',
      'if e["status"] == "trained" and budget > 0 and e["epsilon"] > 2 * budget:',
      "audit tolerates overspend up to twice the budget", LEDGER),
-    ("server/audit.py", "result.problems.extend(anchor_problems(run_dir, entries))", "pass",
+    ("server/audit.py", "result.problems.extend(anchor_problems(run_dir, dicts))", "pass",
      "audit ignores the ledger's anchors (entries removed go unnoticed)", LEDGER),
     ("server/validation.py", "v.norm = update_norm(state, self.current)", "v.norm = update_norm(state, self.initial)",
      "update norm measured against the initial adapter", VALIDATION),
@@ -103,6 +105,29 @@ MUTANTS = [
      "if False:", "the audit passes a released sum below its noise target", DISTRIBUTED),
     ("client/privacy.py", "return private_seed(node_secret(privacy_dir(node_config)),", "return private_seed(b\"\",",
      "DP randomness not keyed by the node secret (the server can redraw it)", DISTRIBUTED),
+    # Hardening, second pass (issue 39): what no test checked closely enough
+    ("common/train.py", "return 0.5 * mu * sum(", "return 0.5 * mu / 3000 * sum(",
+     "FedProx's term 3,000x too weak", NOTICE),
+    ("server/best.py", 'return state.history[-1]["round"] - best_row(state)["round"]',
+     'return state.history[-1]["round"] - state.history[0]["round"]',
+     "early stopping's patience never reset by an improvement", NOTICE),
+    ("server/scoring.py", 'number = json.loads(marker.read_text())["round"]', "number = max(rounds)",
+     "evaluate --round best scores the last round", NOTICE),
+    ("common/federation_data.py", "for part in train_and_heldout(cfg):", "for part in train_and_heldout(cfg)[:1]:",
+     "the resume fingerprint ignores the held-out set", NOTICE),
+    ("client/training.py", "seed=client_seed(cfg.seed, s.server_round, s.data.client_id)",
+     "seed=client_seed(cfg.seed, 0, s.data.client_id)", "clients reuse one seed in every round", NOTICE),
+    ("server/checkpoint.py", "return rounds[max(rounds)] if rounds else None",
+     "return rounds[max(rounds, key=str)] if rounds else None", "the latest checkpoint picked by name order", NOTICE),
+    ("server/audit.py", "result.problems.extend(adapter_problems(run_dir, dicts))", "pass",
+     "the audit ignores the released adapters (a consistent rollback passes)", HARDENING),
+    ("server/audit.py", "return PRV_ERROR + BUDGET_SHARE * abs(float(scale))", "return 0.02 + 0.03 * abs(float(scale))",
+     "the audit's tolerance loose (3% + 0.02: an understatement of 1% passes)", HARDENING),
+    ("client/messages.py", "    if unknown:\n        raise ConfigError(f\"node config: unknown key",
+     "    if False:\n        raise ConfigError(f\"node config: unknown key",
+     "a node config's unknown key accepted (a typo switches a budget off)", HARDENING),
+    ("server/rundir.py", "if contents and not run.marked and not (resume and", "if False and not (resume and",
+     "someone else's folder taken for a run", HARDENING),
 ]
 
 

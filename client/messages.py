@@ -3,11 +3,13 @@ data, and the record that says who replies (client/app.py and client/training.py
 
 from __future__ import annotations
 
+import math
+
 from flwr.app import ConfigRecord, Context, Message
 
-from common.config import FedtuneConfig, parse_run_config
+from common.config import DEVICE_SPEC, FedtuneConfig, parse_run_config
 from common.errors import ConfigError
-from common.federation_data import ClientData, deployed_client_data, simulated_client_data
+from common.federation_data import DATA_KEYS, ClientData, deployed_client_data, simulated_client_data
 from common.flower import KEY_CLIPPING_NORM
 from common.records import FROZEN_KEY
 
@@ -23,8 +25,41 @@ def message_config(msg: Message) -> tuple[FedtuneConfig, int]:
     return parse_run_config(raw, ignore=TRANSPORT_KEYS), int(raw.get("server-round", 0))
 
 
+# What a node config may hold, with the check of each value. A key the node does not know is
+# refused by name: a typo (epsilon_budget for epsilon-budget) must not switch a budget off.
+def _int_at_least(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an integer >= {low}"
+
+
+def _text(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+NODE_KEYS = {
+    "partition-id": _int_at_least(0), "num-partitions": _int_at_least(1),
+    "data-path": (_text, "a file path"), "client-id": (_text, "a non-empty name"),
+    "privacy-dir": (_text, "a folder path"), "num-threads": _int_at_least(0),
+    "epsilon-budget": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       and v >= 0, "a finite number >= 0 (0: no budget of the node's own)"),
+    "device": (lambda v: isinstance(v, str) and DEVICE_SPEC.match(v) is not None, "auto, cpu, cuda or cuda:N"),
+    **{key: (lambda v: isinstance(v, str), "a string") for keys in DATA_KEYS.values() for key in keys},
+}
+
+
+def check_node_config(node) -> dict:
+    """Refuse a node config with a key fedtune does not know, or a value of the wrong kind, naming both."""
+    unknown = sorted(k for k in node if k not in NODE_KEYS)
+    if unknown:
+        raise ConfigError(f"node config: unknown key(s) {unknown}; expected some of: {', '.join(NODE_KEYS)}")
+    for key, value in node.items():
+        ok, expected = NODE_KEYS[key]
+        if not ok(value):
+            raise ConfigError(f"{key} (node config): expected {expected}, got {value!r}")
+    return dict(node)
+
+
 def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
-    node = context.node_config
+    node = check_node_config(context.node_config)
     if "data-path" in node:
         return deployed_client_data(cfg, node)
     if "partition-id" in node and "num-partitions" in node:

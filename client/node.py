@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-from client.messages import node_threads
-from common.config import check_device_spec, parse_key_values
+from client.messages import check_node_config
+from common.config import parse_key_values
 from common.errors import ConfigError, DataError
 from common.federation_data import DATA_KEYS, read_for_task
 
@@ -53,10 +53,7 @@ def check_node(args: list[str]) -> dict:
     text = _flag(args, "--node-config")
     if text is None:
         raise ConfigError("--node-config: expected data-path=\"...\" (the node's own data file), got none")
-    node = parse_node_config(text)
-    node_threads(node)
-    if "device" in node:
-        check_device_spec(str(node["device"]), where="device (node config)")
+    node = check_node_config(parse_node_config(text))
     if "data-path" not in node:
         raise ConfigError(f"--node-config: expected a data-path key, got keys {sorted(node)}")
     path = str(node["data-path"])

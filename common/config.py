@@ -38,6 +38,7 @@ DPMode = Literal["local", "distributed"]
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
+MAX_ROUNDS = 10_000
 DEFAULT_DATA = "packaged:chatterbot"
 
 
@@ -162,6 +163,10 @@ class FedtuneConfig:
         _check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, hi_open=True)
         for name in ("num_server_rounds", "lora_r", "batch_size", "eval_batch_size", "max_length"):
             _check_min(name, getattr(self, name), 1)
+        if self.num_server_rounds > MAX_ROUNDS:
+            raise ConfigError(f"num-server-rounds: expected at most {MAX_ROUNDS:,}, got {self.num_server_rounds:,} (a "
+                              "round takes seconds at least: such a run would not finish, and its privacy plan alone "
+                              "would take minutes to compute)")
         for name in ("min_train_clients", "min_available_clients", "local_epochs"):
             _check_min(name, getattr(self, name), 1)
         _check_min("dp_physical_batch_size", self.dp_physical_batch_size, -1)
@@ -208,6 +213,7 @@ class FedtuneConfig:
                         f"with it, or {name.replace('_', '-')} = 0"
                     )
         _check_secure_aggregation(self)
+        _check_unused_settings(self)
         if self.dp_client == "off" and self.dp_client_epsilon_budget != 0:
             raise ConfigError(f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
                               "'off', so no client-level DP would run; expected a dp-client mode with it, or 0")
@@ -266,6 +272,29 @@ class FedtuneConfig:
 
     def replace(self, **changes: Any) -> FedtuneConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Settings that only one choice of another setting reads: (key, its default, the setting, the choice).
+ONLY_WITH = (("dirichlet_alpha", 1.0, "partitioner", "dirichlet"), ("shards_per_client", 2, "partitioner", "shards"),
+             ("partition_column", "", "partitioner", "natural"))
+
+
+def _check_unused_settings(cfg: FedtuneConfig) -> None:
+    """Pairs of settings that cannot both take effect: refused, naming both, rather than one ignored."""
+    for name, default, other, choice in ONLY_WITH:
+        if getattr(cfg, name) != default and getattr(cfg, other) != choice:
+            raise ConfigError(f"{name.replace('_', '-')}: set to {getattr(cfg, name)!r}, but {other} = "
+                              f"{getattr(cfg, other)!r} does not use it; expected {other} = {choice!r} with it, or "
+                              f"{name.replace('_', '-')} left at {default!r}")
+    if cfg.local_steps > 0 and cfg.local_epochs != 1:
+        raise ConfigError(f"local-epochs: set to {cfg.local_epochs}, but local-steps = {cfg.local_steps} decides the "
+                          "local work instead; expected one of them, not both")
+    if cfg.local_val_fraction >= 1.0:
+        raise ConfigError(f"local-val-fraction: expected a value below 1, got {cfg.local_val_fraction} (every "
+                          "client's data would go to validation, none to training)")
+    if cfg.heldout_data and cfg.heldout_fraction != 0.2:
+        raise ConfigError(f"heldout-fraction: set to {cfg.heldout_fraction}, but heldout-data = {cfg.heldout_data!r} "
+                          "is the held-out set, so nothing is split off `data`; expected one of them")
 
 
 def _check_secure_aggregation(cfg: FedtuneConfig) -> None:

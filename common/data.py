@@ -137,9 +137,7 @@ def load_instructions(
     if source.startswith(HF_PREFIX):
         rows, where = _hf_rows(source[len(HF_PREFIX):]), source
     else:
-        file = Path(source).expanduser()
-        if not file.is_file():
-            raise DataError(f"data: expected an existing CSV/TSV/JSONL/Parquet file, got {source!r} (not found)")
+        file = existing_file(source)
         rows, where = _read_rows(file, data_format, column_names), str(file)
     if not rows:
         raise DataError(f"{where}: expected at least one row, found none")
@@ -228,14 +226,22 @@ def _hf_rows(spec: str) -> list[dict]:
     return datasets.load_dataset(repo, subset or None, split=split or "train").to_list()
 
 
+def existing_file(path: str) -> Path:
+    """The data file at `path`, or a DataError that says what is there instead."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise DataError(f"data: expected a CSV/TSV/JSONL/Parquet file, got {path!r}, which is a folder; name a file in it")
+    if not file.is_file():
+        raise DataError(f"data: expected an existing CSV/TSV/JSONL/Parquet file, got {path!r} (not found)")
+    return file
+
+
 def load_file(
     path: str, *, data_format: str = "auto", text_column: str = "text",
     label_column: str = "label", column_names: str = "",
 ) -> TextDataset:
     """Load a CSV, TSV, JSONL or Parquet file with the named text and label columns."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"data: expected an existing CSV/TSV/JSONL/Parquet file, got {path!r} (not found)")
+    file = existing_file(path)
     rows = _read_rows(file, data_format, column_names)
     if not rows:
         raise DataError(f"{path}: expected at least one row, found none")

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from common.data import TextDataset
 from common.device import check_precision, resolve_device
 from common.errors import ConfigError, DataError
-from common.model import LOAD_COUNT, load_lora_model, resolve_model_path, with_lora
+from common.model import LOAD_COUNT, hub_model, load_lora_model, resolve_model_path, with_lora
 from common.train import IGNORE_INDEX as IGNORE
 from common.train import TOKENIZE_COUNT, EncodedData, encode
 ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
@@ -219,14 +219,16 @@ def model_for_config(cfg, num_labels: int, *, device: torch.device | None = None
         quantized = cfg.load_in != "none"
         if quantized:  # placed as it loads; quantized_base checks the device and bitsandbytes
             device = device or resolve_device(cfg.device)
-        model = load_lora_causal_lm(
-            cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-            target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-            load_in=cfg.load_in, **({"device": str(device), "compute_dtype": cfg.compute_dtype} if quantized else {}),
-        )
+        with hub_model(cfg.model):
+            model = load_lora_causal_lm(
+                cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
+                load_in=cfg.load_in, **({"device": str(device), "compute_dtype": cfg.compute_dtype} if quantized else {}),
+            )
         return model if quantized or device is None else model.to(device)
-    model = load_lora_model(
-        cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-        target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-    )
+    with hub_model(cfg.model):
+        model = load_lora_model(
+            cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+            target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
+        )
     return model if device is None else model.to(device)

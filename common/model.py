@@ -11,6 +11,8 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +55,33 @@ def resolve_model_path(name: str) -> str:
     return name  # a Hub name such as "bert-base-uncased"
 
 
+@contextmanager
+def hub_model(name: str) -> Iterator[None]:
+    """A Hub model name that cannot be loaded (offline, misspelt, private) as one line that says what
+    to do, instead of transformers' traceback (and huggingface_hub's retry warnings); other errors
+    pass through."""
+    import logging
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    except OSError as err:
+        if name.startswith(PACKAGED_PREFIX) or Path(name).expanduser().exists():
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model: expected a packaged model, a local model folder or a Hub name this machine can "
+                          f"fetch, got {name!r}, which is neither a local folder nor reachable on the Hub ({reason}); "
+                          "offline, use 'packaged:all-MiniLM-L6-v2' or a downloaded folder") from None
+    finally:
+        hub_log.setLevel(level)
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    with hub_model(model):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -153,7 +153,8 @@ def suggested(alternatives: list[SampleLevelPlan]) -> SampleLevelPlan | None:
 class Plan:
     sample: SampleLevelPlan
     client_noise_multiplier: float
-    sample_epsilons: list[float]
+    rounds_shown: list[int]  # every round up to 20, else about ten of them and the last
+    sample_epsilons: list[float]  # after each of rounds_shown
     client_epsilons: list[float]
     alternatives: list[SampleLevelPlan] = field(default_factory=list)
 
@@ -168,6 +169,13 @@ def calibrate_client_noise(*, target_epsilon: float, delta: float, rounds: int, 
     )
 
 
+def shown_rounds(rounds: int) -> list[int]:
+    """The rounds a plan's epsilon table shows: each of up to 20, else round 1, every tenth and the last."""
+    if rounds <= 20:
+        return list(range(1, rounds + 1))
+    return sorted({1, *range(rounds // 10, rounds + 1, rounds // 10), rounds})
+
+
 def make_plan(*, target_epsilon: float, delta: float, rounds: int, num_clients: int, clients_per_round: int,
               local_examples: int, trainable: int, batch_size: int = 0, local_epochs: int = 1, local_steps: int = 0,
               clipping_norm: float = 1.0, alternatives: bool = True) -> Plan:
@@ -179,15 +187,17 @@ def make_plan(*, target_epsilon: float, delta: float, rounds: int, num_clients: 
                                target_epsilon=target_epsilon)
     z = calibrate_client_noise(target_epsilon=target_epsilon, delta=delta, rounds=rounds, population=num_clients,
                                sample_size=clients_per_round)
+    shown = shown_rounds(rounds)
     sample_eps = [epsilon_pld([Mechanism(noise_multiplier=sample.noise_multiplier, steps=sample.steps_per_round * r,
                                          sample_rate=sample.sample_rate)], delta=delta)
-                  for r in range(1, rounds + 1)]
+                  for r in shown]
     client_eps = [epsilon_rdp([Mechanism(noise_multiplier=z, steps=r, sampling=WITHOUT_REPLACEMENT,
                                          population=num_clients, sample_size=clients_per_round)], delta=delta)
-                  for r in range(1, rounds + 1)]
+                  for r in shown]
     others = batch_alternatives(sample, target_epsilon=target_epsilon, delta=delta, local_epochs=local_epochs,
                                 local_steps=local_steps) if alternatives or sample.problems() else []
-    return Plan(sample=sample, client_noise_multiplier=z, sample_epsilons=sample_eps, client_epsilons=client_eps,
+    return Plan(sample=sample, client_noise_multiplier=z, rounds_shown=shown, sample_epsilons=sample_eps,
+                client_epsilons=client_eps,
                 alternatives=others)
 
 

@@ -38,13 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import FedtuneError
-from common.ledger import GENESIS, Ledger, verify_chain
+from common.ledger import GENESIS, verify_chain
 from common.privacy import SKELLAM
 
-# Agreement expected between independent accountants (RELIABILITY: PLD and PRV agree closely;
-# two RDP implementations differ only by their grid of orders).
-PRV_VS_PLD_REL = 0.03
-RDP_VS_RDP_REL = 0.01
+# How far an independent re-derivation may land from a recorded epsilon: Opacus' PRV estimate is
+# asked for an error of at most PRV_ERROR (absolute), and beyond that 0.2% of the budget (of the
+# epsilon itself when no budget is set), so an understatement of 1% of the budget is caught.
+PRV_ERROR = 0.001
+BUDGET_SHARE = 0.002
+RDP_VS_RDP_REL = 0.01  # the Skellam bound against Opacus' Gaussian RDP (a lower bound, different orders)
 ABS_SLACK = 0.02
 
 
@@ -59,8 +61,14 @@ class AuditResult:
         return not self.problems
 
 
-def _close(a: float, b: float, rel: float) -> bool:
-    return abs(a - b) <= rel * max(abs(a), abs(b)) + ABS_SLACK
+def tolerance(e: dict) -> float:
+    """See PRV_ERROR: the slack of a re-derived epsilon for entry `e`, relative to its budget."""
+    scale = e.get("epsilon_budget") or e.get("epsilon") or 0.0
+    return PRV_ERROR + BUDGET_SHARE * abs(float(scale))
+
+
+def agrees(check: float, e: dict, key: str = "epsilon") -> bool:
+    return abs(check - e[key]) <= tolerance(e)
 
 
 def opacus_epsilons(history: list[dict], delta: float) -> tuple[float, float]:
@@ -75,7 +83,7 @@ def opacus_epsilons(history: list[dict], delta: float) -> tuple[float, float]:
         return 0.0, 0.0
     prv, rdp = PRVAccountant(), RDPAccountant()
     prv.history, rdp.history = list(steps), list(steps)
-    return float(prv.get_epsilon(delta)), float(rdp.get_epsilon(delta, alphas=list(RDP_ORDERS)))
+    return float(prv.get_epsilon(delta, eps_error=PRV_ERROR)), float(rdp.get_epsilon(delta, alphas=list(RDP_ORDERS)))
 
 
 def flower_federation_epsilon(mechanisms: list[dict], delta: float) -> float:
@@ -84,8 +92,10 @@ def flower_federation_epsilon(mechanisms: list[dict], delta: float) -> float:
     return federation_epsilon(mechanisms, delta)
 
 
-def audit_entries(entries: list[dict]) -> AuditResult:
-    result = AuditResult(problems=verify_chain(entries))
+def audit_entries(entries: list[dict], *, chain: bool = True) -> AuditResult:
+    """Re-derive every (well-formed) entry, and verify the chain unless `chain` is false (run_audit
+    verifies the whole file's chain, malformed lines included)."""
+    result = AuditResult(problems=verify_chain(entries) if chain else [])
     histories: dict[str, list[dict]] = {}
     federation: list[dict] = []
     for e in entries:
@@ -119,9 +129,10 @@ def _audit_client(e: dict, histories: dict[str, list[dict]], problems: list[str]
             return _check_budget(e, row, where, problems, notes)
         prv, rdp = opacus_epsilons(history, e["delta"])
         row.update({"check_prv": prv, "check_rdp": rdp})
-        if not _close(prv, e["epsilon"], PRV_VS_PLD_REL):
-            problems.append(f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {prv:.4f} (PRV)")
-        if not _close(rdp, e["epsilon_rdp"], RDP_VS_RDP_REL):
+        if not agrees(prv, e):
+            problems.append(f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {prv:.4f} (PRV; "
+                            f"tolerance {tolerance(e):.4f})")
+        if not agrees(rdp, e, "epsilon_rdp"):
             problems.append(f"{where}: recorded RDP epsilon {e['epsilon_rdp']:.4f} but Opacus RDP gives {rdp:.4f}")
         if e["epsilon_rdp"] + 1e-9 < e["epsilon"]:
             problems.append(f"{where}: RDP epsilon below the tight epsilon (impossible for honest accounting)")
@@ -135,7 +146,7 @@ def _check_budget(e: dict, row: dict, where: str, problems: list[str], notes: li
     elif e["status"] == "trained" and budget > 0 and row.get("check_prv", 0.0) > budget:
         notes.append(f"{where}: the binding PLD epsilon {e['epsilon']:.4f} meets the budget {budget:.4f}; Opacus' "
                      f"PRV estimate {row['check_prv']:.4f} is {row['check_prv'] - budget:.4f} above it, within "
-                     "PRV's own error of 0.01")
+                     f"PRV's own error of {PRV_ERROR}")
     return row
 
 
@@ -149,7 +160,7 @@ def _check_skellam(where: str, history: list[dict], recorded: float, delta: floa
     again = epsilon_rdp([Mechanism.from_dict(h) for h in history], delta=delta)
     _, gaussian = opacus_epsilons([{k: h[k] for k in ("noise_multiplier", "sample_rate", "steps")} for h in history],
                                   delta)
-    if not _close(again, recorded, RDP_VS_RDP_REL):
+    if abs(again - recorded) > PRV_ERROR:  # the same bound, recomputed: only rounding may differ
         problems.append(f"{where}: recorded epsilon {recorded:.4f} but its mechanisms give {again:.4f} (Skellam RDP)")
     if recorded < gaussian * (1 - RDP_VS_RDP_REL) - ABS_SLACK:
         problems.append(f"{where}: recorded epsilon {recorded:.4f} is below {gaussian:.4f}, Opacus' RDP epsilon of "
@@ -191,7 +202,7 @@ def _audit_federation(e: dict, federation: list[dict], problems: list[str]) -> d
     if e.get("mechanism"):
         federation.append(e["mechanism"])
     check = flower_federation_epsilon(federation, e["delta"])
-    if not _close(check, e["epsilon"], RDP_VS_RDP_REL):
+    if not agrees(check, e):
         problems.append(f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {check:.4f}")
     budget = e.get("epsilon_budget") or 0.0
     if budget > 0 and e["epsilon"] > budget + 1e-9:
@@ -202,16 +213,30 @@ def _audit_federation(e: dict, federation: list[dict], problems: list[str]) -> d
             "check_rdp": check, "accountant": e["accountant"]}
 
 
-def run_audit(run_dir: Path) -> AuditResult:
+def run_audit(run_dir: Path, *, records: list[Path] = ()) -> AuditResult:
+    """Audit a run directory's ledger; `records` are folders of the clients' own privacy records
+    (a simulation's privacy dir, or what a node hands over) to hold the ledger against too."""
     ledger_path = run_dir / "privacy-ledger.jsonl"
     if not ledger_path.is_file():
         return AuditResult(problems=[f"expected a privacy ledger at {ledger_path}, found none (was DP enabled?)"])
-    try:
-        entries = Ledger.read(ledger_path).entries
-    except ValueError as err:
-        return AuditResult(problems=[str(err)])
-    result = audit_entries(entries)
-    result.problems.extend(anchor_problems(run_dir, entries))
+    lines, problems = read_jsonl(ledger_path)
+    entries = [e for _, e in lines]
+    result = AuditResult(problems=[*problems, *verify_chain([e if isinstance(e, dict) else {} for e in entries])])
+    sound = []
+    for line, e in lines:
+        shape = shape_problem(e)
+        if shape:
+            result.problems.append(f"{ledger_path.name}:{line}: {shape}")
+        else:
+            sound.append(e)
+    checked = audit_entries(sound, chain=False)
+    result.rows, result.notes = checked.rows, checked.notes
+    result.problems.extend(checked.problems)
+    dicts = [e for e in entries if isinstance(e, dict)]
+    result.problems.extend(anchor_problems(run_dir, dicts))
+    result.problems.extend(adapter_problems(run_dir, dicts))
+    for folder in records:
+        result.problems.extend(record_problems(Path(folder), sound))
     write_outputs(run_dir, result)
     return result
 
@@ -240,17 +265,147 @@ def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
                         f"{path.name} (round {ckpt.server_round}) records, got {len(entries)} (head {head(entries)}): "
                         f"entries {'removed' if len(entries) < len(anchored) else 'added or replaced'}")
     rounds_file = run_dir / "rounds.jsonl"
-    if dp_sample and rounds_file.is_file():  # (a secure round's discarded clients spent too, and are in the ledger)
+    if dp_sample and not rounds_file.is_file():
+        problems.append("rounds.jsonl: expected the round ledger of this DP run beside its privacy ledger, found none "
+                        "(removed)")
+    elif dp_sample:
         clients_in = {}
         for e in entries:
             if e.get("kind") == "client":
                 clients_in.setdefault(e.get("round"), set()).add(e.get("client_id"))
-        for line in rounds_file.read_text().splitlines():
-            r = json.loads(line)
-            missing = sorted((set(r.get("aggregated", [])) | set(r.get("refused", []))) - clients_in.get(r["round"], set()))
+        lines, bad = read_jsonl(rounds_file)
+        problems.extend(bad)
+        for number, r in lines:
+            if not (isinstance(r, dict) and isinstance(r.get("round"), int) and isinstance(r.get("aggregated"), list)
+                    and isinstance(r.get("refused", []), list)):
+                problems.append(f"rounds.jsonl:{number}: expected a round object with round, aggregated and refused, "
+                                f"got {str(r)[:80]}")
+                continue
+            missing = sorted((set(r["aggregated"]) | set(r.get("refused", []))) - clients_in.get(r["round"], set()))
             if missing:
                 problems.append(f"ledger: round {r['round']} of rounds.jsonl trained or refused {missing}, but the "
                                 "ledger has no entry for them (entries removed)")
+    return problems
+
+
+
+
+def read_jsonl(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
+    """(line number, value) of every line of a JSONL file that parses, and a problem for each that does not."""
+    values, problems = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            problems.append(f"{path.name}:{number}: expected one JSON object per line, got broken JSON ({err.msg})")
+    return values, problems
+
+
+# The fields each kind of ledger entry must carry, and those that must be numbers.
+FIELDS = {
+    ("client", "trained"): ("round", "client_id", "fingerprint", "noise_multiplier", "clipping_norm", "sample_rate",
+                            "steps", "epsilon", "epsilon_rdp", "delta", "accountant", "history"),
+    ("client", "refused"): ("round", "client_id", "fingerprint", "epsilon", "epsilon_budget", "delta"),
+    ("client", "failed"): ("round", "client_id"),
+    ("federation", "distributed"): ("round", "mechanism", "noise_multiplier", "sample_rate", "clipping_norm",
+                                    "l2_sensitivity", "l1_sensitivity", "sampled", "threshold", "summed",
+                                    "noise_variance_target", "noise_variance_summed", "epsilon", "delta", "accountant"),
+    ("federation", "client-level"): ("round", "mechanism", "noise_multiplier", "effective_noise_multiplier",
+                                     "clipping_norm", "sampled", "accepted", "epsilon", "delta", "accountant"),
+}
+TEXT_FIELDS = ("client_id", "fingerprint", "accountant", "mechanism", "history")
+
+
+def shape_problem(e: object) -> str | None:
+    """Why a ledger line cannot be audited (not an object, a field missing or not a number), or None."""
+    if not isinstance(e, dict):
+        return f"expected a JSON object, got {type(e).__name__}"
+    kind = e.get("kind")
+    status = e.get("status") if kind == "client" else ("distributed" if e.get("mode") == "distributed" else "client-level")
+    fields = FIELDS.get((kind, status))
+    if fields is None:
+        return f"expected a client (trained, refused, failed) or federation entry, got kind {kind!r} status {status!r}"
+    missing = [f for f in fields if f not in e]
+    if missing:
+        return f"expected the fields {missing} of a {kind} ({status}) entry, found none"
+    bad = [f for f in fields if f not in TEXT_FIELDS and (isinstance(e[f], bool) or not isinstance(e[f], (int, float))
+                                                          or not math.isfinite(e[f]))]
+    if bad:
+        return f"expected numbers in {bad}, got {[e[f] for f in bad]}"
+    if status == "trained" and (not isinstance(e["history"], list) or not e["history"] or not all(
+            isinstance(h, dict) and all(isinstance(h.get(k), (int, float)) for k in ("noise_multiplier", "sample_rate",
+                                                                                    "steps")) for h in e["history"])):
+        return "expected a history of mechanisms (noise_multiplier, sample_rate, steps), got a malformed one"
+    if kind == "federation" and e["mechanism"] is not None and not isinstance(e["mechanism"], dict):
+        return f"expected a mechanism object or null, got {e['mechanism']!r}"
+    return None
+
+
+def adapter_problems(run_dir: Path, entries: list[dict]) -> list[str]:
+    """Every released adapter (adapters/<name>) against the ledger: it names the ledger's length and head
+    hash when it was trained; a ledger shorter than that, or holding another entry there, was rolled back."""
+    from server.rundir import ADAPTER_RECORD
+
+    folder, problems = run_dir / "adapters", []
+    if not folder.is_dir():
+        return problems
+    for adapter in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.endswith((".tmp", ".old"))):
+        where = f"adapters/{adapter.name}"
+        try:
+            record = json.loads((adapter / ADAPTER_RECORD).read_text())
+            count, head, trained = int(record["ledger_entries"]), str(record["ledger_head"]), int(record["round"])
+        except FileNotFoundError:
+            problems.append(f"{where}: expected {ADAPTER_RECORD} (the round and ledger head it was trained through), "
+                            "found none")
+            continue
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{where}/{ADAPTER_RECORD}: expected the round, ledger_entries and ledger_head, got a "
+                            "malformed record")
+            continue
+        at = entries[count - 1].get("hash") if 0 < count <= len(entries) else GENESIS if count == 0 else None
+        if at != head:
+            problems.append(f"{where} was trained through round {trained}, when the ledger had {count} entries (head "
+                            f"{head[:16]}), but the ledger now {'has ' + str(len(entries)) if count > len(entries) else 'holds another entry'} "
+                            "there: the ledger was rolled back behind a released adapter")
+    return problems
+
+
+def record_problems(folder: Path, entries: list[dict]) -> list[str]:
+    """The ledger against the clients' own privacy records: for every client record of this run's runs, the
+    rounds it says it trained are the rounds the ledger says, with the same epsilon."""
+    runs = {str(e["run_id"]) for e in entries if e.get("kind") == "client" and "run_id" in e}
+    ledger: dict[str, dict] = {}
+    for e in entries:
+        if e.get("kind") == "client" and e.get("status") == "trained" and "run_id" in e:
+            ledger.setdefault(e["fingerprint"], {})[(str(e["run_id"]), int(e["round"]))] = e["epsilon"]
+    problems = []
+    if not runs:
+        return [f"{folder}: the ledger names no run ids to match the clients' records against (written before "
+                "fedtune recorded them)"]
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        return [f"{folder}: expected clients' privacy records (<fingerprint>.json), found none"]
+    for path in files:
+        try:
+            doc = json.loads(path.read_text())
+            mine = {(str(x["run"]), int(x["round"])): float(x["epsilon"]) for x in doc["entries"] if str(x["run"]) in runs}
+            fingerprint = str(doc["fingerprint"])
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{path}: expected a client's privacy record, got an unreadable file")
+            continue
+        theirs = ledger.get(fingerprint, {})
+        extra, lost = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+        if extra:
+            problems.append(f"client record {path.name}: it trained in (run, round) {extra}, which the ledger does not "
+                            "show (the ledger was rolled back, or entries removed)")
+        if lost:
+            problems.append(f"client record {path.name}: the ledger shows (run, round) {lost}, which the client's own "
+                            "record does not")
+        wrong = [k for k in set(mine) & set(theirs) if abs(mine[k] - theirs[k]) > 1e-9]
+        if wrong:
+            problems.append(f"client record {path.name}: epsilon differs from the ledger's in (run, round) {sorted(wrong)}")
     return problems
 
 

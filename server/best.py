@@ -34,11 +34,14 @@ def keep_best(state: ServerState) -> dict:
     written = json.loads(marker.read_text()) if marker.exists() else None
     if written != best or not current.is_dir():
         source = adapters / f"round-{row['round']:04d}"
-        staging = adapters / "best.tmp"
+        staging, old = adapters / "best.tmp", adapters / "best.old"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(source, staging)
-        shutil.rmtree(current, ignore_errors=True)
-        staging.rename(current)
+        shutil.copytree(source, staging)  # a full disk fails here, with adapters/best as it was
+        shutil.rmtree(old, ignore_errors=True)
+        if current.exists():
+            current.rename(old)
+        staging.rename(current)  # two renames: adapters/best is the old copy or the new one, never half of one
+        shutil.rmtree(old, ignore_errors=True)
         state.run.write_json("best.json", best)
     return best
 

@@ -12,6 +12,7 @@ privacy (server/privacy.py), and every reach into Flower's internals (common/flo
 
 from __future__ import annotations
 
+import json
 import time
 from logging import INFO, WARNING
 
@@ -22,6 +23,7 @@ from common.budget import privacy_dir
 from common.config import FedtuneConfig
 from common.device import check_precision, resolve_device
 from common.errors import FedtuneError
+from common.files import atomic_write
 from common.flower import (
     OrderedGrid, dp_clipping_norm, find_strategy, seed_sampling_and_noise, set_dp_sample_size, strategy_state,
 )
@@ -42,7 +44,7 @@ from server.replies import (
 )
 from server.secure_train import secure_train
 from server.resume import fresh_start, restore
-from server.rundir import RunDir
+from server.rundir import ADAPTER_RECORD, RunDir
 from server.state import ServerState, conform_to_schema, initial_state, with_labels
 from server.strategy import build_strategy, robust_capacity_problem
 from server.tensorboard import Scalars
@@ -52,6 +54,7 @@ from server.validation import Policy, ValidatedStrategy
 FAILURES = {
     "all-clients-failed": "every sampled client failed, timed out or was rejected in a round",
     "not-enough-clients": "fewer clients connected than min-available-clients within round-timeout",
+    "write-failed": "the run directory could not be written (disk full, or no longer writable)",
 }
 
 
@@ -69,6 +72,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)
     model, state = initial_state(cfg, labels, run)
+    state.run_id = int(getattr(getattr(grid, "run", None), "run_id", 0) or 0)
     strategy = build_strategy_chain(state)
     if cfg.dp_sample and cfg.dp_mode == "distributed":
         state.dp_optimizer = ServerAdamW(state.arrays, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -76,6 +80,18 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     run.write_json("config.json", cfg.to_run_config())
     state.scalars = Scalars(run.path, state.history, state.ledger.entries)
     check_federation(grid, state)
+    try:
+        run_rounds(grid, state, strategy, start_round)
+        release_adapter(model, state, "final")
+    except OSError as err:  # a full disk, a folder made read-only mid-run: named, nothing half-written
+        end_run(state, "write-failed", f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}")
+    finish(state)
+    return state.history
+
+
+def run_rounds(grid: Grid, state: ServerState, strategy, start_round: int) -> None:
+    """Round 0's evaluation (a new run), then rounds until the last, an early stop or a named status."""
+    cfg = state.cfg
     if start_round == 0:
         state.history = [evaluation_row(state, 0)]
         commit_round(state, strategy, 0)
@@ -86,15 +102,22 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
             state.status = "early-stopped"
             log(INFO, "fedtune: stopping early before round %d: %d rounds without a better %s than round %d's",
                 server_round, rounds_without_improvement(state), cfg.best_column[0], best_row(state)["round"])
-            break
+            return
         run_round(grid, state, strategy, server_round)
         if state.status != "running":
-            break
-    else:
-        state.status = "completed"
-    save_adapter(model, state.arrays, run.adapters / "final")
-    finish(state)
-    return state.history
+            return
+    state.status = "completed"
+
+
+def release_adapter(model, state: ServerState, name: str) -> None:
+    """Save the global adapter as adapters/<name> with what it was trained through: its round and the
+    privacy ledger's length and head hash then (adapter.json), which `fedtune audit` checks the ledger
+    against, so a ledger rolled back behind a released adapter is caught."""
+    directory = state.run.adapters / name
+    save_adapter(model, state.arrays, directory)
+    record = {"round": state.history[-1]["round"], "ledger_entries": len(state.ledger.entries),
+              "ledger_head": state.ledger.head}
+    atomic_write(directory / ADAPTER_RECORD, (json.dumps(record, indent=1) + "\n").encode())
 
 
 def build_strategy_chain(state: ServerState):
@@ -223,8 +246,8 @@ def record_privacy(state: ServerState, strategy, server_round: int, outcome: Rou
     """Append this round's ledger entries; returns the round's epsilon figures for the metrics row."""
     cfg, out, entry = state.cfg, {}, outcome.entry
     if cfg.dp_sample:
-        entries = [state.ledger.append(e) for e in client_entries(server_round, outcome.trained, outcome.refused,
-                                                                  outcome.failed)]
+        entries = [state.ledger.append({**e, "run_id": state.run_id})
+                   for e in client_entries(server_round, outcome.trained, outcome.refused, outcome.failed)]
         spent = [e["epsilon"] for e in entries if e["status"] == "trained"]
         if spent:
             out["epsilon_client_max"] = max(spent)
@@ -260,8 +283,7 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:
         state.ledger.write(run.path / "privacy-ledger.jsonl")
-    model = model_for_config(state.cfg, len(state.labels))
-    save_adapter(model, state.arrays, run.adapters / f"round-{server_round:04d}")
+    release_adapter(model_for_config(state.cfg, len(state.labels)), state, f"round-{server_round:04d}")
     best = keep_best(state)
     run.write_metrics(state.history)
     run.plot(state.history, best_round=best["round"])
@@ -288,7 +310,10 @@ def finish(state: ServerState) -> None:
 
 def end_run(state: ServerState, status: str, reason: str) -> None:
     rounds = state.history[-1]["round"] if state.history else 0
-    state.run.write_json("status.json", {"status": status, "reason": reason, "rounds_completed": rounds})
+    try:
+        state.run.write_json("status.json", {"status": status, "reason": reason, "rounds_completed": rounds})
+    except OSError as err:  # the disk that failed the run may refuse this too: the log still says why
+        log(WARNING, "fedtune: could not write status.json (%s)", err.strerror or err)
     log(WARNING, "fedtune: run failed: %s (%s); results so far in %s", status, reason, state.run.path)
     raise RunFailed(f"{status}: {reason}")
 

@@ -33,7 +33,7 @@ def preflight(cfg: FedtuneConfig) -> None:
     model_for_config(cfg, len(labels))
     if not cfg.run_dir:
         return
-    run = RunDir(Path(cfg.run_dir).resolve())
+    run = RunDir.for_config(cfg)  # a file, someone else's folder, a place that cannot be written: refused
     if not cfg.resume:
         refuse_checkpoints(run)
         return

@@ -50,7 +50,13 @@ def checkpoint_for(run_dir: Path, which: str) -> Path:
         if not marker.exists():
             raise CheckpointError(f"evaluate --round best: expected {marker} (written by every round since fedtune "
                                   "kept a best round), found none; give a round number or final")
-        number = int(json.loads(marker.read_text())["round"])
+        try:
+            number = json.loads(marker.read_text())["round"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            number = None
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise CheckpointError(f"evaluate --round best: expected {marker} to name a round ({{\"round\": N, ...}}), "
+                                  "got a damaged file; give a round number or final")
     else:
         try:
             number = int(which)
@@ -84,7 +90,11 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     if moved:
         cfg = parse_run_config({**cfg.to_run_config(), **moved})
     run = cfg.to_run_config()
-    dataset = read_for_task(cfg.task, data, {**{k: run[k] for k in DATA_KEYS[cfg.task]}, **options})
+    columns = {**{k: run[k] for k in DATA_KEYS[cfg.task]}, **options}
+    if cfg.task == "classification" and str(columns["text-column"]) == str(columns["label-column"]):
+        raise ConfigError(f"text-column / label-column: expected two different columns, got "
+                          f"{columns['text-column']!r} for both (the model would read the answer)")
+    dataset = read_for_task(cfg.task, data, columns)
     if len(dataset) == 0:
         raise DataError(f"{data!r}: expected at least one example, got none")
     labels = LabelMap.parse(cfg.labels) if cfg.task == "classification" else LabelMap.from_labels(dataset.labels)
@@ -93,10 +103,7 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
         if unseen:
             raise DataError(f"{data!r}: expected the run's labels {list(labels.names)}, got labels the run never "
                             f"saw: {unseen[:10]}{' ...' if len(unseen) > 10 else ''}")
-    folder = Path(out) if out else run_dir / "evaluations" / f"{Path(data).stem}-round-{ckpt.server_round:04d}"
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ConfigError(f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which holds "
-                          "files; refusing to overwrite them (give another --out)")
+    folder = output_folder(run_dir, data, ckpt.server_round, out)  # before any scoring
     device = resolve_device(cfg.device)
     check_precision(device, cfg.compute_dtype, cfg.load_in)
     model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0, device=device)
@@ -125,7 +132,6 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
                 **{n: noisy[n] for n in names},
                 **{f"{n}_change": noisy[n] - clean[n] for n in names},
             }
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
     if cfg.task == "classification":
         write_confusion_csv(folder / "confusion.csv", clean["confusion"], labels.names)
@@ -133,6 +139,25 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
                        f"{Path(data).name}, round {ckpt.server_round}: accuracy {clean['accuracy']:.3f}, "
                        f"macro-F1 {clean['macro_f1']:.3f}")
     return folder, report
+
+
+def output_folder(run_dir: Path, data: str, server_round: int, out) -> Path:
+    """The folder the results go to, made (and written once) before any scoring, so that a long
+    scoring is never lost to a folder that holds files, a file of that name or a read-only place."""
+    folder = Path(out) if out else run_dir / "evaluations" / f"{Path(data).stem}-round-{server_round:04d}"
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which "
+                          f"{'is a file' if not folder.is_dir() else 'holds files'}; refusing to overwrite "
+                          f"{'it' if not folder.is_dir() else 'them'} (give another --out)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"evaluate --out: expected a folder fedtune can write, got {str(folder)!r} "
+                          f"({err.strerror or err})") from None
+    return folder
 
 
 def print_report(report: dict, folder: Path) -> None:

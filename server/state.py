@@ -32,6 +32,7 @@ class ServerState:
     frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
     data: str = ""  # fingerprint of the training data and held-out set (data_fingerprint): resume checks it
     scalars: object = None  # server.tensorboard.Scalars, once the run knows its first round
+    run_id: int = 0  # Flower's run id (a resumed run gets a new one): clients' own privacy records name it
     secagg_keys: list[str] = field(default_factory=list)  # digests of every public key a secure round accepted
     dp_plan: object = None  # common.privacy_plan.DistributedPlan, with dp-mode = distributed
     dp_optimizer: object = None  # server.distributed_dp.ServerAdamW, likewise

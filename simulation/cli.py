@@ -19,6 +19,14 @@ import sys
 from common.errors import ConfigError, FedtuneError
 
 
+# Calls home that the libraries under fedtune make unless told not to (docs/deployment.md#outbound-calls):
+# Flower's telemetry and update check, Ray's usage statistics, the Hugging Face Hub's telemetry. fedtune's
+# commands switch them off, also in the processes they start (the simulation's Ray workers, the SuperNode
+# `fedtune supernode` execs); a variable the user set wins.
+NO_CALLS_HOME = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                 "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="distributed: secagg-max-dropouts, the clients a round may lose (default 1).")
     audit = sub.add_parser("audit", help="Verify a run's privacy ledger; exit 1 on any problem.")
     audit.add_argument("run_dir", help="A fedtune run directory.")
+    audit.add_argument("--records", action="append", default=[], metavar="DIR",
+                       help="A folder of clients' own privacy records (a node's privacy-dir; in simulation "
+                            "$FEDTUNE_PRIVACY_DIR) to hold the ledger against (repeatable).")
     certs = sub.add_parser("certs", help="Create a CA, the SuperLink's TLS certificate and one key pair per node.")
     certs.add_argument("out", help="A new directory for the certificates and keys.")
     certs.add_argument("--nodes", required=True, help="Comma-separated node names, e.g. site-a,site-b.")
@@ -89,9 +100,7 @@ def print_plan(args) -> None:
 
     from common.privacy_plan import make_plan
 
-    for name in ("rounds", "num_clients", "clients_per_round", "local_examples", "local_epochs"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: expected a value >= 1, got {getattr(args, name)}")
+    check_plan_args(args)
     if args.clients_per_round > args.num_clients:
         raise ConfigError(f"--clients-per-round: expected at most --num-clients ({args.num_clients}), "
                           f"got {args.clients_per_round}")
@@ -118,7 +127,7 @@ def print_plan(args) -> None:
     table = Table(title=f"projected epsilon at delta={args.delta:g}")
     for col in ("round", "sample-level epsilon", "client-level epsilon"):
         table.add_column(col, justify="right")
-    for r, (a, b) in enumerate(zip(plan.sample_epsilons, plan.client_epsilons), start=1):
+    for r, a, b in zip(plan.rounds_shown, plan.sample_epsilons, plan.client_epsilons):
         table.add_row(str(r), f"{a:.4f}", f"{b:.4f}")
     console.print(table)
     others = Table(title="the same target at other dp-batch-size values", caption="* this plan")
@@ -132,6 +141,38 @@ def print_plan(args) -> None:
     console.print(others)
 
 
+# `fedtune plan`'s flags that mean what a run-config key means, checked as that key is.
+PLAN_KEYS = {"target_epsilon": "dp-target-epsilon", "delta": "dp-delta", "rounds": "num-server-rounds",
+             "batch_size": "dp-batch-size", "local_epochs": "local-epochs", "local_steps": "local-steps",
+             "clipping_norm": "dp-clipping-norm", "max_dropouts": "secagg-max-dropouts"}
+
+
+def check_plan_args(args) -> None:
+    """The flags against the rules of the run-config keys they stand for (parsed as one config), and
+    the federation's own numbers."""
+    import math
+
+    from common.config import parse_run_config
+
+    if not (math.isfinite(args.target_epsilon) and args.target_epsilon > 0):
+        raise ConfigError(f"--target-epsilon (dp-target-epsilon): expected a finite value > 0, got {args.target_epsilon}")
+    raw = {"dp-sample": True, **{key: getattr(args, flag) for flag, key in PLAN_KEYS.items()}}
+    if raw["local-steps"] > 0 and raw["local-epochs"] == 1:
+        raw.pop("local-epochs")
+    try:
+        parse_run_config(raw)
+    except ConfigError as err:
+        key = str(err).split(":", 1)[0]
+        flag = next((f for f, k in PLAN_KEYS.items() if k == key), None)
+        raise ConfigError(f"--{flag.replace('_', '-')} ({err})" if flag else str(err)) from None
+    for name in ("num_clients", "clients_per_round", "local_examples"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a value >= 1, got {getattr(args, name)}")
+    if args.trainable < 0:
+        raise ConfigError(f"--trainable: expected the adapter's trainable values (>= 1), or 0 for the configured "
+                          f"model's, got {args.trainable}")
+
+
 def print_distributed_plan(args, trainable: int) -> None:
     """`fedtune plan --dp-mode distributed`: the noise of the summed Skellam noise, each client's share,
     and the epsilon the federation reaches over the steps."""
@@ -139,7 +180,7 @@ def print_distributed_plan(args, trainable: int) -> None:
     from rich.table import Table
 
     from common.privacy import epsilon_rdp
-    from common.privacy_plan import distributed_plan
+    from common.privacy_plan import distributed_plan, shown_rounds
     from common.secagg import SecAggError, threshold_for
 
     try:
@@ -162,8 +203,7 @@ def print_distributed_plan(args, trainable: int) -> None:
     table = Table(title=f"projected federation epsilon at delta={args.delta:g}")
     for col in ("round", "epsilon"):
         table.add_column(col, justify="right")
-    shown = sorted({1, *range(max(1, plan.rounds // 10), plan.rounds + 1, max(1, plan.rounds // 10)), plan.rounds})
-    for r in shown:
+    for r in shown_rounds(plan.rounds):
         table.add_row(str(r), f"{epsilon_rdp([plan.mechanism(steps=r)], delta=args.delta):.4f}")
     console.print(table)
 
@@ -238,7 +278,7 @@ def run_audit_command(args) -> int:
 
     from server.audit import render_table, run_audit
 
-    result = run_audit(Path(args.run_dir))
+    result = run_audit(Path(args.run_dir), records=[Path(r) for r in args.records])
     render_table(result)
     return 0 if result.ok else 1
 
@@ -260,11 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["supernode"] and not {"-h", "--help"} & set(argv[1:2]):
         argv = ["supernode", "--", *argv[1:]]  # pass flower-supernode's own options through untouched
     args = build_parser().parse_args(argv)
+    for key, value in NO_CALLS_HOME.items():  # before Flower is imported: it reads its switch at import
+        os.environ.setdefault(key, value)
     try:
         return COMMANDS[args.command](args)
     except FedtuneError as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in evaluate, plan, audit, export: a line, not a traceback
+        print(f"\nfedtune: {args.command} interrupted; its results were not written", file=sys.stderr)
+        return 130
 
 
 def entry() -> int:

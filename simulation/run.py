@@ -92,6 +92,7 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
     # unless clustering is switched off (Ray's switch for a one-machine instance), which this
     # one-machine engine never needs. Set before Ray is imported: Ray reads it at import.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    keep_ray_home()
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -119,6 +120,20 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
                        backend_config=backend)
 
 
+CLOSED_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+def keep_ray_home() -> None:
+    """Ray's dashboard process probes the cloud metadata services (169.254.169.254,
+    metadata.google.internal) over plain HTTP as it starts, whatever its usage-statistics switch
+    says (with the dashboard off it loads just that module). A one-machine simulation makes no
+    plain-HTTP request beyond this machine: unless the user set a proxy, such requests go to a
+    closed loopback port instead (HTTPS, as the Hub uses, is untouched)."""
+    if not any(os.environ.get(k) for k in ("http_proxy", "HTTP_PROXY")):
+        os.environ["http_proxy"] = CLOSED_PROXY
+        os.environ["no_proxy"] = ",".join(filter(None, [os.environ.get("no_proxy"), "localhost,127.0.0.1,::1"]))
+
+
 def backend_config(cfg: FedtuneConfig, num_clients: int) -> dict:
     """The engine's resources: as many clients at once as train a round (up to the cores), each
     with an equal share of the cores. Ray sets each client actor's OMP_NUM_THREADS to its
@@ -143,14 +158,19 @@ def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
         from server.checkpoint import checkpoints_by_round
         from server.rundir import RunDir
 
-        rounds = max(checkpoints_by_round(run_dir / "checkpoints"), default=0)
-        if run_dir.is_dir():
+        saved = checkpoints_by_round(run_dir / "checkpoints") if run_dir.is_dir() else {}
+        rounds = max(saved, default=0)
+        if RunDir(run_dir).marked:
             RunDir(run_dir).write_json("status.json", {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)",
                                                        "rounds_completed": rounds})
         if sys.stderr.isatty():
             sys.stderr.write("\x1b[?25h")  # the progress display hides the cursor; os._exit skips its cleanup
-        print(f"\nfedtune: interrupted after round {rounds}; results so far in {run_dir}; continue with "
-              f"-c run-dir={run_dir} -c resume=true", file=sys.stderr, flush=True)
+        if saved:
+            print(f"\nfedtune: interrupted after round {rounds}; results so far in {run_dir}; continue with "
+                  f"-c run-dir={run_dir} -c resume=true", file=sys.stderr, flush=True)
+        else:  # nothing checkpointed yet: a resume would find nothing to continue
+            print(f"\nfedtune: interrupted before round 0 was checkpointed; nothing to resume: start the run again "
+                  f"(the same -c run-dir={run_dir} is fine)", file=sys.stderr, flush=True)
         for child in psutil.Process().children(recursive=True):  # Ray's GCS, raylet and client actors
             try:
                 child.kill()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from common.ledger import Ledger, entry_hash, verify_chain
 from common.privacy import Mechanism, epsilon_pld, epsilon_rdp
 from server.audit import audit_entries, run_audit
@@ -181,3 +183,150 @@ def test_removing_ledger_entries_is_caught_by_the_ledgers_anchors(tmp_path):
         if case in ("last entry", "last round", "every entry"):
             assert any("of rounds.jsonl trained or refused" in p for p in result.problems), (case, result.problems)
         count("bad_inputs_rejected", f"privacy ledger with {case} removed or added")
+
+
+# --- Hardening, second pass (issue 39): malformed files, a consistent rollback, every verdict -------
+
+def released(run_dir, ledger: Ledger, upto: int) -> None:
+    """adapters/round-NNNN (and final) as the server writes them: each names the ledger it was trained through."""
+    from server.rundir import ADAPTER_RECORD
+
+    for r in range(1, upto + 1):
+        count_ = sum(1 for e in ledger.entries if e["round"] <= r)
+        head = ledger.entries[count_ - 1]["hash"]
+        for name in (f"round-{r:04d}", *(["final"] if r == upto else [])):
+            (run_dir / "adapters" / name).mkdir(parents=True, exist_ok=True)
+            (run_dir / "adapters" / name / ADAPTER_RECORD).write_text(json.dumps(
+                {"round": r, "ledger_entries": count_, "ledger_head": head}))
+
+
+def test_malformed_ledger_and_round_lines_are_problems_with_their_line_never_a_traceback(tmp_path):
+    anchored_run(tmp_path, honest_ledger())
+    path = tmp_path / "privacy-ledger.jsonl"
+    good = path.read_text().splitlines()
+    missing = json.loads(good[1])
+    del missing["epsilon"]
+    cases = {"[1, 2]": "privacy-ledger.jsonl:2: expected a JSON object, got list",
+             "{\"kind\": \"client\"": "privacy-ledger.jsonl:2: expected one JSON object per line, got broken JSON",
+             json.dumps(missing): "privacy-ledger.jsonl:2: expected the fields ['epsilon'] of a client (trained) entry",
+             json.dumps({**missing, "epsilon": "high"}): "privacy-ledger.jsonl:2: expected numbers in ['epsilon']"}
+    for line, expected in cases.items():
+        path.write_text("\n".join([good[0], line, good[2]]) + "\n")
+        result = run_audit(tmp_path)
+        assert not result.ok and any(p.startswith(expected) for p in result.problems), (line, result.problems)
+        count("bad_inputs_rejected", f"ledger line {line[:30]}")
+    path.write_text("\n".join(good) + "\n")
+    rounds = tmp_path / "rounds.jsonl"
+    rounds.write_text(rounds.read_text() + "[]\n{broken\n")
+    problems = run_audit(tmp_path).problems
+    assert any(p.startswith("rounds.jsonl:4: expected a round object") for p in problems), problems
+    assert any(p.startswith("rounds.jsonl:5: expected one JSON object per line") for p in problems), problems
+    rounds.unlink()
+    assert "rounds.jsonl: expected the round ledger of this DP run beside its privacy ledger, found none (removed)" \
+        in run_audit(tmp_path).problems
+    count("bad_inputs_rejected", "malformed or missing rounds.jsonl in a DP run")
+
+
+def test_a_consistent_rollback_is_caught_by_the_released_adapters_and_the_clients_own_records(tmp_path):
+    """Deleting the last round from the ledger, its checkpoint and its line of rounds.jsonl leaves a ledger
+    that agrees with every anchor it had; the adapters released after that round (round-0003, final) name
+    the ledger they were trained through, and the clients' own records name the rounds they trained."""
+    from common.budget import PrivacyRecord
+    from server.checkpoint import Checkpoint, save_checkpoint
+
+    full = two_clients_three_rounds()
+    for e in full.entries:
+        e["run_id"] = 7
+    full = Ledger(rechained(full.entries))
+    anchored_run(tmp_path, full)
+    released(tmp_path, full, 3)
+    records = tmp_path / "records"
+    for client in ("c0", "c1"):
+        record = PrivacyRecord(path=records / f"fp-{client}.json", fingerprint=f"fp-{client}", delta=1e-5)
+        for e in (x for x in full.entries if x["client_id"] == client):
+            record.append(run="7", server_round=e["round"], mechanism=Mechanism.from_dict(e["history"][-1]),
+                          clipping_norm=1.0)
+    assert run_audit(tmp_path, records=[records]).ok, run_audit(tmp_path, records=[records]).problems
+
+    rolled = Ledger(full.entries[:4])  # rounds 1 and 2 only, with the checkpoint and rounds.jsonl to match
+    rolled.write(tmp_path / "privacy-ledger.jsonl")
+    (tmp_path / "checkpoints" / "round-0003.safetensors").unlink()
+    (tmp_path / "checkpoints" / "round-0003.sha256").unlink()
+    from common.config import FedtuneConfig
+
+    save_checkpoint(tmp_path / "checkpoints", Checkpoint(server_round=2, adapter={}, strategy={}, meta={
+        "config": FedtuneConfig(dp_sample=True, dp_target_epsilon=3.0).to_run_config(), "ledger": rolled.entries}))
+    rounds = (tmp_path / "rounds.jsonl").read_text().splitlines()
+    (tmp_path / "rounds.jsonl").write_text("\n".join(rounds[:2]) + "\n")
+    result = run_audit(tmp_path)
+    rollback = [p for p in result.problems if "rolled back behind a released adapter" in p]
+    assert sorted(p.split(" ")[0] for p in rollback) == ["adapters/final", "adapters/round-0003"], result.problems
+    with_records = run_audit(tmp_path, records=[records]).problems
+    assert any("it trained in (run, round) [('7', 3)], which the ledger does not show" in p for p in with_records)
+    count("bad_inputs_rejected", "a consistent rollback of the last round (ledger, checkpoint, rounds.jsonl)")
+
+
+def rechained(entries: list[dict]) -> list[dict]:
+    ledger = Ledger()
+    for e in entries:
+        ledger.append({k: v for k, v in e.items() if k not in ("seq", "prev_hash", "hash")})
+    return ledger.entries
+
+
+@pytest.mark.parametrize("field, factor, expected", [
+    ("epsilon", 0.99, "the mechanisms give"),  # understated by 1% of the budget: the PRV accountant
+    ("epsilon", 1.01, "the mechanisms give"),  # overstated likewise
+    ("epsilon_rdp", 0.99, "Opacus RDP gives"),  # the RDP cross-check
+])
+def test_a_client_epsilon_off_by_one_percent_of_its_budget_is_caught_by_each_accountant(field, factor, expected):
+    history = [Mechanism(noise_multiplier=1.2, sample_rate=0.05, steps=30)] * 3
+    entry = client_entry(3, history)
+    entry["epsilon_budget"] = entry["epsilon"]
+    honest = Ledger()
+    honest.append(dict(entry))
+    assert audit_entries(honest.entries).ok, audit_entries(honest.entries).problems
+    entry[field] = entry[field] + (factor - 1) * entry["epsilon_budget"]
+    forged = Ledger()
+    forged.append(entry)
+    assert any(expected in p for p in audit_entries(forged.entries).problems)
+    count("bad_inputs_rejected", f"client {field} off by 1% of its budget")
+
+
+def test_an_rdp_figure_below_the_tight_one_and_a_round_not_at_the_end_of_its_history_are_caught():
+    m1, m2 = Mechanism(noise_multiplier=1.2, sample_rate=0.05, steps=30), Mechanism(noise_multiplier=2.0,
+                                                                                     sample_rate=0.05, steps=30)
+    low = client_entry(1, [m1])
+    low["epsilon_rdp"] = low["epsilon"] * 0.9
+    ledger = Ledger()
+    ledger.append(low)
+    assert any("RDP epsilon below the tight epsilon" in p for p in audit_entries(ledger.entries).problems)
+    wrong = client_entry(2, [m1, m2])
+    wrong["noise_multiplier"] = 1.2  # the round claims another mechanism than its history's last
+    ledger = Ledger()
+    ledger.append(wrong)
+    assert any("not the last one of its history" in p for p in audit_entries(ledger.entries).problems)
+
+
+def federation_ledger(budget: float = 0.0, rounds: int = 3) -> Ledger:
+    from common.config import FedtuneConfig
+    from server.privacy import federation_entry
+
+    cfg = FedtuneConfig(dp_client="server-fixed", dp_client_noise_multiplier=1.5, dp_client_epsilon_budget=budget)
+    ledger = Ledger()
+    for r in range(1, rounds + 1):
+        ledger.append(federation_entry(ledger, cfg, server_round=r, population=10, sampled=5, accepted=5,
+                                       clipping_norm=0.5, noise_denominator=5))
+    return ledger
+
+
+def test_federation_verdicts_honest_understated_overspent_and_met_exactly():
+    honest = federation_ledger()
+    assert audit_entries(honest.entries).ok, audit_entries(honest.entries).problems
+    spent = honest.entries[-1]["epsilon"]
+    assert audit_entries(federation_ledger(budget=spent).entries).ok  # met exactly
+    over = audit_entries(federation_ledger(budget=spent * 0.99).entries).problems
+    assert any("overspent" in p for p in over)
+    under = [dict(e) for e in honest.entries]
+    under[-1]["epsilon"] = spent * 0.98
+    assert any("the mechanisms give" in p for p in audit_entries(rechained(under)).problems)
+    count("bad_inputs_rejected", "federation epsilon understated, and overspent by 1%")

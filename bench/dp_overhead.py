@@ -21,7 +21,7 @@ from common.config import FedtuneConfig
 import common.dp_train  # noqa: F401  (imports Opacus without its logging side effect)
 from common.federation_data import federation_labels, train_and_heldout
 from common.model import load_tokenizer
-from common.lm import model_for_config
+from common.task import task_for
 from common.train import collate, encode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def main() -> None:
     cfg = FedtuneConfig(data=args.data, text_column=args.text_column, max_train_examples=5000)
     labels = federation_labels(cfg)
     cfg = cfg.replace(labels=labels.to_spec())
-    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    model, tok = task_for(cfg).model(len(labels)), load_tokenizer(cfg.model)
     data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=cfg.max_length, where="bench")
     work = batches(data, args.batch_size, args.steps + 3, tok.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]

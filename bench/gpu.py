@@ -44,7 +44,7 @@ from common.dp_train import AUTO_CHUNK  # noqa: E402  (imports Opacus without it
 from common.config import FedtuneConfig  # noqa: E402
 from common.device import autocast, resolve_device  # noqa: E402
 from common.federation_data import federation_labels, train_and_heldout  # noqa: E402
-from common.lm import model_for_config  # noqa: E402
+from common.task import task_for
 from common.model import base_classifier, get_adapter_state, load_tokenizer, set_adapter_state  # noqa: E402
 from common.train import EncodedData, encode, train  # noqa: E402
 
@@ -162,7 +162,7 @@ def fedtune_epoch(cfg: FedtuneConfig, labels, tok, device) -> dict:
     full = cfg.replace(max_train_examples=0, heldout_data=str(SST2.parent / "dev.tsv"))
     train_data = encode(train_and_heldout(full)[0], tok, labels, max_length=cfg.max_length, where="bench")
     dev = encode(heldout_set(full), tok, labels, max_length=cfg.max_length, where="bench")
-    model = model_for_config(cfg, len(labels), device=device)
+    model = task_for(cfg).model(len(labels), device=device)
     start = time.perf_counter()
     result = train(model, train_data, pad_id=tok.pad_token_id, epochs=1, steps=0, batch_size=32,
                    learning_rate=cfg.learning_rate, weight_decay=0.0, max_grad_norm=1.0, seed=0)
@@ -186,7 +186,7 @@ def main() -> None:
     cfg = cfg.replace(labels=labels.to_spec())
     tok = load_tokenizer(cfg.model)
     data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=cfg.max_length, where="bench")
-    ours = model_for_config(cfg, len(labels)).to(device)
+    ours = task_for(cfg).model(len(labels)).to(device)
     initial = get_adapter_state(ours)
     plain = plain_model(cfg, len(labels), device)
     lr = cfg.learning_rate

@@ -32,12 +32,12 @@ def centralized_curve(overrides: dict, passes: int, clients: int, every: int) ->
     from common.data import TextDataset
     from common.federation_data import federation_labels, heldout_set, simulated_client_data
     from common.model import load_tokenizer
-    from common.lm import model_for_config
+    from common.task import task_for
     from common.train import encode, evaluate, round_schedule, train
 
     cfg = suite.config_from({**overrides, "partitioner": "iid"})
     labels = federation_labels(cfg)
-    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    model, tok = task_for(cfg).model(len(labels)), load_tokenizer(cfg.model)
     parts = [simulated_client_data(cfg, i, clients).train for i in range(clients)]
     union = TextDataset(texts=[t for d in parts for t in d.texts], labels=[y for d in parts for y in d.labels])
     data = encode(union, tok, labels, max_length=cfg.max_length, where="union")

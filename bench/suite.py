@@ -36,7 +36,7 @@ from common.data import TextDataset  # noqa: E402
 from common.errors import FedtuneError  # noqa: E402
 from common.federation_data import federation_labels, heldout_set, simulated_client_data, train_and_heldout  # noqa: E402
 from common.model import get_adapter_state, load_tokenizer, set_adapter_state  # noqa: E402
-from common.lm import model_for_config  # noqa: E402
+from common.task import task_for
 from common.records import state_to_record  # noqa: E402
 from common.train import batch_order, encode, evaluate, padding_efficiency, round_schedule, train  # noqa: E402
 
@@ -176,7 +176,7 @@ def bench_throughput(p: dict, out: Path) -> dict:
     cfg = config_from({**overrides, "max-train-examples": p["examples"]})
     labels = federation_labels(cfg)
     tok = load_tokenizer(cfg.model)
-    model = model_for_config(cfg, len(labels))
+    model = task_for(cfg).model(len(labels))
     data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=cfg.max_length, where="bench")
     initial = get_adapter_state(model)
     common = dict(pad_id=tok.pad_token_id, steps=p["steps"], batch_size=p["batch_size"], learning_rate=1e-3,
@@ -230,7 +230,7 @@ def fp16_effect(run_dir: Path) -> dict:
     ckpt = load_checkpoint(path)
     cfg = ckpt.run_config()
     labels = federation_labels(cfg)
-    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    model, tok = task_for(cfg).model(len(labels)), load_tokenizer(cfg.model)
     heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")
     scores = {}
     for name, state in (("fp32", ckpt.adapter),
@@ -284,7 +284,7 @@ def plain_loop(spec: dict) -> None:
     cfg = config_from({k: v for k, v in spec["overrides"].items() if k != "run-dir"})
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     labels = federation_labels(cfg)
-    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    model, tok = task_for(cfg).model(len(labels)), load_tokenizer(cfg.model)
     heldout = encode(heldout_set(cfg), tok, labels, max_length=cfg.max_length, where="held-out")
     clients = [simulated_client_data(cfg, i, spec["clients"]) for i in range(spec["clients"])]
     encoded = [encode(c.train, tok, labels, max_length=cfg.max_length, where=c.client_id) for c in clients]
@@ -478,7 +478,7 @@ def adapter_fraction(cfg: FedtuneConfig) -> float:
 def adapter_and_model_bytes(cfg: FedtuneConfig):
     """The LoRA model for `cfg`, its adapter state, the adapter's bytes as sent (the record
     Flower serializes), and the full model's bytes."""
-    model = model_for_config(cfg, len(federation_labels(cfg)))
+    model = task_for(cfg).model(len(federation_labels(cfg)))
     state = get_adapter_state(model)
     adapter_bytes = sum(len(a.data) for a in state_to_record(state).values())
     full_bytes = sum(t.numel() * t.element_size() for t in model.base_model.model.state_dict().values())
@@ -490,7 +490,7 @@ def centralized(overrides: dict, passes: int, clients: int) -> dict:
     slices), `passes` epochs, then evaluate on the same held-out set."""
     cfg = config_from({**overrides, "partitioner": "iid"})
     labels = federation_labels(cfg)
-    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    model, tok = task_for(cfg).model(len(labels)), load_tokenizer(cfg.model)
     initial = get_adapter_state(model)
     parts = [simulated_client_data(cfg, i, clients).train for i in range(clients)]
     union = TextDataset(texts=[t for d in parts for t in d.texts], labels=[y for d in parts for y in d.labels])

@@ -9,7 +9,8 @@ from flwr.app import ConfigRecord, Context, Message
 
 from common.config import DEVICE_SPEC, FedtuneConfig, parse_run_config
 from common.errors import ConfigError
-from common.federation_data import DATA_KEYS, ClientData, deployed_client_data, simulated_client_data
+from common.federation_data import ClientData, deployed_client_data, simulated_client_data
+from common.task import DATA_KEYS
 from common.flower import KEY_CLIPPING_NORM
 from common.records import FROZEN_KEY
 
@@ -76,15 +77,6 @@ def node_threads(node_config) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"num-threads (node config): expected an integer >= 0, got {value!r}")
     return value
-
-
-def node_device(node_config, cfg: FedtuneConfig):
-    """This node's torch device: its node config's `device`, else the run's (common/device.py)."""
-    from common.device import resolve_device  # torch: only the train and evaluate handlers call this
-
-    if "device" in node_config:
-        return resolve_device(str(node_config["device"]), where="device (node config)")
-    return resolve_device(cfg.device)
 
 
 def client_record(data: ClientData, server_round: int = 0) -> ConfigRecord:

@@ -16,7 +16,7 @@ from pathlib import Path
 from client.messages import check_node_config
 from common.config import parse_key_values
 from common.errors import ConfigError, DataError
-from common.federation_data import DATA_KEYS, read_for_task
+from common.task import TASKS
 
 FILE_FLAGS = ("--root-certificates", "--auth-supernode-private-key", "--auth-supernode-public-key")
 
@@ -70,11 +70,11 @@ def node_examples(path: str, node: dict):
     """The node's data read for either task: the server's run config decides which one trains,
     so the file must fit at least one (the error names both when it fits neither)."""
     errors = {}
-    for task in DATA_KEYS:
+    for name, task in TASKS.items():
         try:
-            return read_for_task(task, path, {"data-format": "auto", "column-names": "", **node})
+            return task.read(path, {"data-format": "auto", "column-names": "", **node})
         except DataError as err:
-            errors[task] = err
+            errors[name] = err
     raise DataError(f"data-path {path!r} fits neither task: "
                     + "; ".join(f"{task}: {err}" for task, err in errors.items())) from None
 

@@ -16,19 +16,17 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
-from client.messages import (
-    PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_device, node_threads,
-)
+from client.messages import PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_threads
 from client.privacy import decide, dp_seed, train_private
 from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
-from common.device import bound_memory, check_precision
+from common.device import bound_memory
 from common.federation_data import ClientData
 from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
-from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, set_adapter_state
-from common.lm import encode_for_task, model_for_config
-from common.train import evaluate, round_schedule, train
+from common.model import frozen_fingerprint, get_adapter_state, set_adapter_state
+from common.task import Task, task_for
+from common.train import round_schedule, train
 
 PROGRESS_EVERY = 10
 
@@ -61,9 +59,11 @@ def set_threads(node_config) -> None:
 
 @dataclass
 class Session:
-    """What both handlers need: the config, this node's data, and the model holding the global adapter."""
+    """What both handlers need: the config and its task, this node's data, and the model holding the
+    global adapter."""
 
     cfg: FedtuneConfig
+    task: Task
     server_round: int
     data: ClientData
     labels: LabelMap
@@ -71,22 +71,24 @@ class Session:
     tokenizer: object
 
     def encode(self, split: TextDataset):
-        return encode_for_task(self.cfg, split, self.tokenizer, self.labels, where=f"client {self.data.client_id}")
+        return self.task.encode(split, self.tokenizer, self.labels, where=f"client {self.data.client_id}")
 
 
 def open_session(msg: Message, context: Context) -> Session:
     cfg, server_round = message_config(msg)
+    task = task_for(cfg)
     set_threads(context.node_config)
     labels = LabelMap.parse(cfg.labels)
-    device = node_device(context.node_config, cfg)
-    check_precision(device, cfg.compute_dtype, cfg.load_in)
+    node_spec = context.node_config.get("device")  # a node's own device wins over the run's
+    device = task.device(None if node_spec is None else str(node_spec),
+                         where="device (node config)" if node_spec is not None else "device")
     bound_memory(device)
-    model = model_for_config(cfg, len(labels), device=device)
+    model = task.model(len(labels), device=device)
     if cfg.lora_freeze_a:
         check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
     set_adapter_state(model, record_to_state(msg.content["arrays"]))
-    return Session(cfg=cfg, server_round=server_round, data=node_data(cfg, context), labels=labels,
-                   model=model, tokenizer=load_tokenizer(cfg.model))
+    return Session(cfg=cfg, task=task, server_round=server_round, data=node_data(cfg, context), labels=labels,
+                   model=model, tokenizer=task.tokenizer())
 
 
 def check_frozen(server: str, mine: str) -> None:
@@ -162,12 +164,10 @@ def train_reply(msg: Message, context: Context) -> Message:
 
 def evaluate_reply(msg: Message, context: Context) -> Message:
     s = open_session(msg, context)
-    result = evaluate(s.model, s.encode(s.data.val), pad_id=s.tokenizer.pad_token_id,
-                      batch_size=s.cfg.eval_batch_size, num_labels=len(s.labels), compute_dtype=s.cfg.compute_dtype)
+    result = s.task.score(s.model, s.encode(s.data.val), pad_id=s.tokenizer.pad_token_id, num_labels=len(s.labels))
     has_data = result["examples"] > 0  # NaN metrics would poison the weighted average
-    names = ("loss", "perplexity") if s.cfg.task == "causal-lm" else ("loss", "accuracy", "macro_f1")
     metrics = MetricRecord({"num-examples": result["examples"],
-                            **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in names}})
+                            **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in s.task.metrics}})
     return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}),
                    reply_to=msg)
 

@@ -34,6 +34,23 @@ ComputeDtype = Literal["float32", "bfloat16", "float16"]
 LRSchedule = Literal["constant", "cosine"]
 BestMetric = Literal["auto", "macro-f1", "accuracy", "loss"]
 DPMode = Literal["local", "distributed"]
+
+
+@dataclass(frozen=True)
+class TaskRules:
+    """What the config checks of a task (common/task.py is the task itself): the settings only it reads
+    (at the value that leaves them unused under any other task), the held-out metrics it can pick the
+    best round by (auto picks the first), and whether its text and label are two columns that must differ."""
+
+    only: dict
+    best_metrics: tuple[str, ...]
+    labelled: bool
+
+
+TASK_RULES = {
+    "classification": TaskRules(only={}, best_metrics=("macro-f1", "accuracy", "loss"), labelled=True),
+    "causal-lm": TaskRules(only={"load_in": "none", "packing": False}, best_metrics=("loss",), labelled=False),
+}
 # Strategies that aggregate by a weighted mean alone: the only ones a secure sum can feed.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
@@ -201,7 +218,7 @@ class FedtuneConfig:
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
             raise ConfigError(f"labels: expected each label once, got {twice} more than once in {self.labels!r}")
-        if self.task == "classification" and self.text_column == self.label_column:
+        if TASK_RULES[self.task].labelled and self.text_column == self.label_column:
             raise ConfigError(f"text-column / label-column: expected two different columns, got {self.text_column!r} "
                               "for both (the model would read the answer)")
         if not self.dp_sample:  # a privacy setting that would silently not apply
@@ -229,20 +246,20 @@ class FedtuneConfig:
         if self.min_learning_rate > self.learning_rate:
             raise ConfigError(f"min-learning-rate: expected at most learning-rate ({self.learning_rate}), "
                               f"got {self.min_learning_rate}")
-        if self.task == "classification":
-            lm_only = {"load_in": "none", "packing": False}
-            for name, default in lm_only.items():
-                if getattr(self, name) != default:
-                    raise ConfigError(f"{name.replace('_', '-')}: only used with task = 'causal-lm', got "
-                                      f"{getattr(self, name)!r} with task = 'classification'")
+        for name, other in TASK_RULES.items():  # settings another task reads, at their neutral value here
+            for key, neutral in other.only.items():
+                if name != self.task and key not in TASK_RULES[self.task].only and getattr(self, key) != neutral:
+                    raise ConfigError(f"{key.replace('_', '-')}: only used with task = {name!r}, got "
+                                      f"{getattr(self, key)!r} with task = {self.task!r}")
         if self.compute_dtype == "float16" and self.dp_sample:
             raise ConfigError("compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
                               "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)")
         if self.packing and self.dp_sample:
             raise ConfigError("packing: expected false with dp-sample = true (a packed block mixes examples and an "
                               "example can span two blocks, so the per-example guarantee would not hold), got true")
-        if self.task == "causal-lm" and self.best_metric in ("macro-f1", "accuracy"):
-            raise ConfigError(f"best-metric: expected auto or loss with task = 'causal-lm', got {self.best_metric!r}")
+        if self.best_metric != "auto" and self.best_metric not in TASK_RULES[self.task].best_metrics:
+            raise ConfigError(f"best-metric: expected auto or {' or '.join(TASK_RULES[self.task].best_metrics)} with "
+                              f"task = {self.task!r}, got {self.best_metric!r}")
         check_device_spec(self.device)
         if self.resume and not self.run_dir:
             raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
@@ -250,7 +267,7 @@ class FedtuneConfig:
     @property
     def best_column(self) -> tuple[str, bool]:
         """(metrics column, higher is better) of best-metric."""
-        metric = self.best_metric if self.best_metric != "auto" else ("loss" if self.task == "causal-lm" else "macro-f1")
+        metric = self.best_metric if self.best_metric != "auto" else TASK_RULES[self.task].best_metrics[0]
         return f"heldout_{metric.replace('-', '_')}", metric != "loss"
 
     @property

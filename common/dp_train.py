@@ -133,8 +133,7 @@ def dp_train(
             ids, mask, labels = batch  # on the CPU: lengths and chunks are planned there, without syncs
             while True:
                 try:
-                    return _logical_step(gsm, optimizer, ids, mask, labels, device, data.task, chunking.size,
-                                         compute_dtype)
+                    return _logical_step(gsm, optimizer, ids, mask, labels, device, chunking.size, compute_dtype)
                 except torch.cuda.OutOfMemoryError:
                     _discard_partial_step(gsm, optimizer)
                     chunking.shrink(len(labels))
@@ -149,11 +148,11 @@ def dp_train(
     return result, mechanism
 
 
-def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, task: str, physical: int,
+def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, physical: int,
                   compute_dtype: str = "float32") -> StepOutcome:
     """One DP-SGD step on a logical (Poisson) batch: clip and accumulate it (`_accumulate`), then
     noise the sum and apply the update once (`_release`)."""
-    outcome = _accumulate(gsm, optimizer, ids, mask, labels, device, task, physical, compute_dtype)
+    outcome = _accumulate(gsm, optimizer, ids, mask, labels, device, physical, compute_dtype)
     try:
         _release(optimizer)
     except torch.cuda.OutOfMemoryError as err:  # not retried: the noise may have been drawn
@@ -161,7 +160,7 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.
     return outcome
 
 
-def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, task: str, physical: int,
+def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, physical: int,
                 compute_dtype: str = "float32") -> StepOutcome:
     """Clip every example's gradient and add it to the parameters' clipped sums (Opacus' skipped
     steps), in length-sorted physical chunks. The batch arrives on the CPU, where the chunks and
@@ -173,12 +172,12 @@ def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.de
     loss_sum, real, processed = torch.zeros((), device=device), 0, 0
     for chunk in chunks:
         width = int(lengths[chunk].max())
-        chunk_labels = labels[chunk, :width] if task == "causal-lm" else labels[chunk]
+        chunk_labels = labels[chunk, :width] if labels.dim() == 2 else labels[chunk]  # token labels are cut too
         chunk_ids, chunk_mask, chunk_labels = (t.to(device, non_blocking=True)
                                                for t in (ids[chunk, :width], mask[chunk, :width], chunk_labels))
         with autocast(device, compute_dtype):
             logits = gsm(input_ids=chunk_ids, attention_mask=chunk_mask).logits
-        loss = batch_loss(logits.float(), chunk_labels, task)
+        loss = batch_loss(logits.float(), chunk_labels)
         loss.backward()
         if compute_dtype != "float32":
             _per_sample_grads_in_param_dtype(optimizer)
@@ -226,7 +225,7 @@ def clipped_gradient_sum(
         gsm.train()
         while len(labels):
             try:
-                _accumulate(gsm, optimizer, ids, mask, labels, device, data.task, chunking.size, compute_dtype)
+                _accumulate(gsm, optimizer, ids, mask, labels, device, chunking.size, compute_dtype)
                 break
             except torch.cuda.OutOfMemoryError:
                 _discard_partial_step(gsm, optimizer)

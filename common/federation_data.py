@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.config import FedtuneConfig
-from common.data import LabelMap, TextDataset, label_histogram, load_instructions, load_source, stratified_split, subsample
+from common.data import LabelMap, TextDataset, label_histogram, stratified_split, subsample
 from common.errors import DataError
 from common.partition import partition
+from common.task import task_for
 
 
 @dataclass
@@ -36,29 +37,9 @@ class ClientData:
         }
 
 
-# The data keys of each task, by their config names: a deployed node's config may set them too.
-DATA_KEYS = {
-    "classification": ("data-format", "column-names", "text-column", "label-column"),
-    "causal-lm": ("data-format", "column-names", "instruction-column", "input-column", "response-column",
-                  "group-column"),
-}
-
-
-def read_for_task(task: str, source: str, options: Mapping) -> TextDataset:
-    """Read one source for `task`; `options` holds that task's DATA_KEYS (missing ones take the
-    config's defaults)."""
-    defaults = FedtuneConfig().to_run_config()
-    opt = {k.replace("-", "_"): str(options.get(k, defaults[k])) for k in DATA_KEYS[task]}
-    fmt = opt.pop("data_format")
-    if task == "causal-lm":
-        return load_instructions(source, data_format=fmt, **opt)
-    return load_source(source, data_format=fmt, **opt)
-
-
 def _load(cfg: FedtuneConfig, source: str, overrides: Mapping | None = None) -> TextDataset:
     """Read one source for the run's task; a deployed node's config may rename its columns."""
-    run = cfg.to_run_config()
-    return read_for_task(cfg.task, source, {**{k: run[k] for k in DATA_KEYS[cfg.task]}, **(overrides or {})})
+    return task_for(cfg).read_source(source, overrides)
 
 
 @functools.lru_cache(maxsize=4)
@@ -87,18 +68,16 @@ def data_fingerprint(cfg: FedtuneConfig) -> str:
 
 
 def federation_labels(cfg: FedtuneConfig) -> LabelMap:
-    """cfg.labels when given, else the sorted labels of the training pool and held-out set."""
+    """cfg.labels when given, else the sorted labels of the training pool and held-out set; the
+    task refuses labels it cannot learn."""
+    task = task_for(cfg)
     if cfg.labels:
         labels = LabelMap.parse(cfg.labels)
-    else:
-        pool, heldout = train_and_heldout(cfg)
-        unlearnable = sorted(set(heldout.labels) - set(pool.labels))
-        if unlearnable and cfg.task == "classification":
-            raise DataError(f"held-out set: expected its labels among the training data's {sorted(set(pool.labels))}, "
-                            f"got {unlearnable} only in {cfg.heldout_data or cfg.data!r}: no client could learn them")
-        labels = LabelMap.from_labels(pool.labels + heldout.labels)
-    if len(labels) < 2 and cfg.task == "classification":
-        raise DataError(f"labels: expected at least 2 classes, got {list(labels.names)}")
+        task.check_labels(labels)
+        return labels
+    pool, heldout = train_and_heldout(cfg)
+    labels = LabelMap.from_labels(pool.labels + heldout.labels)
+    task.check_labels(labels, pool, heldout)
     return labels
 
 
@@ -146,8 +125,7 @@ def deployed_client_data(cfg: FedtuneConfig, node_config: Mapping) -> ClientData
 
 
 def _split_local(cfg: FedtuneConfig, data: TextDataset, *, client_id: str) -> ClientData:
-    if cfg.task == "classification":
-        federation_labels(cfg).encode(data.labels, where=f"client {client_id}")  # fail early on unknown labels
+    task_for(cfg).check_client_labels(data, lambda: federation_labels(cfg), where=f"client {client_id}")  # fail early
     if cfg.local_val_fraction == 0.0 or len(data) < 4:
         return ClientData(train=data, val=data.subset([]), client_id=client_id)
     rng = np.random.default_rng(cfg.seed)

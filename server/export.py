@@ -5,18 +5,19 @@
 
 The adapter comes from the run's latest checkpoint (its hash is checked), the base model and
 LoRA settings from the config stored in the checkpoint. The model is built fresh, not taken
-from the process cache, because merging rewrites the base weights in place.
+from the process cache, because merging rewrites the base weights in place; the task adds what
+it exports beside the model (a classifier's label names).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from common.data import LabelMap
 from common.errors import CheckpointError, ConfigError
-from common.lm import export_model, load_lora_causal_lm
-from common.model import load_lora_model, load_tokenizer, set_adapter_state
+from common.lm import export_model
+from common.model import set_adapter_state
+from common.task import task_for
 from server.checkpoint import latest_checkpoint, load_checkpoint
 
 
@@ -32,18 +33,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, merged: bool) -> tuple[P
     if path is None:
         raise CheckpointError(f"export: expected checkpoints in {run_dir / 'checkpoints'}, found none")
     ckpt = load_checkpoint(path)
-    cfg = ckpt.run_config()
-    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a)
-    if cfg.task == "causal-lm":
-        # A QLoRA adapter goes onto the full-precision base (on the CPU, no bitsandbytes needed):
-        # its weights are float32 with the same names either way, and a merge into a 4-bit base
-        # would round the merged weights back to 4 bits.
-        model = load_lora_causal_lm.__wrapped__(cfg.model, **lora, load_in="none")
-    else:
-        model = load_lora_model.__wrapped__(cfg.model, len(LabelMap.parse(cfg.labels)), **lora)
+    task = task_for(ckpt.run_config())
+    model = task.model(len(LabelMap.parse(task.cfg.labels)), fresh=True)
     set_adapter_state(model, ckpt.adapter)
-    out = export_model(model, load_tokenizer(cfg.model), out, merged=merged)
-    if cfg.task == "classification":  # the label names, so a user can read the predictions
-        (out / "fedtune-labels.json").write_text(json.dumps(list(LabelMap.parse(cfg.labels).names)))
+    out = export_model(model, task.tokenizer(), out, merged=merged)
+    task.export_extras(out)
     return out, ckpt.server_round

@@ -21,19 +21,18 @@ from flwr.serverapp import Grid
 
 from common.budget import privacy_dir
 from common.config import FedtuneConfig
-from common.device import check_precision, resolve_device
 from common.errors import FedtuneError
 from common.files import atomic_write
 from common.flower import (
     OrderedGrid, dp_clipping_norm, find_strategy, seed_sampling_and_noise, set_dp_sample_size, strategy_state,
 )
-from common.lm import model_for_config
 from common.model import save_adapter
 from common.records import record_to_state, state_to_record
 from common.secagg import SecAggError, threshold_for
+from common.task import task_for
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.best import best_row, keep_best, rounds_without_improvement, should_stop_early
-from server.evaluation import evaluation_row, federated_evaluation, plot_final_confusion
+from server.evaluation import evaluation_row, federated_evaluation
 from server.privacy import (
     check_sample_level_plan, client_entries, federation_entry, federation_would_exceed, wrap_client_dp,
 )
@@ -67,8 +66,9 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     cfg, labels = with_labels(cfg)
     # Each fails before the run directory exists: a device or precision this machine lacks, a model
     # path or lora-target-modules that cannot work.
-    check_precision(resolve_device(cfg.device), cfg.compute_dtype, cfg.load_in)
-    model_for_config(cfg, len(labels))
+    task = task_for(cfg)
+    task.device()
+    task.model(len(labels))
     run = RunDir.for_config(cfg)
     log(INFO, "fedtune: run directory %s", run.path)
     model, state = initial_state(cfg, labels, run)
@@ -283,7 +283,7 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:
         state.ledger.write(run.path / "privacy-ledger.jsonl")
-    release_adapter(model_for_config(state.cfg, len(state.labels)), state, f"round-{server_round:04d}")
+    release_adapter(state.task.model(len(state.labels)), state, f"round-{server_round:04d}")
     best = keep_best(state)
     run.write_metrics(state.history)
     run.plot(state.history, best_round=best["round"])
@@ -299,7 +299,7 @@ def finish(state: ServerState) -> None:
                 f"~/.fedtune/privacy; here {privacy_dir()})")
     if state.status in FAILURES:
         end_run(state, state.status, FAILURES[state.status])
-    plot_final_confusion(state)
+    state.task.final_report(state.run.path, state.history[-1]["round"])
     if state.scalars is not None:
         state.scalars.close()
     rounds, best = state.history[-1]["round"], best_row(state)["round"]

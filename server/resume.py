@@ -12,7 +12,7 @@ from common.config import FedtuneConfig
 from common.errors import CheckpointError, ConfigError, FedtuneError
 from common.flower import load_strategy_state
 from common.ledger import Ledger
-from common.lm import model_for_config
+from common.task import task_for
 from common.model import check_adapter_state
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
 from server.rundir import RunDir
@@ -30,7 +30,7 @@ def preflight(cfg: FedtuneConfig) -> None:
     The model is loaded here too (cached: the server's run reuses it), so a model path or a
     `lora-target-modules` that cannot work is refused before the engine starts."""
     cfg, labels = with_labels(cfg)
-    model_for_config(cfg, len(labels))
+    task_for(cfg).model(len(labels))
     if not cfg.run_dir:
         return
     run = RunDir.for_config(cfg)  # a file, someone else's folder, a place that cannot be written: refused

@@ -21,15 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from common.config import parse_key_values, parse_run_config
-from common.data import LabelMap
-from common.device import check_precision, resolve_device
 from common.errors import CheckpointError, ConfigError, DataError
-from common.federation_data import DATA_KEYS, read_for_task
-from common.lm import encode_for_task, model_for_config
-from common.metrics import class_report, plot_confusion, write_confusion_csv
-from common.model import load_tokenizer, set_adapter_state
+from common.model import set_adapter_state
 from common.perturb import PERTURBATIONS, perturb
-from common.train import evaluate
+from common.task import TASKS, task_for
 from server.checkpoint import checkpoints_by_round, load_checkpoint
 
 # What `-c` may set for the scored file: its data options, and the batch size.
@@ -80,8 +75,9 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     path = checkpoint_for(run_dir, which)
     ckpt = load_checkpoint(path)
     cfg = ckpt.run_config()
+    task = task_for(cfg)
     options = parse_key_values(list(overrides), what="evaluate -c")
-    allowed = (*DATA_KEYS[cfg.task], *OPTIONS)
+    allowed = (*task.data_keys, *OPTIONS)
     wrong = sorted(k for k in options if k not in allowed)
     if wrong:
         raise ConfigError(f"evaluate -c: expected keys among {', '.join(allowed)} (the scored file's data options), "
@@ -89,55 +85,38 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     moved = {k: options.pop(k) for k in OPTIONS if k in options}
     if moved:
         cfg = parse_run_config({**cfg.to_run_config(), **moved})
+        task = task_for(cfg)
     run = cfg.to_run_config()
-    columns = {**{k: run[k] for k in DATA_KEYS[cfg.task]}, **options}
-    if cfg.task == "classification" and str(columns["text-column"]) == str(columns["label-column"]):
-        raise ConfigError(f"text-column / label-column: expected two different columns, got "
-                          f"{columns['text-column']!r} for both (the model would read the answer)")
-    dataset = read_for_task(cfg.task, data, columns)
+    columns = {**{k: run[k] for k in task.data_keys}, **options}
+    parse_run_config({**run, **columns})  # the file's columns under the run's rules (a text column that is the label)
+    dataset = task.read(data, columns)
     if len(dataset) == 0:
         raise DataError(f"{data!r}: expected at least one example, got none")
-    labels = LabelMap.parse(cfg.labels) if cfg.task == "classification" else LabelMap.from_labels(dataset.labels)
-    if cfg.task == "classification":
-        unseen = sorted(set(dataset.labels) - set(labels.names))
-        if unseen:
-            raise DataError(f"{data!r}: expected the run's labels {list(labels.names)}, got labels the run never "
-                            f"saw: {unseen[:10]}{' ...' if len(unseen) > 10 else ''}")
+    labels = task.scoring_labels(dataset, where=repr(data))
     folder = output_folder(run_dir, data, ckpt.server_round, out)  # before any scoring
-    device = resolve_device(cfg.device)
-    check_precision(device, cfg.compute_dtype, cfg.load_in)
-    model = model_for_config(cfg, len(labels) if cfg.task == "classification" else 0, device=device)
+    model = task.model(len(labels), device=task.device())
     set_adapter_state(model, ckpt.adapter)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = task.tokenizer()
 
     def score(texts: list[str] | None, what: str) -> dict:
         part = dataset if texts is None else replace(dataset, texts=texts, cache={})
-        encoded = encode_for_task(cfg, part, tokenizer, labels, where=repr(data))
-        return evaluate(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=cfg.eval_batch_size,
-                        num_labels=len(labels), compute_dtype=cfg.compute_dtype, progress=(lambda d, n: progress(what, d, n)) if progress else None)
+        encoded = task.encode(part, tokenizer, labels, where=repr(data))
+        return task.score(model, encoded, pad_id=tokenizer.pad_token_id, num_labels=len(labels),
+                          progress=(lambda d, n: progress(what, d, n)) if progress else None)
 
     clean = score(None, "clean")
-    names = ("loss", "perplexity") if cfg.task == "causal-lm" else ("accuracy", "macro_f1", "loss")
-    report = {"run_dir": str(run_dir.resolve()), "data": str(data), "round": ckpt.server_round, "task": cfg.task}
-    if cfg.task == "causal-lm":
-        report.update({"examples": clean["examples"], "tokens": clean["tokens"], "loss": clean["loss"],
-                       "perplexity": clean["perplexity"]})
-    else:
-        report.update(class_report(clean, labels.names))
+    report = {"run_dir": str(run_dir.resolve()), "data": str(data), "round": ckpt.server_round, "task": cfg.task,
+              **task.evaluation_report(clean, labels)}
     if perturbations:
         report["perturbations"] = {"rate": rate, "seed": seed}
         for kind in perturbations:
             noisy = score(perturb(dataset.texts, kind, rate, seed), kind)
             report["perturbations"][kind] = {
-                **{n: noisy[n] for n in names},
-                **{f"{n}_change": noisy[n] - clean[n] for n in names},
+                **{n: noisy[n] for n in task.metrics},
+                **{f"{n}_change": noisy[n] - clean[n] for n in task.metrics},
             }
     (folder / "evaluation.json").write_text(json.dumps(report, indent=1) + "\n")
-    if cfg.task == "classification":
-        write_confusion_csv(folder / "confusion.csv", clean["confusion"], labels.names)
-        plot_confusion(folder / "confusion.png", clean["confusion"], labels.names,
-                       f"{Path(data).name}, round {ckpt.server_round}: accuracy {clean['accuracy']:.3f}, "
-                       f"macro-F1 {clean['macro_f1']:.3f}")
+    task.write_evaluation(folder, clean, labels, title=f"{Path(data).name}, round {ckpt.server_round}")
     return folder, report
 
 
@@ -167,19 +146,19 @@ def print_report(report: dict, folder: Path) -> None:
 
     console = Console()
     title = f"{report['data']}, round {report['round']}: {report['examples']} examples"
-    if report["task"] == "causal-lm":
-        console.print(f"{title}: loss per response token {report['loss']:.4f}, perplexity {report['perplexity']:.2f}")
-    else:
+    metrics = [m for m in TASKS[report["task"]].metrics if m != "loss"]  # the figures that perturbations change
+    if "per_class" in report:
         table = Table(title=title)
         for column in ("label", "precision", "recall", "F1", "support"):
             table.add_column(column, justify="left" if column == "label" else "right")
         for label, m in report["per_class"].items():
             table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
         console.print(table)
-        console.print(f"accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  loss {report['loss']:.4f}")
+    else:
+        console.print(f"{title}")
+    console.print("  ".join(f"{m.replace('macro_f1', 'macro-F1')} {report[m]:.4f}" for m in (*metrics, "loss")))
     if "perturbations" in report:
         noise = report["perturbations"]
-        metrics = ["loss", "perplexity"] if report["task"] == "causal-lm" else ["accuracy", "macro_f1"]
         table = Table(title=f"perturbations at rate {noise['rate']} (seed {noise['seed']})")
         table.add_column("input")
         for m in metrics:

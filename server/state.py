@@ -10,7 +10,7 @@ from common.config import FedtuneConfig
 from common.data import LabelMap
 from common.federation_data import data_fingerprint, federation_labels
 from common.ledger import Ledger
-from common.lm import model_for_config
+from common.task import Task, task_for
 from common.model import check_adapter_state, frozen_fingerprint, get_adapter_state
 from common.records import FROZEN_KEY
 from server.rundir import RunDir
@@ -38,6 +38,10 @@ class ServerState:
     dp_optimizer: object = None  # server.distributed_dp.ServerAdamW, likewise
 
     @property
+    def task(self) -> Task:
+        return task_for(self.cfg)
+
+    @property
     def private(self) -> bool:
         return self.cfg.dp_sample or self.cfg.dp_client != "off"
 
@@ -50,15 +54,14 @@ class ServerState:
 
 
 def with_labels(cfg: FedtuneConfig) -> tuple[FedtuneConfig, LabelMap]:
-    """The federation's labels, and for classification the config that names them: one label
-    order for every client (causal-lm labels are only partition groups)."""
+    """The federation's labels, and the config every client gets (the task decides whether it names them)."""
     labels = federation_labels(cfg)
-    return (cfg.replace(labels=labels.to_spec()) if cfg.task == "classification" else cfg), labels
+    return task_for(cfg).with_labels(labels), labels
 
 
 def initial_state(cfg: FedtuneConfig, labels: LabelMap, run: RunDir):
     """(model, ServerState) before round 1: the model's initial adapter is the global one."""
-    model = model_for_config(cfg, len(labels))
+    model = task_for(cfg).model(len(labels))
     initial = get_adapter_state(model)
     state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
                         frozen=frozen_fingerprint(model), data=data_fingerprint(cfg))

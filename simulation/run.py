@@ -47,10 +47,10 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
         cfg = cfg.replace(run_dir=str(Path.cwd() / "runs" / time.strftime("%Y%m%d-%H%M%S")))
     if num_clients < 1:
         raise ConfigError(f"num-clients: expected at least 1, got {num_clients}")
-    from common.device import check_precision, resolve_device
+    from common.task import task_for
     from server.strategy import robust_capacity_problem
 
-    check_precision(resolve_device(cfg.device), cfg.compute_dtype, cfg.load_in)  # refused before the engine starts
+    task_for(cfg).device()  # a device or precision this machine lacks: refused before the engine starts
 
     problem = robust_capacity_problem(cfg, cfg.train_sample_size(num_clients))
     if problem:
@@ -67,8 +67,7 @@ def prepare(overrides: Mapping[str, Any], num_clients: int) -> FedtuneConfig:
             f"min-available-clients / min-train-clients: expected at most num-clients={num_clients}, "
             f"got {cfg.min_available_clients} / {cfg.min_train_clients}"
         )
-    if cfg.task == "classification":  # causal-lm "labels" are only partition groups
-        cfg = cfg.replace(labels=federation_labels(cfg).to_spec())
+    cfg = task_for(cfg).with_labels(federation_labels(cfg))  # a classifier's label order, for every client
     partition_summaries(cfg, num_clients)  # raises on empty partitions or unknown labels
     return cfg
 
@@ -140,9 +139,9 @@ def backend_config(cfg: FedtuneConfig, num_clients: int) -> dict:
     num_cpus, which is what a client's torch threads default to (client/training.py). With a GPU
     the clients that train at once share it, each capped at 90% of its share of the memory."""
     parallel, threads = plan_resources(cfg.train_sample_size(num_clients))
-    from common.device import resolve_device
+    from common.task import task_for
 
-    gpus = 1.0 / parallel if resolve_device(cfg.device).type == "cuda" else 0.0  # the clients share one GPU
+    gpus = 1.0 / parallel if task_for(cfg).device().type == "cuda" else 0.0  # the clients share one GPU
     return {"client_resources": {"num_cpus": threads, "num_gpus": gpus},
             "init_args": {"num_cpus": parallel * threads, "include_dashboard": False}}
 

@@ -20,9 +20,10 @@ import torch
 from common.config import FedtuneConfig
 from common.data import TextDataset, load_instructions
 from common.errors import ConfigError, DataError
-from common.lm import IGNORE, encode_example, encode_lm, load_lora_causal_lm, model_for_config, pack, prompt_text
+from common.lm import IGNORE, build_lora_causal_lm, encode_example, encode_lm, pack, prompt_text
+from common.task import task_for
 from common.model import get_adapter_state, load_tokenizer
-from common.train import batch_loss, collate, evaluate
+from common.train import batch_loss, collate, evaluate_lm
 from tests.conftest import save_tiny_llama
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune
@@ -69,7 +70,7 @@ def test_loss_mask_covers_the_response_and_eos_only(tiny_gpt2):
     batch = collate(encode_lm(data, tokenizer, template="alpaca", max_length=64, packing=False), [0, 1],
                     tokenizer.pad_token_id)
     logits = torch.randn(*batch["input_ids"].shape, len(tokenizer), requires_grad=True)
-    batch_loss(logits, batch["labels"], "causal-lm").backward()
+    batch_loss(logits, batch["labels"]).backward()
     predicts_labelled = torch.zeros_like(batch["labels"], dtype=torch.bool)
     predicts_labelled[:, :-1] = batch["labels"][:, 1:] != IGNORE
     assert logits.grad[~predicts_labelled].abs().max() == 0
@@ -97,24 +98,24 @@ def test_packing_fills_blocks_and_keeps_every_label():
 
 
 def test_lora_targets_follow_the_architecture_and_can_be_overridden(tiny_gpt2, tiny_llama):
-    gpt2 = get_adapter_state(model_for_config(lm_config(tiny_gpt2), 0))
+    gpt2 = get_adapter_state(task_for(lm_config(tiny_gpt2)).model(0))
     assert gpt2 and all("lora_" in k and "c_attn" in k for k in gpt2)
-    llama = get_adapter_state(model_for_config(lm_config(tiny_llama), 0))
+    llama = get_adapter_state(task_for(lm_config(tiny_llama)).model(0))
     assert {k.split(".")[-4] for k in llama} == {"q_proj", "v_proj"}
-    mlp = get_adapter_state(model_for_config(lm_config(tiny_llama, lora_target_modules="gate_proj,up_proj"), 0))
+    mlp = get_adapter_state(task_for(lm_config(tiny_llama, lora_target_modules="gate_proj,up_proj")).model(0))
     assert {k.split(".")[-4] for k in mlp} == {"gate_proj", "up_proj"}
     with pytest.raises(ConfigError, match="lora-target-modules"):
-        model_for_config(lm_config(tiny_gpt2, lora_target_modules="no_such_module"), 0)
+        task_for(lm_config(tiny_gpt2, lora_target_modules="no_such_module")).model(0)
 
 
 def test_refusals_name_what_was_expected(tiny_gpt2):
     with pytest.raises(ConfigError, match="expects a causal language model.*BertModel"):
-        model_for_config(FedtuneConfig(task="causal-lm"), 0)
+        task_for(FedtuneConfig(task="causal-lm")).model(0)
     for changes in ({"load_in": "4bit"}, {"load_in": "8bit"}, {"load_in": "4bit", "device": "cpu"}):
         if torch.cuda.is_available() and changes.get("device") != "cpu":
             continue  # tests/test_gpu.py loads them there
         with pytest.raises(ConfigError, match="expected a CUDA GPU for bitsandbytes"):
-            model_for_config(lm_config(tiny_gpt2, **changes), 0)
+            task_for(lm_config(tiny_gpt2, **changes)).model(0)
     from common.device import check_precision, resolve_device  # compute-dtype: refused where training runs
 
     with pytest.raises(ConfigError, match="compute-dtype = 'bfloat16': expected a CUDA device for mixed precision"):
@@ -151,7 +152,7 @@ def test_dp_sgd_trains_the_causal_lm_adapter(tiny_gpt2):
     tokenizer = load_tokenizer(tiny_gpt2)
     data = load_instructions("packaged:chatterbot").subset(range(64))
     encoded = encode_lm(data, tokenizer, template="auto", max_length=48, packing=False)
-    model = load_lora_causal_lm.__wrapped__(tiny_gpt2, r=4, alpha=8.0, dropout=0.0, target_modules=(), seed=1)
+    model = build_lora_causal_lm(tiny_gpt2, r=4, alpha=8.0, dropout=0.0, target_modules=(), seed=1)
     before = get_adapter_state(model)
     result, mechanism = dp_train(model, encoded, pad_id=tokenizer.pad_token_id, steps=3, batch_size=16,
                                  learning_rate=cfg.learning_rate, weight_decay=0.0, noise_multiplier=1.0,
@@ -204,8 +205,8 @@ def test_perplexity_is_the_exponential_of_the_token_mean_loss(tiny_gpt2):
     tokenizer = load_tokenizer(tiny_gpt2)
     data = load_instructions("packaged:chatterbot").subset(range(20))
     encoded = encode_lm(data, tokenizer, template="auto", max_length=48, packing=False)
-    model = model_for_config(lm_config(tiny_gpt2), 0)
-    res = evaluate(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=8, num_labels=0)
+    model = task_for(lm_config(tiny_gpt2)).model(0)
+    res = evaluate_lm(model, encoded, pad_id=tokenizer.pad_token_id, batch_size=8)
     assert res["tokens"] == sum(sum(1 for t in lab[1:] if t != IGNORE) for lab in encoded.labels)
     assert res["perplexity"] == pytest.approx(math.exp(res["loss"]))
     assert res["loss"] == pytest.approx(math.log(len(tokenizer)), rel=0.1)  # a random model: near uniform
@@ -232,12 +233,12 @@ def test_sample_level_dp_federated_causal_lm_run_passes_the_audit(tiny_gpt2, tmp
 def test_evaluate_scores_a_causal_lm_run_per_response_token(tiny_gpt2, tmp_path):
     """`fedtune evaluate` on a causal-LM run: loss per response token and perplexity, as the
     server's evaluation computes them, and the perturbation of the instructions."""
-    from common.lm import encode_for_task
+    from common.task import task_for
     from server.checkpoint import Checkpoint, save_checkpoint
     from server.scoring import evaluate_run
 
     cfg = lm_config(tiny_gpt2, data="packaged:chatterbot", instruction_column="instruction")
-    model = model_for_config(cfg, 0)
+    model = task_for(cfg).model(0)
     save_checkpoint(tmp_path / "run" / "checkpoints", Checkpoint(
         server_round=1, adapter=get_adapter_state(model), strategy={}, meta={"config": cfg.to_run_config()}))
     data = tmp_path / "pairs.jsonl"
@@ -245,8 +246,8 @@ def test_evaluate_scores_a_causal_lm_run_per_response_token(tiny_gpt2, tmp_path)
     data.write_text("".join(json.dumps({"instruction": i, "response": r}) + "\n" for i, r in pairs))
     folder, report = evaluate_run(tmp_path / "run", str(data), out=tmp_path / "out", perturbations=["typo"])
     tokenizer = load_tokenizer(cfg.model)
-    direct = evaluate(model, encode_for_task(cfg, load_instructions(str(data)), tokenizer, None, where="x"),
-                      pad_id=tokenizer.pad_token_id, batch_size=8, num_labels=0)
+    direct = evaluate_lm(model, task_for(cfg).encode(load_instructions(str(data)), tokenizer, None, where="x"),
+                         pad_id=tokenizer.pad_token_id, batch_size=8)
     assert report["task"] == "causal-lm" and report["examples"] == 3 and report["tokens"] == direct["tokens"]
     assert report["loss"] == pytest.approx(direct["loss"]) and report["perplexity"] == pytest.approx(math.exp(direct["loss"]))
     assert set(report["perturbations"]["typo"]) == {"loss", "perplexity", "loss_change", "perplexity_change"}

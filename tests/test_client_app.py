@@ -15,7 +15,7 @@ from client.app import evaluate_handler, query, train_handler
 from common.config import FedtuneConfig
 from common.federation_data import federation_labels
 from common.model import get_adapter_state
-from common.lm import model_for_config
+from common.task import task_for
 from common.records import record_to_state, state_to_record
 from tests.reliability import count
 
@@ -47,7 +47,7 @@ def task_identity():
 @pytest.fixture(scope="module")
 def setup():
     cfg = CFG.replace(labels=federation_labels(CFG).to_spec())
-    model = model_for_config(cfg, len(federation_labels(cfg)))
+    model = task_for(cfg).model(len(federation_labels(cfg)))
     return cfg, get_adapter_state(model)
 
 
@@ -124,7 +124,7 @@ def test_ffa_client_refuses_a_server_whose_frozen_a_differs(setup):
 
     cfg, _ = setup
     cfg = cfg.replace(lora_freeze_a=True)
-    model = model_for_config(cfg, len(cfg.labels.split(",")))
+    model = task_for(cfg).model(len(cfg.labels.split(",")))
     initial = get_adapter_state(model)
     assert not any("lora_A" in k for k in initial)
     node = context({"partition-id": 0, "num-partitions": 3})

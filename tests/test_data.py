@@ -64,7 +64,7 @@ def test_headerless_csv_with_column_names(tmp_path):
      and p / "latin1.csv", r"latin1.csv:3: expected UTF-8 text, got the byte 0xe9"),
     (lambda p: (p / "big.csv").write_text('review,sentiment\n"' + "x" * 200_000 + '",pos\n') and p / "big.csv",
      r"big.csv:\d+: expected comma-separated fields, got field larger than field limit"),
-    (lambda p: (p / "dir.csv").mkdir() or p / "dir.csv", "not found"),
+    (lambda p: (p / "dir.csv").mkdir() or p / "dir.csv", "which is a folder; name a file in it"),  # said "not found" (issue 39)
 ])
 def test_bad_files_are_refused_with_a_clear_message(tmp_path, make, message):
     with pytest.raises(DataError, match=message):

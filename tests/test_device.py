@@ -51,12 +51,12 @@ def test_the_simulation_refuses_cuda_before_its_engine_starts_and_plans_no_gpu_f
 
 
 def test_a_nodes_own_device_wins_over_the_runs():
-    from client.messages import node_device
+    from common.task import task_for
 
-    assert node_device({"device": "cpu"}, FedtuneConfig(device="cuda:1")) == torch.device("cpu")
-    assert node_device({}, FedtuneConfig(device="cpu")) == torch.device("cpu")
+    assert task_for(FedtuneConfig(device="cuda:1")).device("cpu") == torch.device("cpu")
+    assert task_for(FedtuneConfig(device="cpu")).device() == torch.device("cpu")
     with pytest.raises(ConfigError, match=r"device \(node config\): expected auto, cpu, cuda or cuda:N, got 'tpu'"):
-        node_device({"device": "tpu"}, FedtuneConfig())
+        task_for(FedtuneConfig()).device("tpu", where="device (node config)")
     count("bad_inputs_rejected", "node config device 'tpu'")
 
 
@@ -74,11 +74,11 @@ def test_fedtune_supernode_refuses_a_bad_device_before_flower_starts(tmp_path):
 def test_the_adapter_leaves_a_process_as_cpu_float32_numpy_whatever_the_device():
     """What travels (and is checkpointed) is the same format from any device: get_adapter_state
     copies to CPU numpy, set_adapter_state copies onto the model's own device."""
-    from common.lm import model_for_config
+    from common.task import task_for
     from common.model import get_adapter_state, set_adapter_state
 
     cfg = FedtuneConfig(device="cpu")
-    model = model_for_config(cfg, 3).to(resolve_device(cfg.device))
+    model = task_for(cfg).model(3).to(resolve_device(cfg.device))
     state = get_adapter_state(model)
     assert state and all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in state.values())
     moved = {k: v + 1.0 for k, v in state.items()}
@@ -143,14 +143,14 @@ def test_float16_with_dp_sgd_is_refused_by_the_config():
 @pytest.fixture(scope="module")
 def small():
     from common.federation_data import federation_labels, train_and_heldout
-    from common.lm import model_for_config
+    from common.task import task_for
     from common.model import get_adapter_state, load_tokenizer
     from common.train import encode
 
     cfg = FedtuneConfig(max_train_examples=160, max_length=24)
     labels = federation_labels(cfg)
     cfg = cfg.replace(labels=labels.to_spec())
-    model, tok = model_for_config(cfg, len(labels)), load_tokenizer(cfg.model)
+    model, tok = task_for(cfg).model(len(labels)), load_tokenizer(cfg.model)
     data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=24, where="test")
     return model, tok, data, get_adapter_state(model), len(labels)
 

@@ -116,12 +116,12 @@ def test_the_clients_clipped_gradient_sum_matches_a_one_example_at_a_time_refere
     backward passes of one example each, clipped to 0.5 by hand and summed."""
     from tests.test_client_app import CFG
     from common.federation_data import federation_labels
-    from common.lm import model_for_config
+    from common.task import task_for
     from common.model import load_tokenizer
     from common.train import encode
 
     cfg = CFG.replace(labels=federation_labels(CFG).to_spec())
-    model = model_for_config(cfg, len(federation_labels(cfg)))
+    model = task_for(cfg).model(len(federation_labels(cfg)))
     tokenizer = load_tokenizer(cfg.model)
     from common.federation_data import simulated_client_data
 
@@ -156,7 +156,7 @@ def one_at_a_time(model, encoded, pad_id: int, *, clipping_norm: float) -> dict[
         model.zero_grad()
         batch = collate(encoded, [i], pad_id)
         loss = batch_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                          batch["labels"], "classification")
+                          batch["labels"])
         loss.backward()
         grads = [p.grad.detach().double() for _, p in named]
         norm = torch.sqrt(sum((g * g).sum() for g in grads))

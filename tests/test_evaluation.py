@@ -94,7 +94,7 @@ def write_csv(path, rows, header=True):
 
 def test_evaluate_scores_the_runs_adapter_as_the_server_does_per_class(run_dir, tmp_path):
     from common.federation_data import heldout_set
-    from common.lm import encode_for_task, model_for_config
+    from common.task import task_for
     from common.model import load_tokenizer, set_adapter_state
     from common.train import evaluate
     from server.scoring import evaluate_run
@@ -103,10 +103,10 @@ def test_evaluate_scores_the_runs_adapter_as_the_server_does_per_class(run_dir, 
     heldout = heldout_set(cfg)
     data = write_csv(tmp_path / "heldout.csv", zip(heldout.texts, heldout.labels))
     folder, report = evaluate_run(path, str(data), which="1", out=tmp_path / "out", perturbations=["typo", "punct"])
-    model = model_for_config(cfg, len(labels))
+    model = task_for(cfg).model(len(labels))
     set_adapter_state(model, state.initial)
     tok = load_tokenizer(cfg.model)
-    direct = evaluate(model, encode_for_task(cfg, heldout, tok, labels, where="x"), pad_id=tok.pad_token_id,
+    direct = evaluate(model, task_for(cfg).encode(heldout, tok, labels, where="x"), pad_id=tok.pad_token_id,
                       batch_size=64, num_labels=len(labels))
     assert report["accuracy"] == pytest.approx(direct["accuracy"]) and report["round"] == 1
     assert list(report["per_class"]) == list(labels.names)

@@ -47,14 +47,14 @@ def max_difference(a: dict, b: dict) -> float:
 def small():
     """The packaged MiniLM classifier on the GPU, a fresh copy of it on the CPU, and some data."""
     from common.federation_data import federation_labels, train_and_heldout
-    from common.lm import model_for_config
+    from common.task import task_for
     from common.model import get_adapter_state, load_lora_model, load_tokenizer
     from common.train import encode
 
     cfg = FedtuneConfig(max_train_examples=256, max_length=32, device="cuda")
     labels = federation_labels(cfg)
     cfg = cfg.replace(labels=labels.to_spec())
-    model, tok = model_for_config(cfg, len(labels), device=GPU), load_tokenizer(cfg.model)
+    model, tok = task_for(cfg).model(len(labels), device=GPU), load_tokenizer(cfg.model)
     cpu = load_lora_model.__wrapped__(cfg.model, len(labels), r=cfg.lora_r, alpha=cfg.lora_alpha,
                                       dropout=cfg.lora_dropout, target_modules=tuple(cfg.target_modules), seed=cfg.seed)
     data = encode(train_and_heldout(cfg)[0], tok, labels, max_length=32, where="test")
@@ -211,19 +211,19 @@ def test_qlora_trains_on_a_quantized_base_and_its_adapter_fits_the_full_precisio
 
     from common.data import load_instructions
     from common.dp_train import dp_train
-    from common.lm import encode_lm, load_lora_causal_lm, model_for_config
+    from common.lm import build_lora_causal_lm, encode_lm
     from common.model import frozen_fingerprint, get_adapter_state, load_tokenizer, set_adapter_state
-    from common.train import evaluate, train
+    from common.train import evaluate_lm, train
 
     cfg = FedtuneConfig(task="causal-lm", model=tiny_llama, max_length=48, load_in=load_in, device="cuda",
                         compute_dtype=compute_dtype)
-    model = model_for_config(cfg, 0)
+    model = task_for(cfg).model(0)
     quantized = bnb.nn.Linear4bit if load_in == "4bit" else bnb.nn.Linear8bitLt
     layers = [m for n, m in model.named_modules() if n.endswith("q_proj.base_layer")]
     assert layers and all(isinstance(m, quantized) for m in layers)
     lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=tuple(cfg.target_modules),
                 seed=cfg.seed)
-    full = load_lora_causal_lm.__wrapped__(tiny_llama, **lora, load_in="none")
+    full = build_lora_causal_lm(tiny_llama, **lora, load_in="none")
     initial = get_adapter_state(model)
     reference = get_adapter_state(full)
     assert {k: (v.shape, v.dtype) for k, v in initial.items()} == {k: (v.shape, v.dtype) for k, v in reference.items()}
@@ -231,14 +231,14 @@ def test_qlora_trains_on_a_quantized_base_and_its_adapter_fits_the_full_precisio
     tok = load_tokenizer(tiny_llama)
     data = encode_lm(load_instructions("packaged:chatterbot").subset(range(32)), tok, template="alpaca",
                      max_length=48, packing=False)
-    before = evaluate(model, data, pad_id=tok.pad_token_id, batch_size=16, num_labels=0, compute_dtype=compute_dtype)
+    before = evaluate_lm(model, data, pad_id=tok.pad_token_id, batch_size=16, compute_dtype=compute_dtype)
     train(model, data, pad_id=tok.pad_token_id, epochs=1, steps=30, batch_size=16, learning_rate=3e-3,
           weight_decay=0.0, max_grad_norm=1.0, seed=0, compute_dtype=compute_dtype)
-    after = evaluate(model, data, pad_id=tok.pad_token_id, batch_size=16, num_labels=0, compute_dtype=compute_dtype)
+    after = evaluate_lm(model, data, pad_id=tok.pad_token_id, batch_size=16, compute_dtype=compute_dtype)
     assert after["loss"] < before["loss"]
     state = get_adapter_state(model)
     set_adapter_state(full, state)  # what export and a CPU server do
-    on_cpu = evaluate(full, data, pad_id=tok.pad_token_id, batch_size=16, num_labels=0)
+    on_cpu = evaluate_lm(full, data, pad_id=tok.pad_token_id, batch_size=16)
     report(f"qlora_{load_in}_{compute_dtype}", {"loss_before": before["loss"], "loss_after": after["loss"],
                                                 "loss_full_precision_cpu": on_cpu["loss"]})
     assert on_cpu["loss"] == pytest.approx(after["loss"], rel=0.02)  # H200: 10.027 against 10.026
@@ -251,7 +251,7 @@ def test_qlora_trains_on_a_quantized_base_and_its_adapter_fits_the_full_precisio
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in get_adapter_state(model).values())
 
     frozen = cfg.replace(lora_freeze_a=True)
-    fingerprint = frozen_fingerprint(model_for_config(frozen, 0))
+    fingerprint = frozen_fingerprint(task_for(frozen).model(0))
     assert fingerprint and fingerprint == frozen_fingerprint(
-        load_lora_causal_lm.__wrapped__(tiny_llama, **lora, load_in="none", freeze_a=True))
+        build_lora_causal_lm(tiny_llama, **lora, load_in="none", freeze_a=True))
     count("invariant_checks_passed", f"QLoRA {load_in} adapter fits the full-precision model")

@@ -17,12 +17,12 @@ from common.config import FedtuneConfig
 from common.errors import AdapterMismatchError, ConfigError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import (
-    LOAD_COUNT, PooledClassifier, base_classifier, frozen_fingerprint, get_adapter_state, load_lora_model, load_tokenizer,
+    PooledClassifier, base_classifier, frozen_fingerprint, get_adapter_state, load_lora_model, load_tokenizer,
     pool, resolve_model_path, save_adapter, sentence_pooling, set_adapter_state,
 )
-from common.lm import model_for_config
+from common.task import task_for
 from common.train import (
-    TOKENIZE_COUNT, cosine_lr, encode, evaluate, macro_f1, pad_batch, round_schedule, train,
+    cosine_lr, encode, evaluate, macro_f1, pad_batch, round_schedule, train,
 )
 
 CFG = FedtuneConfig(partitioner="iid")
@@ -32,7 +32,7 @@ CFG = FedtuneConfig(partitioner="iid")
 def setup():
     labels = federation_labels(CFG)
     cfg = CFG.replace(labels=labels.to_spec())
-    model = model_for_config(cfg, len(labels))
+    model = task_for(cfg).model(len(labels))
     return cfg, labels, model, load_tokenizer(cfg.model)
 
 
@@ -97,10 +97,10 @@ def test_adapter_mismatch_raises_and_leaves_weights_untouched(setup, how, messag
 
 def test_base_model_is_loaded_once_per_process(setup):
     cfg, labels, model, _ = setup
-    count = LOAD_COUNT["base_model"]
+    loads = load_lora_model.cache_info().misses
     for _ in range(3):
-        assert model_for_config(cfg, len(labels)) is model
-    assert LOAD_COUNT["base_model"] == count
+        assert task_for(cfg).model(len(labels)) is model
+    assert load_lora_model.cache_info().misses == loads
 
 
 def test_training_lowers_the_loss_and_tokenizes_once(setup):
@@ -108,9 +108,7 @@ def test_training_lowers_the_loss_and_tokenizes_once(setup):
     data = simulated_client_data(cfg, 0, 3)
     initial = get_adapter_state(model)
     enc = encode(data.train, tok, labels, max_length=cfg.max_length, where="t")
-    count = TOKENIZE_COUNT["datasets"]
-    assert encode(data.train, tok, labels, max_length=cfg.max_length, where="t") is enc
-    assert TOKENIZE_COUNT["datasets"] == count
+    assert encode(data.train, tok, labels, max_length=cfg.max_length, where="t") is enc  # kept on the data set
     subset = encode(data.train.subset(range(64)), tok, labels, max_length=cfg.max_length, where="t")
     before = evaluate(model, subset, pad_id=tok.pad_token_id, batch_size=64, num_labels=len(labels))
     train(model, subset, pad_id=tok.pad_token_id, epochs=1, steps=12, batch_size=16, learning_rate=5e-3,

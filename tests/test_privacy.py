@@ -27,7 +27,7 @@ from common.dp_train import DPTrainingError, dp_train, poisson_loader
 from common.errors import ConfigError, PrivacyBudgetError
 from common.federation_data import federation_labels, simulated_client_data
 from common.model import get_adapter_state, load_tokenizer, set_adapter_state
-from common.lm import model_for_config
+from common.task import task_for
 from tests.reliability import count
 from common.privacy import (
     PLD_DISCRETIZATION, RDP_ORDERS, WITHOUT_REPLACEMENT, Mechanism, calibrate_noise, composed_event, epsilon_pld,
@@ -205,7 +205,7 @@ def lora():
     cfg = FedtuneConfig(partitioner="iid", max_length=32)
     labels = federation_labels(cfg)
     cfg = cfg.replace(labels=labels.to_spec())
-    model = model_for_config(cfg, len(labels))
+    model = task_for(cfg).model(len(labels))
     tok = load_tokenizer(cfg.model)
     data = encode(simulated_client_data(cfg, 0, 3).train, tok, labels, max_length=32, where="t")
     return cfg, model, tok, data

@@ -65,8 +65,8 @@ def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path
     assert [r for r, *_ in full] == [1, 1, 1, 2, 2, 2]
     assert max(eps for *_, eps in full) <= 4.0  # the calibrated target is never overshot
     assert tensorboard_epsilons(tmp_path / "full") == sorted((r, c, round(e, 5)) for r, c, _, e in full)
-    audit = fedtune("audit", str(tmp_path / "full"), privacy_dir=tmp_path)
-    assert audit.returncode == 0, audit.stdout
+    audit = fedtune("audit", str(tmp_path / "full"), "--records", str(tmp_path / "priv-full"), privacy_dir=tmp_path)
+    assert audit.returncode == 0, audit.stdout  # the ledger agrees with the clients' own records too
     assert "audit passed" in audit.stdout
 
     # The same data again with the same privacy records: every client refuses round 1, and the run

@@ -221,9 +221,9 @@ def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path
     config = json.loads((run / "config.json").read_text())
     base = base_classifier(config["model"], len(config["labels"].split(",")))
     exported = PeftModel.from_pretrained(base, str(run / "adapters" / "final"))
-    from common.lm import model_for_config
+    from common.task import task_for
     from common.config import parse_run_config
-    ours = model_for_config(parse_run_config(config), len(config["labels"].split(",")))
+    ours = task_for(parse_run_config(config)).model(len(config["labels"].split(",")))
     a_ours = {n: p for n, p in ours.named_parameters() if "lora_A" in n}
     a_exported = {n: p for n, p in exported.named_parameters() if "lora_A" in n}
     assert a_ours and a_ours.keys() == a_exported.keys()

@@ -22,22 +22,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-_root_handlers = logging.root.handlers[:]
-from opacus import GradSampleModule  # noqa: E402
-from opacus.data_loader import DPDataLoader  # noqa: E402
-from opacus.optimizers import DPOptimizer  # noqa: E402
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
-
-logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() on import: undo it
-log = logging.getLogger(__name__)
-# An empty first Poisson batch is a step like any other here (`dp_train`); Opacus' warning that
-# its stand-in "may cause issues" would only alarm, once per client and round.
-logging.getLogger("opacus.data_loader").addFilter(lambda rec: not rec.getMessage().startswith("First batch is empty"))
-
 from common.device import autocast, model_device, noise_generator
 from common.errors import FedtuneError
+from common.opacus import (
+    DPDataLoader, DPOptimizer, GradSampleModule, UniformWithReplacementSampler, clipped_sum, drop_clipped_sums,
+    drop_pending_skips, empty_grad_samples, forget_activations, grad_samples_in_param_dtype, remove_hooks,
+    reset_forward_counters,
+)
 from common.privacy import Mechanism
 from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, collate, run_steps
+
+log = logging.getLogger(__name__)
 
 
 AUTO_CHUNK = -1  # dp-physical-batch-size's default: by device
@@ -141,8 +136,8 @@ def dp_train(
         gsm.train()
         result = run_steps(lambda: loader, step, optimizer, total=steps, lr_at=lr_at, progress=progress)
     finally:
-        _forget_pass(gsm)  # whatever stopped a step part-way: the cached model is reused by later rounds
-        gsm._close()  # remove Opacus hooks
+        forget_activations(gsm)  # whatever stopped a step part-way: the cached model is reused by later rounds
+        remove_hooks(gsm)
     _check_weights_moved(params, before)
     mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=result.steps, sample_rate=loader.sample_rate)
     return result, mechanism
@@ -180,7 +175,7 @@ def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.de
         loss = batch_loss(logits.float(), chunk_labels)
         loss.backward()
         if compute_dtype != "float32":
-            _per_sample_grads_in_param_dtype(optimizer)
+            grad_samples_in_param_dtype(optimizer)
         optimizer.signal_skip_step(do_skip=True)  # clip and accumulate only; noise once, at the end
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum (the step was skipped)
@@ -230,14 +225,12 @@ def clipped_gradient_sum(
             except torch.cuda.OutOfMemoryError:
                 _discard_partial_step(gsm, optimizer)
                 chunking.shrink(len(labels))
-        sums = {n: (p.summed_grad.detach().to("cpu", torch.float64).numpy() if getattr(p, "summed_grad", None)
-                    is not None else np.zeros(tuple(p.shape))) for n, p in named}
+        sums = {n: (clipped_sum(p).detach().to("cpu", torch.float64).numpy() if clipped_sum(p) is not None
+                    else np.zeros(tuple(p.shape))) for n, p in named}
     finally:
-        _forget_pass(gsm)
-        for _, p in named:  # the cached model is reused: no clipped sum may outlive this call
-            p.summed_grad = None
-            p.grad = None
-        gsm._close()
+        forget_activations(gsm)
+        drop_clipped_sums(p for _, p in named)  # the cached model is reused: no clipped sum may outlive this call
+        remove_hooks(gsm)
     return sums, len(labels)
 
 
@@ -274,31 +267,12 @@ def _discard_partial_step(gsm: GradSampleModule, optimizer: DPOptimizer) -> None
     """Forget a logical step that failed part-way, as if it never started: the clipped sums
     accumulated so far and a pending skip signal (DPOptimizer), the activations and forward counts
     of the interrupted pass (GradSampleModule). No noise was drawn: that is `_release`'s."""
-    optimizer._step_skip_queue.clear()
-    optimizer._is_last_step_skipped = False
+    drop_pending_skips(optimizer)
     optimizer.zero_grad(set_to_none=True)  # with no step skipped, this clears the clipped sums too
-    _forget_pass(gsm)
-    for p in optimizer.params:
-        p._forward_counter = 0
+    forget_activations(gsm)
+    reset_forward_counters(optimizer)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _forget_pass(gsm: GradSampleModule) -> None:
-    """Drop the activations Opacus saved for a backward pass that never came, and the batch size
-    it inferred from them; left on the modules, they would size a later pass's per-sample
-    gradients (Opacus' own cleanup removes its hooks and parameter attributes, not these)."""
-    for module in gsm.modules():  # in the module's own __dict__: PEFT wrappers forward attribute look-ups
-        module.__dict__.pop("activations", None)
-        module.__dict__.pop("max_batch_len", None)
-
-
-def _per_sample_grads_in_param_dtype(optimizer: DPOptimizer) -> None:
-    """Under autocast Opacus computes per-sample gradients in the activations' dtype; clipping,
-    accumulation and noise then run in the parameters' float32."""
-    for p in optimizer.params:
-        if getattr(p, "grad_sample", None) is not None and p.grad_sample.dtype != p.dtype:
-            p.grad_sample = p.grad_sample.to(p.dtype)
 
 
 def _release(optimizer: DPOptimizer) -> None:
@@ -306,8 +280,7 @@ def _release(optimizer: DPOptimizer) -> None:
     (none for an empty Poisson batch, which still releases a noisy update, as the analysis
     assumes) and take the optimizer step. Every chunk only accumulated, so an out-of-memory error
     in one leaves the noise undrawn and the step can be computed again."""
-    for p in optimizer.params:
-        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    empty_grad_samples(optimizer)
     optimizer.step()
 
 

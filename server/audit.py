@@ -73,16 +73,13 @@ def agrees(check: float, e: dict, key: str = "epsilon") -> bool:
 
 def opacus_epsilons(history: list[dict], delta: float) -> tuple[float, float]:
     """(PRV, RDP) epsilon of a Poisson-sampled DP-SGD history, with Opacus' accountants."""
-    import common.dp_train  # noqa: F401  (imports Opacus without its logging side effect)
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
+    from common.opacus import PRVAccountant, RDPAccountant, accountant_with_history
     from common.privacy import RDP_ORDERS
 
     steps = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history if h["steps"] > 0]
     if not steps:
         return 0.0, 0.0
-    prv, rdp = PRVAccountant(), RDPAccountant()
-    prv.history, rdp.history = list(steps), list(steps)
+    prv, rdp = accountant_with_history(PRVAccountant(), steps), accountant_with_history(RDPAccountant(), steps)
     return float(prv.get_epsilon(delta, eps_error=PRV_ERROR)), float(rdp.get_epsilon(delta, alphas=list(RDP_ORDERS)))
 
 

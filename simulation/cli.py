@@ -236,7 +236,7 @@ def run_plan(args) -> int:
 def run_certs(args) -> int:
     from pathlib import Path
 
-    from server.pki import make_deployment_pki, make_node_key_pairs
+    from server.tools.pki import make_deployment_pki, make_node_key_pairs
 
     nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
     if args.keys_only:
@@ -256,7 +256,7 @@ def run_supernode(args) -> int:
 
 
 def run_export(args) -> int:
-    from server.export import export_run
+    from server.tools.export import export_run
 
     out, server_round = export_run(args.run_dir, args.out, merged=args.merged)
     print(f"wrote the {'merged model' if args.merged else 'adapter'} of round {server_round} to {out}")
@@ -264,7 +264,7 @@ def run_export(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from server.scoring import evaluate_run, print_report, terminal_progress
+    from server.tools.scoring import evaluate_run, print_report, terminal_progress
 
     folder, report = evaluate_run(args.run_dir, args.data, overrides=args.run_config, which=args.round, out=args.out,
                                   perturbations=[k.strip() for k in args.perturb.split(",") if k.strip()],
@@ -276,7 +276,7 @@ def run_evaluate(args) -> int:
 def run_audit_command(args) -> int:
     from pathlib import Path
 
-    from server.audit import render_table, run_audit
+    from server.tools.audit import render_table, run_audit
 
     result = run_audit(Path(args.run_dir), records=[Path(r) for r in args.records])
     render_table(result)

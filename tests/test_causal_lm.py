@@ -235,7 +235,7 @@ def test_evaluate_scores_a_causal_lm_run_per_response_token(tiny_gpt2, tmp_path)
     server's evaluation computes them, and the perturbation of the instructions."""
     from common.task import task_for
     from server.checkpoint import Checkpoint, save_checkpoint
-    from server.scoring import evaluate_run
+    from server.tools.scoring import evaluate_run
 
     cfg = lm_config(tiny_gpt2, data="packaged:chatterbot", instruction_column="instruction")
     model = task_for(cfg).model(0)

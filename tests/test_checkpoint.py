@@ -133,7 +133,7 @@ def test_a_checkpoint_of_an_older_version_resumes_with_a_removed_option_left_neu
     assert checked_checkpoint(state)[1].server_round == 1
     saved({"num-threads": 2})  # moved to the node config: an older run's value, whatever it was, resumes
     assert checked_checkpoint(state)[1].server_round == 1
-    from server.export import export_run  # and exports (fedtune evaluate: tests/test_evaluation.py)
+    from server.tools.export import export_run  # and exports (fedtune evaluate: tests/test_evaluation.py)
 
     assert export_run(tmp_path, tmp_path / "exported", merged=False)[1] == 1
     saved({"shared-moments": "second"})

@@ -26,7 +26,7 @@ import pytest
 
 from common.config import FedtuneConfig
 from common.federation_data import federation_labels, simulated_client_data
-from server.pki import make_ca, make_deployment_pki
+from server.tools.pki import make_ca, make_deployment_pki
 from tests.conftest import REPO
 from tests.invariants import check_run_invariants
 from tests.procs import kill_group, kill_matching

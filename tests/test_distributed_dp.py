@@ -23,7 +23,7 @@ from common.privacy_plan import distributed_plan, distributed_scale
 from common.secagg import MODULUS
 from common.skellam import ORDERS, poisson_subsampled_rdp, sensitivities, skellam_noise, skellam_rdp
 from common.train import EncodedData, batch_loss, collate
-from server.audit import audit_entries
+from server.tools.audit import audit_entries
 from server.distributed_dp import ServerAdamW, gradient_from_sum
 from tests.reliability import count
 

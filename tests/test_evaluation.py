@@ -97,7 +97,7 @@ def test_evaluate_scores_the_runs_adapter_as_the_server_does_per_class(run_dir, 
     from common.task import task_for
     from common.model import load_tokenizer, set_adapter_state
     from common.train import evaluate
-    from server.scoring import evaluate_run
+    from server.tools.scoring import evaluate_run
 
     path, cfg, labels, state = run_dir
     heldout = heldout_set(cfg)
@@ -126,7 +126,7 @@ def test_evaluate_scores_the_runs_adapter_as_the_server_does_per_class(run_dir, 
 
 
 def test_evaluate_refuses_what_it_cannot_score_and_writes_nothing(run_dir, tmp_path):
-    from server.scoring import evaluate_run
+    from server.tools.scoring import evaluate_run
 
     path, cfg, labels, _ = run_dir
     good = write_csv(tmp_path / "good.csv", [("hello there", labels.names[0]), ("what is ai", labels.names[1])])

@@ -160,7 +160,7 @@ def test_plan_checks_its_flags_as_the_run_config_keys_they_stand_for(flag, value
 
 def test_evaluate_refuses_a_label_column_as_text_a_damaged_best_json_and_an_out_it_cannot_write(tmp_path):
     from server.checkpoint import Checkpoint, save_checkpoint
-    from server.scoring import evaluate_run
+    from server.tools.scoring import evaluate_run
 
     run = tmp_path / "run"
     save_checkpoint(run / "checkpoints", Checkpoint(server_round=1, adapter={}, strategy={},

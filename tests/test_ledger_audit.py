@@ -9,7 +9,7 @@ import pytest
 
 from common.ledger import Ledger, entry_hash, verify_chain
 from common.privacy import Mechanism, epsilon_pld, epsilon_rdp
-from server.audit import audit_entries, run_audit
+from server.tools.audit import audit_entries, run_audit
 from tests.reliability import count
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from client.node import check_node
 from common.errors import ConfigError, DataError
-from server.pki import make_node_keys
+from server.tools.pki import make_node_keys
 from tests.reliability import count
 
 
@@ -63,7 +63,7 @@ def test_a_directory_where_a_certificate_or_data_file_belongs_is_refused(tmp_pat
 
 
 def test_export_onto_an_existing_file_is_refused(tmp_path):
-    from server.export import export_run
+    from server.tools.export import export_run
 
     target = tmp_path / "adapter.bin"
     target.write_text("the user's file")

@@ -37,7 +37,7 @@ from common.privacy_plan import (
     calibrate_client_noise, dp_batch_size, make_plan, poisson_rate, sample_level_plan, steps_per_round,
 )
 from common.train import EncodedData, encode
-from server.audit import opacus_epsilons
+from server.tools.audit import opacus_epsilons
 
 pytestmark = pytest.mark.minutes(2)  # calibration properties; see tests/conftest.py
 

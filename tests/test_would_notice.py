@@ -61,7 +61,7 @@ def test_an_improvement_resets_the_early_stopping_patience():
 
 def test_evaluate_round_best_scores_the_best_round_not_the_last(tmp_path):
     from common.config import FedtuneConfig
-    from server.scoring import checkpoint_for
+    from server.tools.scoring import checkpoint_for
 
     config = FedtuneConfig().to_run_config()
     for r in range(4):

@@ -17,7 +17,7 @@ import shlex
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_type_hints
 
 from common.errors import ConfigError
 
@@ -72,11 +72,16 @@ MOVED_KEYS = {"num-threads": "it is a node's own setting: --node-config 'num-thr
                              "OMP_NUM_THREADS, else torch's default); the simulation gives each client the cores it can use"}
 
 
-@dataclass(frozen=True)
-class FedtuneConfig:
-    """Every tunable of a run. Field names use underscores; run-config keys use dashes."""
+# The config in sections: each is a frozen dataclass of its own keys that checks them
+# (`check_<section>`), and FedtuneConfig is all of them, flat, with the rules that span sections
+# (`check_across`). Users see one flat set of keys; the section classes order them.
 
-    # Federation
+@dataclass(frozen=True)
+class Federation:
+    """Rounds, sampling, the aggregation strategy and secure aggregation."""
+
+    title: ClassVar[str] = "federation"
+
     num_server_rounds: int = _f(3, "Number of federated rounds.")
     strategy: Strategy = _f("fedavg", "Aggregation strategy.")
     fraction_train: float = _f(1.0, "Fraction of connected clients sampled for training each round.")
@@ -97,13 +102,51 @@ class FedtuneConfig:
     trimmed_beta: float = _f(0.2, "FedTrimmedAvg: fraction trimmed from each end, in [0, 0.5).")
     secure_aggregation: bool = _f(False, "SecAgg+ among each round's sampled clients: the server learns only the sum of their quantized updates, never one client's (needs validate-updates = false and a mean-based strategy; docs/privacy.md).")
     secagg_max_dropouts: int = _f(1, "Secure aggregation: sampled clients that may drop out of a round (under distributed DP: drop out or collude) with the round still applied; fewer than half of those sampled. More end the round unapplied.")
-    # Update validation
+
+    def check_federation(self) -> None:
+        for name in ("fraction_train", "fraction_evaluate"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        if self.fraction_train == 0:  # Flower's strategies then sample nobody: "rounds" of no training
+            raise ConfigError("fraction-train: expected a value in (0, 1], got 0 (no client would train)")
+        for name in ("num_server_rounds", "min_train_clients", "min_available_clients", "multikrum_select"):
+            _check_min(name, getattr(self, name), 1)
+        if self.num_server_rounds > MAX_ROUNDS:
+            raise ConfigError(f"num-server-rounds: expected at most {MAX_ROUNDS:,}, got {self.num_server_rounds:,} (a "
+                              "round takes seconds at least: such a run would not finish, and its privacy plan alone "
+                              "would take minutes to compute)")
+        for name in ("min_evaluate_clients", "num_malicious_clients", "secagg_max_dropouts"):
+            _check_min(name, getattr(self, name), 0)
+        for name in ("round_timeout", "server_learning_rate", "fedavgm_learning_rate", "tau"):
+            _check_positive(name, getattr(self, name))
+        _check_min("proximal_mu", self.proximal_mu, 0.0)
+        _check_range("trimmed_beta", self.trimmed_beta, 0.0, 0.5, hi_open=True)
+        for name in ("server_momentum", "beta_1", "beta_2"):
+            _check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class UpdateValidation:
+    """What the server checks of every reply before it aggregates."""
+
+    title: ClassVar[str] = "update validation"
+
     validate_updates: bool = _f(True, "Check every reply (schema, finite, norm, weight, round, node) before aggregation.")
     max_norm_factor: float = _f(10.0, "Reject an update whose norm exceeds this multiple of the round's median update norm (0 = off).")
     max_update_norm: float = _f(0.0, "Reject an update whose L2 norm exceeds this (0 = off).")
     weight_policy: WeightPolicy = _f("examples", "Aggregation weight: the client's examples (capped by what it declared when it joined) or uniform.")
     max_client_weight: float = _f(0.0, "Cap on any client's aggregation weight (0 = only the declared-size cap).")
-    # Model and LoRA
+
+    def check_update_validation(self) -> None:
+        for name in ("max_norm_factor", "max_update_norm", "max_client_weight"):
+            _check_min(name, getattr(self, name), 0)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The task, the base model and its LoRA adapter, and the precision it computes in."""
+
+    title: ClassVar[str] = "model and LoRA"
+
     task: Task = _f("classification", "classification (sequence classification head) or causal-lm (instruction tuning, loss on response tokens).")
     model: str = _f(DEFAULT_MODEL, "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only); causal-lm needs a causal LM (GPT-2, Llama, Qwen, Mistral, ...).")
     max_length: int = _f(64, "Maximum tokens per example; longer texts are truncated.")
@@ -114,7 +157,20 @@ class FedtuneConfig:
     lora_freeze_a: bool = _f(False, "FFA-LoRA: keep the A matrices at their seeded init and train only B (exact averaging; A does not travel).")
     load_in: LoadIn = _f("none", "causal-lm: quantize the frozen base model to 8 or 4 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
     compute_dtype: ComputeDtype = _f("float32", "Mixed precision on a CUDA device: forward passes autocast to bfloat16 or float16 (LoRA weights and optimizer state stay float32; float16 adds loss scaling and is refused with dp-sample); float32 = none. Refused where training runs on a CPU.")
-    # Data
+
+    def check_model(self) -> None:
+        for name in ("max_length", "lora_r"):
+            _check_min(name, getattr(self, name), 1)
+        _check_positive("lora_alpha", self.lora_alpha)
+        _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """The training data, the held-out set, their columns, and how the data is split among clients."""
+
+    title: ClassVar[str] = "data"
+
     data: str = _f(DEFAULT_DATA, "Training data: 'packaged:chatterbot', a CSV/TSV/JSONL/Parquet path, or 'hf:<dataset>' (online only).")
     heldout_data: str = _f("", "Server's held-out data (same forms as `data`); empty = split from `data`.")
     data_format: DataFormat = _f("auto", "File format of `data` and `heldout-data`; 'auto' uses the extension.")
@@ -138,7 +194,33 @@ class FedtuneConfig:
     packing: bool = _f(False, "causal-lm: concatenate examples into full max-length blocks (each keeps its own loss mask).")
     max_new_tokens: int = _f(32, "causal-lm: tokens generated for each sample prompt after every round.")
     sample_prompts: str = _f("", "causal-lm: '|'-separated prompts to generate from after every round; empty = the first 3 held-out instructions.")
-    # Local training
+
+    def check_data(self) -> None:
+        for name in ("heldout_fraction", "local_val_fraction"):
+            _check_range(name, getattr(self, name), 0.0, 1.0)
+        for name in ("max_train_examples", "max_heldout_examples", "shards_per_client"):
+            _check_min(name, getattr(self, name), 0)
+        _check_positive("dirichlet_alpha", self.dirichlet_alpha)
+        _check_min("max_new_tokens", self.max_new_tokens, 1)
+        names = [n.strip() for n in self.labels.split(",") if n.strip()]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"labels: expected each label once, got {twice} more than once in {self.labels!r}")
+        if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(
+                f"heldout-fraction: expected a value in (0, 1) when heldout-data is empty, got {self.heldout_fraction}"
+            )
+        if self.partitioner == "natural" and not self.partition_column:
+            raise ConfigError("partition-column: expected a column name when partitioner = 'natural', got ''")
+        _check_unused_data_settings(self)
+
+
+@dataclass(frozen=True)
+class Training:
+    """Where and how each client trains locally."""
+
+    title: ClassVar[str] = "local training"
+
     device: str = _f("auto", "Where clients train and the server evaluates: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N; a deployed node's own `device` node-config key overrides it for that node.")
     local_epochs: int = _f(1, "Local epochs per round (ignored when local-steps > 0).")
     local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local-epochs.")
@@ -152,7 +234,31 @@ class FedtuneConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
     group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
-    # Differential privacy
+
+    def check_training(self) -> None:
+        for name in ("local_epochs", "batch_size", "eval_batch_size"):
+            _check_min(name, getattr(self, name), 1)
+        for name in ("local_steps", "seed"):
+            _check_min(name, getattr(self, name), 0)
+        _check_positive("learning_rate", self.learning_rate)
+        for name in ("weight_decay", "max_grad_norm", "min_learning_rate"):
+            _check_min(name, getattr(self, name), 0.0)
+        _check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, hi_open=True)
+        if self.min_learning_rate > self.learning_rate:
+            raise ConfigError(f"min-learning-rate: expected at most learning-rate ({self.learning_rate}), "
+                              f"got {self.min_learning_rate}")
+        if self.local_steps > 0 and self.local_epochs != 1:
+            raise ConfigError(f"local-epochs: set to {self.local_epochs}, but local-steps = {self.local_steps} decides "
+                              "the local work instead; expected one of them, not both")
+        check_device_spec(self.device)
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """Sample-level DP-SGD (local or distributed), client-level DP, and the budgets."""
+
+    title: ClassVar[str] = "differential privacy"
+
     dp_sample: bool = _f(False, "Sample-level DP-SGD (Opacus) on every client: per-sample clipping, Gaussian noise, Poisson sampling.")
     dp_mode: DPMode = _f("local", "With dp-sample: local (each client runs DP-SGD with the full noise on its own update) or distributed (one DP-SGD step a round over the whole federation: each client adds a share of Skellam noise to its clipped gradient sum, secure aggregation sums them, the server steps AdamW; needs secure-aggregation = true).")
     dp_noise_multiplier: float = _f(0.0, "Sample-level noise multiplier; 0 = calibrate it from dp-target-epsilon over the planned rounds.")
@@ -166,41 +272,10 @@ class FedtuneConfig:
     dp_client_noise_multiplier: float = _f(1.0, "Client-level noise multiplier (noise std = multiplier * clipping norm / sampled clients).")
     dp_client_clipping_norm: float = _f(0.5, "Client-level clipping norm of each client's adapter update (initial norm when adaptive).")
     dp_client_epsilon_budget: float = _f(0.0, "Federation-level epsilon the server will not exceed (0 = no limit).")
-    # Outputs
-    run_dir: str = _f("", "Run directory; empty = runs/<timestamp>.")
-    best_metric: BestMetric = _f("auto", "Held-out metric that picks adapters/best and drives early stopping; auto = macro-f1 for classification, loss for causal-lm.")
-    early_stopping_rounds: int = _f(0, "End the run (status early-stopped) after this many rounds without a better best-metric; 0 = off.")
-    resume: bool = _f(False, "Resume the run in `run-dir` from its last completed round.")
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        for name in ("fraction_train", "fraction_evaluate", "heldout_fraction", "local_val_fraction"):
-            _check_range(name, getattr(self, name), 0.0, 1.0)
-        _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
-        _check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, hi_open=True)
-        for name in ("num_server_rounds", "lora_r", "batch_size", "eval_batch_size", "max_length"):
-            _check_min(name, getattr(self, name), 1)
-        if self.num_server_rounds > MAX_ROUNDS:
-            raise ConfigError(f"num-server-rounds: expected at most {MAX_ROUNDS:,}, got {self.num_server_rounds:,} (a "
-                              "round takes seconds at least: such a run would not finish, and its privacy plan alone "
-                              "would take minutes to compute)")
-        for name in ("min_train_clients", "min_available_clients", "local_epochs"):
-            _check_min(name, getattr(self, name), 1)
+    def check_privacy(self) -> None:
         _check_min("dp_physical_batch_size", self.dp_physical_batch_size, -1)
-        for name in ("min_evaluate_clients", "local_steps", "max_train_examples", "dp_batch_size",
-                     "max_heldout_examples", "shards_per_client", "seed", "early_stopping_rounds"):
-            _check_min(name, getattr(self, name), 0)
-        for name in ("round_timeout", "lora_alpha", "learning_rate", "dirichlet_alpha",
-                     "server_learning_rate", "fedavgm_learning_rate", "tau"):
-            _check_positive(name, getattr(self, name))
-        for name in ("proximal_mu", "weight_decay", "max_grad_norm", "min_learning_rate"):
-            _check_min(name, getattr(self, name), 0.0)
-        _check_range("trimmed_beta", self.trimmed_beta, 0.0, 0.5, hi_open=True)
-        for name in ("num_malicious_clients", "max_norm_factor", "max_update_norm", "max_client_weight"):
-            _check_min(name, getattr(self, name), 0)
-        _check_min("multikrum_select", self.multikrum_select, 1)
-        for name in ("server_momentum", "beta_1", "beta_2"):
-            _check_range(name, getattr(self, name), 0.0, 1.0, hi_open=True)
+        _check_min("dp_batch_size", self.dp_batch_size, 0)
         for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_epsilon_budget", "dp_client_epsilon_budget"):
             _check_min(name, getattr(self, name), 0.0)
         for name in ("dp_clipping_norm", "dp_client_noise_multiplier", "dp_client_clipping_norm"):
@@ -212,15 +287,6 @@ class FedtuneConfig:
             raise ConfigError(
                 "dp-noise-multiplier / dp-target-epsilon: expected one of them > 0 when dp-sample = true, got both 0"
             )
-        if self.fraction_train == 0:  # Flower's strategies then sample nobody: "rounds" of no training
-            raise ConfigError("fraction-train: expected a value in (0, 1], got 0 (no client would train)")
-        names = [n.strip() for n in self.labels.split(",") if n.strip()]
-        if len(set(names)) != len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise ConfigError(f"labels: expected each label once, got {twice} more than once in {self.labels!r}")
-        if TASK_RULES[self.task].labelled and self.text_column == self.label_column:
-            raise ConfigError(f"text-column / label-column: expected two different columns, got {self.text_column!r} "
-                              "for both (the model would read the answer)")
         if not self.dp_sample:  # a privacy setting that would silently not apply
             for name in ("dp_target_epsilon", "dp_noise_multiplier", "dp_epsilon_budget", "dp_batch_size"):
                 if getattr(self, name) != 0:
@@ -229,40 +295,45 @@ class FedtuneConfig:
                         "sample-level DP would run and nothing would be accounted; expected dp-sample = true "
                         f"with it, or {name.replace('_', '-')} = 0"
                     )
-        _check_secure_aggregation(self)
-        _check_unused_settings(self)
+            if self.dp_mode == "distributed":
+                raise ConfigError("dp-mode: set to 'distributed', but dp-sample = false, so no DP would run; expected "
+                                  "dp-sample = true with it, or dp-mode = 'local'")
         if self.dp_client == "off" and self.dp_client_epsilon_budget != 0:
             raise ConfigError(f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
                               "'off', so no client-level DP would run; expected a dp-client mode with it, or 0")
-        if self.dp_client != "off" and not self.validate_updates:
-            raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), got false")
-        if self.heldout_data == "" and not 0.0 < self.heldout_fraction < 1.0:
-            raise ConfigError(
-                f"heldout-fraction: expected a value in (0, 1) when heldout-data is empty, got {self.heldout_fraction}"
-            )
-        if self.partitioner == "natural" and not self.partition_column:
-            raise ConfigError("partition-column: expected a column name when partitioner = 'natural', got ''")
-        _check_min("max_new_tokens", self.max_new_tokens, 1)
-        if self.min_learning_rate > self.learning_rate:
-            raise ConfigError(f"min-learning-rate: expected at most learning-rate ({self.learning_rate}), "
-                              f"got {self.min_learning_rate}")
-        for name, other in TASK_RULES.items():  # settings another task reads, at their neutral value here
-            for key, neutral in other.only.items():
-                if name != self.task and key not in TASK_RULES[self.task].only and getattr(self, key) != neutral:
-                    raise ConfigError(f"{key.replace('_', '-')}: only used with task = {name!r}, got "
-                                      f"{getattr(self, key)!r} with task = {self.task!r}")
-        if self.compute_dtype == "float16" and self.dp_sample:
-            raise ConfigError("compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
-                              "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)")
-        if self.packing and self.dp_sample:
-            raise ConfigError("packing: expected false with dp-sample = true (a packed block mixes examples and an "
-                              "example can span two blocks, so the per-example guarantee would not hold), got true")
-        if self.best_metric != "auto" and self.best_metric not in TASK_RULES[self.task].best_metrics:
-            raise ConfigError(f"best-metric: expected auto or {' or '.join(TASK_RULES[self.task].best_metrics)} with "
-                              f"task = {self.task!r}, got {self.best_metric!r}")
-        check_device_spec(self.device)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the run writes, which round's adapter is best, early stopping and resuming."""
+
+    title: ClassVar[str] = "outputs"
+
+    run_dir: str = _f("", "Run directory; empty = runs/<timestamp>.")
+    best_metric: BestMetric = _f("auto", "Held-out metric that picks adapters/best and drives early stopping; auto = macro-f1 for classification, loss for causal-lm.")
+    early_stopping_rounds: int = _f(0, "End the run (status early-stopped) after this many rounds without a better best-metric; 0 = off.")
+    resume: bool = _f(False, "Resume the run in `run-dir` from its last completed round.")
+
+    def check_outputs(self) -> None:
+        _check_min("early_stopping_rounds", self.early_stopping_rounds, 0)
         if self.resume and not self.run_dir:
             raise ConfigError("run-dir: expected the directory of the run to resume when resume = true, got ''")
+
+
+SECTIONS = (Federation, UpdateValidation, ModelSettings, DataSettings, Training, Privacy, Outputs)
+
+
+@dataclass(frozen=True)
+class FedtuneConfig(Outputs, Privacy, Training, DataSettings, ModelSettings, UpdateValidation, Federation):
+    """Every tunable of a run, flat: the sections' keys in their order (field names use underscores;
+    run-config keys use dashes)."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        for check in (self.check_federation, self.check_update_validation, self.check_model, self.check_data,
+                      self.check_training, self.check_privacy, self.check_outputs):
+            check()
+        check_across(self)
 
     @property
     def best_column(self) -> tuple[str, bool]:
@@ -296,16 +367,13 @@ ONLY_WITH = (("dirichlet_alpha", 1.0, "partitioner", "dirichlet"), ("shards_per_
              ("partition_column", "", "partitioner", "natural"))
 
 
-def _check_unused_settings(cfg: FedtuneConfig) -> None:
-    """Pairs of settings that cannot both take effect: refused, naming both, rather than one ignored."""
+def _check_unused_data_settings(cfg: DataSettings) -> None:
+    """Pairs of data settings that cannot both take effect: refused, naming both, rather than one ignored."""
     for name, default, other, choice in ONLY_WITH:
         if getattr(cfg, name) != default and getattr(cfg, other) != choice:
             raise ConfigError(f"{name.replace('_', '-')}: set to {getattr(cfg, name)!r}, but {other} = "
                               f"{getattr(cfg, other)!r} does not use it; expected {other} = {choice!r} with it, or "
                               f"{name.replace('_', '-')} left at {default!r}")
-    if cfg.local_steps > 0 and cfg.local_epochs != 1:
-        raise ConfigError(f"local-epochs: set to {cfg.local_epochs}, but local-steps = {cfg.local_steps} decides the "
-                          "local work instead; expected one of them, not both")
     if cfg.local_val_fraction >= 1.0:
         raise ConfigError(f"local-val-fraction: expected a value below 1, got {cfg.local_val_fraction} (every "
                           "client's data would go to validation, none to training)")
@@ -314,12 +382,35 @@ def _check_unused_settings(cfg: FedtuneConfig) -> None:
                           "is the held-out set, so nothing is split off `data`; expected one of them")
 
 
+def check_across(cfg: FedtuneConfig) -> None:
+    """The rules that span sections: the task's (TASK_RULES), privacy against precision, packing and
+    validation, and secure aggregation against everything that needs individual updates."""
+    _check_secure_aggregation(cfg)  # first: its refusals say why an option cannot serve it
+    rules = TASK_RULES[cfg.task]
+    if rules.labelled and cfg.text_column == cfg.label_column:
+        raise ConfigError(f"text-column / label-column: expected two different columns, got {cfg.text_column!r} "
+                          "for both (the model would read the answer)")
+    for name, other in TASK_RULES.items():  # settings another task reads, at their neutral value here
+        for key, neutral in other.only.items():
+            if name != cfg.task and key not in rules.only and getattr(cfg, key) != neutral:
+                raise ConfigError(f"{key.replace('_', '-')}: only used with task = {name!r}, got "
+                                  f"{getattr(cfg, key)!r} with task = {cfg.task!r}")
+    if cfg.best_metric != "auto" and cfg.best_metric not in rules.best_metrics:
+        raise ConfigError(f"best-metric: expected auto or {' or '.join(rules.best_metrics)} with "
+                          f"task = {cfg.task!r}, got {cfg.best_metric!r}")
+    if cfg.compute_dtype == "float16" and cfg.dp_sample:
+        raise ConfigError("compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
+                          "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)")
+    if cfg.packing and cfg.dp_sample:
+        raise ConfigError("packing: expected false with dp-sample = true (a packed block mixes examples and an "
+                          "example can span two blocks, so the per-example guarantee would not hold), got true")
+    if cfg.dp_client != "off" and not cfg.validate_updates:
+        raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), "
+                          "got false")
+
+
 def _check_secure_aggregation(cfg: FedtuneConfig) -> None:
     """Secure aggregation and distributed DP against the options they cannot serve."""
-    _check_min("secagg_max_dropouts", cfg.secagg_max_dropouts, 0)
-    if cfg.dp_mode == "distributed" and not cfg.dp_sample:
-        raise ConfigError("dp-mode: set to 'distributed', but dp-sample = false, so no DP would run; expected "
-                          "dp-sample = true with it, or dp-mode = 'local'")
     if cfg.dp_mode == "distributed" and not cfg.secure_aggregation:
         raise ConfigError("dp-mode: 'distributed' needs secure-aggregation = true, got false (each client adds only "
                           "a share of the noise: an update seen alone would be under-noised)")

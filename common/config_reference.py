@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, get_args, get_type_hints
 
-from common.config import FedtuneConfig
+from common.config import SECTIONS, FedtuneConfig
 
-# The first key of each group, and the group's name, for the generated reference.
-GROUPS = {"num_server_rounds": "federation", "validate_updates": "update validation", "task": "model and LoRA",
-          "data": "data", "device": "local training", "dp_sample": "differential privacy",
-          "run_dir": "outputs"}
+# The first key of each section, and the section's title, for the generated reference.
+GROUPS = {dataclasses.fields(section)[0].name: section.title for section in SECTIONS}
 
 
 def toml_value(value: Any) -> str:

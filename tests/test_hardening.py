@@ -211,7 +211,7 @@ def test_certs_refuses_bad_hosts_and_colliding_names_before_writing_anything(tmp
 
 
 def test_certs_keys_only_into_a_file_is_refused_and_a_failed_write_leaves_nothing_half_made(tmp_path, monkeypatch):
-    from server import pki
+    from server.tools import pki
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="expected a directory, got the file"):

@@ -60,99 +60,118 @@ def run_secure_round(grid: Grid, state: ServerState, server_round: int, messages
     """Run the four stages for the clients the strategy sampled (its train `messages`); `length` is
     the integer vector each uploads, `extra` the records every stage carries beside the run config
     (the distributed DP announcement) and `extra["masked"]` what only stage 3 adds."""
-    cfg = state.cfg
-    train = {m.metadata.dst_node_id: m.content for m in messages}
-    nodes = sorted(train)
-    threshold = threshold_for(len(nodes), cfg.secagg_max_dropouts)
-    out = SecureRound(nodes=nodes, threshold=threshold)
-    config = next(iter(train.values()))["config"]
-    tag = str(state.run.path)
-    base = {"config": config, **{k: v for k, v in extra.items() if k != "masked"}}
-    protocol = ServerRound(run=tag, server_round=server_round, sampled=nodes, threshold=threshold, length=length)
+    stages = _Stages(grid, state, server_round, messages, length, extra)
+    for stage in (stages.keys, stages.shares, stages.masked, stages.unmask):
+        if not stage():
+            break
+    return stages.out
 
-    def spec(stage: str, **values) -> ConfigRecord:
-        return ConfigRecord({"stage": stage, "run": tag, **{k: v for k, v in values.items() if v != []}})
 
-    # Stage 1: keys (or a privacy refusal)
-    replies = _exchange(grid, cfg.round_timeout, out, "keys", server_round, {
-        n: RecordDict({**base, "secagg": spec("keys", threshold=threshold, clients=len(nodes))}) for n in nodes})
-    for node, reply in replies.items():
-        if "privacy" in reply.content.config_records and "secagg" not in reply.content.config_records:
-            out.refusals[node] = reply
-            out.drop(node, "refused")
-            continue
-        keys = _fields(reply, "secagg", {"mask-public": bytes, "seal-public": bytes})
-        if keys is None:
-            out.drop(node, "rejected:malformed-keys")
-        elif _seen(state, keys["mask-public"]) or _seen(state, keys["seal-public"]) or keys["mask-public"] == keys["seal-public"]:
-            out.drop(node, "rejected:reused-key")
-        else:
-            protocol.add_keys(node, keys["mask-public"], keys["seal-public"])
-    state.secagg_keys.extend(_digest(k) for pair in protocol.keys.values() for k in pair)
-    if not _still_enough(out, protocol, list(protocol.keys), "keys"):
-        return out
+class _Stages:
+    """One secure round's state between its stages; each stage returns whether the round goes on."""
 
-    # Stage 2: every public key to everyone who sent keys; their sealed shares back
-    peers = sorted(protocol.keys)
-    announce = spec("shares", nodes=peers, **{"mask-publics": [protocol.keys[n][0] for n in peers],
-                                              "seal-publics": [protocol.keys[n][1] for n in peers]})
-    replies = _exchange(grid, cfg.round_timeout, out, "shares", server_round,
-                        {n: RecordDict({**base, "secagg": announce}) for n in peers})
-    sealed = {}
-    for node, reply in replies.items():
-        shares = _fields(reply, "secagg", {"destinations": (list, int), "ciphertexts": (list, bytes)})
-        if shares is None or len(shares["destinations"]) != len(shares["ciphertexts"]) or \
-                sorted(shares["destinations"]) != [p for p in peers if p != node]:
-            out.drop(node, "rejected:malformed-shares")
-            continue
-        sealed[node] = list(zip(shares["destinations"], shares["ciphertexts"]))
-    inbox = protocol.route(sealed)
-    if not _still_enough(out, protocol, list(sealed), "shares"):
-        return out
+    def __init__(self, grid: Grid, state: ServerState, server_round: int, messages: list[Message],
+                 length: int, extra: dict[str, ConfigRecord]):
+        self.grid, self.state, self.server_round = grid, state, server_round
+        self.train = {m.metadata.dst_node_id: m.content for m in messages}
+        nodes = sorted(self.train)
+        threshold = threshold_for(len(nodes), state.cfg.secagg_max_dropouts)
+        self.out = SecureRound(nodes=nodes, threshold=threshold)
+        self.config = next(iter(self.train.values()))["config"]
+        self.tag = str(state.run.path)
+        self.base = {"config": self.config, **{k: v for k, v in extra.items() if k != "masked"}}
+        self.masked_extra = extra.get("masked")
+        self.protocol = ServerRound(run=self.tag, server_round=server_round, sampled=nodes, threshold=threshold,
+                                    length=length)
+        self.inbox: dict[int, list] = {}
 
-    # Stage 3: train, mask, upload
-    masked_extra = extra.get("masked")
-    messages3 = {}
-    for node, items in inbox.items():
-        record = spec("masked", sources=[s for s, _ in items], ciphertexts=[c for _, c in items],
-                      **(dict(masked_extra) if masked_extra is not None else {}))
-        messages3[node] = RecordDict({**base, **{k: v for k, v in train[node].items()}, "secagg": record})
-    replies = _exchange(grid, cfg.round_timeout, out, "masked", server_round, messages3)
-    for node, reply in replies.items():
-        if "privacy" in reply.content.config_records:
-            out.spent[node] = reply  # it recorded the spend before uploading, whatever happens next
-        vector = _masked_vector(reply)
+    def spec(self, stage: str, **values) -> ConfigRecord:
+        return ConfigRecord({"stage": stage, "run": self.tag, **{k: v for k, v in values.items() if v != []}})
+
+    def exchange(self, stage: str, contents: dict[int, RecordDict]) -> dict[int, Message]:
+        return _exchange(self.grid, self.state.cfg.round_timeout, self.out, stage, self.server_round, contents)
+
+    def keys(self) -> bool:
+        """Stage 1: fresh public keys, or a privacy refusal."""
+        out, protocol, nodes = self.out, self.protocol, self.out.nodes
+        replies = self.exchange("keys", {n: RecordDict({**self.base, "secagg": self.spec(
+            "keys", threshold=out.threshold, clients=len(nodes))}) for n in nodes})
+        for node, reply in replies.items():
+            if "privacy" in reply.content.config_records and "secagg" not in reply.content.config_records:
+                out.refusals[node] = reply
+                out.drop(node, "refused")
+                continue
+            keys = _fields(reply, "secagg", {"mask-public": bytes, "seal-public": bytes})
+            if keys is None:
+                out.drop(node, "rejected:malformed-keys")
+            elif _seen(self.state, keys["mask-public"]) or _seen(self.state, keys["seal-public"]) \
+                    or keys["mask-public"] == keys["seal-public"]:
+                out.drop(node, "rejected:reused-key")
+            else:
+                protocol.add_keys(node, keys["mask-public"], keys["seal-public"])
+        self.state.secagg_keys.extend(_digest(k) for pair in protocol.keys.values() for k in pair)
+        return _still_enough(out, protocol, list(protocol.keys), "keys")
+
+    def shares(self) -> bool:
+        """Stage 2: every public key to everyone who sent keys; their sealed shares back."""
+        out, protocol = self.out, self.protocol
+        peers = sorted(protocol.keys)
+        announce = self.spec("shares", nodes=peers, **{"mask-publics": [protocol.keys[n][0] for n in peers],
+                                                       "seal-publics": [protocol.keys[n][1] for n in peers]})
+        replies = self.exchange("shares", {n: RecordDict({**self.base, "secagg": announce}) for n in peers})
+        sealed = {}
+        for node, reply in replies.items():
+            shares = _fields(reply, "secagg", {"destinations": (list, int), "ciphertexts": (list, bytes)})
+            if shares is None or len(shares["destinations"]) != len(shares["ciphertexts"]) or \
+                    sorted(shares["destinations"]) != [p for p in peers if p != node]:
+                out.drop(node, "rejected:malformed-shares")
+                continue
+            sealed[node] = list(zip(shares["destinations"], shares["ciphertexts"]))
+        self.inbox = protocol.route(sealed)
+        return _still_enough(out, protocol, list(sealed), "shares")
+
+    def masked(self) -> bool:
+        """Stage 3: each client gets the shares sealed for it, trains, masks and uploads."""
+        out, protocol = self.out, self.protocol
+        messages = {}
+        for node, items in self.inbox.items():
+            record = self.spec("masked", sources=[s for s, _ in items], ciphertexts=[c for _, c in items],
+                               **(dict(self.masked_extra) if self.masked_extra is not None else {}))
+            messages[node] = RecordDict({**self.base, **dict(self.train[node].items()), "secagg": record})
+        for node, reply in self.exchange("masked", messages).items():
+            if "privacy" in reply.content.config_records:
+                out.spent[node] = reply  # it recorded the spend before uploading, whatever happens next
+            try:
+                protocol.add_masked(node, _masked_vector(reply))
+            except (SecAggError, TypeError, ValueError):
+                out.drop(node, "rejected:malformed-masked-vector")
+        return _still_enough(out, protocol, protocol.masked, "masked")
+
+    def unmask(self) -> bool:
+        """Stage 4: the shares that remove the masks, then the sum."""
+        out, protocol = self.out, self.protocol
+        replies = self.exchange("unmask", {n: RecordDict({"config": self.config, "secagg": self.spec(
+            "unmask", active=protocol.masked, dropped=protocol.dropped())}) for n in protocol.masked})
+        shares = {}
+        for node, reply in replies.items():
+            got = _fields(reply, "secagg", {"owners": (list, int), "shares": (list, bytes)})
+            if got is None or len(got["owners"]) != len(got["shares"]):
+                out.drop(node, "rejected:malformed-unmask-shares")
+                continue
+            shares[node] = list(zip(got["owners"], got["shares"]))
+        for node in protocol.masked:  # a client that fails now is still in the sum: its fate is its vector's
+            out.fates.pop(node, None)
         try:
-            protocol.add_masked(node, vector)
-        except (SecAggError, TypeError, ValueError):
-            out.drop(node, "rejected:malformed-masked-vector")
-    if not _still_enough(out, protocol, protocol.masked, "masked"):
-        return out
-
-    # Stage 4: the shares that remove the masks
-    replies = _exchange(grid, cfg.round_timeout, out, "unmask", server_round, {
-        n: RecordDict({"config": config, "secagg": spec("unmask", active=protocol.masked, dropped=protocol.dropped())})
-        for n in protocol.masked})
-    shares = {}
-    for node, reply in replies.items():
-        got = _fields(reply, "secagg", {"owners": (list, int), "shares": (list, bytes)})
-        if got is None or len(got["owners"]) != len(got["shares"]):
-            out.drop(node, "rejected:malformed-unmask-shares")
-            continue
-        shares[node] = list(zip(got["owners"], got["shares"]))
-    for node in protocol.masked:  # a client that fails now is still in the sum: its fate is its vector's
-        out.fates.pop(node, None)
-    try:
-        out.total = from_field(protocol.unmask(shares))
-    except SecAggError as err:
-        out.stopped = f"unmask: {err}"
-        log(WARNING, "fedtune: secure round %d not applied: %s", server_round, err)
-        return out
-    out.summed = list(protocol.masked)
-    out.stages["unmask"] = len(shares)
-    log(INFO, "fedtune: secure round %d: sum of %d clients unmasked (threshold %d; stages %s)", server_round,
-        len(out.summed), threshold, out.stages)
-    return out
+            out.total = from_field(protocol.unmask(shares))
+        except SecAggError as err:
+            out.stopped = f"unmask: {err}"
+            log(WARNING, "fedtune: secure round %d not applied: %s", self.server_round, err)
+            return False
+        out.summed = list(protocol.masked)
+        out.stages["unmask"] = len(shares)
+        log(INFO, "fedtune: secure round %d: sum of %d clients unmasked (threshold %d; stages %s)",
+            self.server_round, len(out.summed), out.threshold, out.stages)
+        return True
 
 
 def _exchange(grid: Grid, timeout: float, out: SecureRound, stage: str, server_round: int,

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 AUTO_CHUNK = -1  # dp-physical-batch-size's default: by device
-CPU_CHUNK = 8  # on a CPU, chunks of 8 cut padding (0.74 vs 0.33 of the tokens real on chatterbot, bench/README.md)
+CPU_CHUNK = 8  # on a CPU, small chunks cut padding (bench/README.md)
 
 
 class DPTrainingError(FedtuneError, RuntimeError):
@@ -239,9 +239,8 @@ class Chunking:
     """How many examples of a logical batch run through the model at once (0 = all of them).
 
     Auto: CPU_CHUNK on a CPU, where less padding is less work; the whole batch on a GPU, where
-    each chunk costs a model's worth of kernel launches (on an H200, Opacus ran batches of 1024
-    at 10,688 samples/s whole and fedtune at 4,898 in chunks of 256; whole, fedtune ran at
-    11,099, bench/README.md). On a GPU a chunk that runs out of memory is halved, so the auto
+    each chunk costs a model's worth of kernel launches (bench/README.md, the GPU path). On a
+    GPU a chunk that runs out of memory is halved, so the auto
     size finds what fits; the released update does not depend on the chunking.
     """
 

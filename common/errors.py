@@ -21,8 +21,6 @@ class AdapterMismatchError(FedtuneError, ValueError):
     """An adapter state does not match the model's trainable weights."""
 
 
-class InvalidUpdateError(FedtuneError, ValueError):
-    """A client reply failed validation."""
 
 
 class CheckpointError(FedtuneError, RuntimeError):

@@ -128,8 +128,7 @@ def sentence_pooling(model: str) -> str | None:
     own sequence-classification head is then used.
 
     all-MiniLM-L6-v2 was trained with mean pooling and never with BERT's [CLS] pooler: a head on
-    the pooler starts from features its training never shaped, and under DP noise it stayed at
-    the majority class where a head on the mean-pooled states learned (bench/README.md).
+    the pooler starts from features its training never shaped (bench/README.md compares them).
     """
     path = Path(resolve_model_path(model))
     if not path.is_dir():  # a Hub name: read the files from the cache or the Hub when reachable

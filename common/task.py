@@ -8,16 +8,17 @@ which task they run:
 - model: `device` (the one place a device is resolved and the precision settings checked) and
   `model` (the base with LoRA on it, cached per process; `fresh=True` builds one the caller may
   change, as export's merge does);
-- encoding and scoring: `encode`, `score`, `metrics` (the held-out figures a round reports, in
-  order) and `default_best` (what best-metric = auto picks);
+- encoding and scoring: `encode`, `score` and `metrics` (the held-out figures a round reports,
+  in order);
 - reports: `report` (each round's: the per-class table and confusion matrix, or generations for
   fixed prompts), `final_report`, what `fedtune evaluate` writes (`evaluation_report`,
   `write_evaluation`) and what an export adds (`export_extras`).
 
-A third task is one more subclass: it sets `name`, `data_keys`, `metrics`, `default_best` and
+A third task is one more subclass: it sets `name`, `data_keys` and `metrics` and
 writes `read`, `build`, `encode`, `score` and `report`, overriding the base class's other methods
 where its task differs; then its name goes into TASKS here and into config.py's Task choices and
-TASK_RULES (the settings only it reads, the best metrics it offers). Nothing else changes.
+TASK_RULES (the settings only it reads, the best metrics it offers, the first being what
+best-metric = auto picks). Nothing else changes.
 
 Heavy modules (torch, transformers) are imported in the methods that need them, so that reading a
 node's data or answering the server's query loads no model.
@@ -31,7 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from common.config import TASK_RULES, FedtuneConfig
+from common.config import FedtuneConfig
 from common.data import LabelMap, TextDataset, load_instructions, load_source
 from common.errors import DataError
 
@@ -120,10 +121,6 @@ class Task(ABC):
     @abstractmethod
     def score(self, model, data: EncodedData, *, pad_id: int, num_labels: int, progress=None) -> dict:
         """The task's figures (`metrics`, and `examples`) of the model on encoded data."""
-
-    @property
-    def default_best(self) -> str:
-        return TASK_RULES[self.name].best_metrics[0]
 
     # --- reports ------------------------------------------------------------------------------------
 

@@ -53,8 +53,7 @@ def collate(data: EncodedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
 
 def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence, in numpy, handed to torch once: a torch operation per row
-    costs microseconds, and a DP-SGD batch of 1,024 examples took 3,000 of them (16 ms a step
-    on a 2-core CPU, 0.7 ms in numpy; bench/README.md)."""
+    costs microseconds, thousands of them for a DP-SGD batch (bench/README.md)."""
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     mask = np.arange(lengths.max()) < lengths[:, None]  # row-major: True cells in the order of the tokens
     ids = np.full(mask.shape, pad_id, dtype=np.int64)

@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> int:
     """The `fedtune` command: `main`, then an exit without the interpreter's last sweep for
-    garbage cycles through everything torch, transformers and Ray loaded (0.9 s of CPU after an
-    export, 1.7-1.9 s after a simulation). Only for a process about to end: exit handlers still
+    garbage cycles through everything torch, transformers and Ray loaded (seconds of CPU,
+    bench/README.md). Only for a process about to end: exit handlers still
     run (Ray's shutdown, logging's flush); fedtune closes what it writes as it writes it; frozen
     objects are never collected afterwards."""
     try:

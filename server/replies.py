@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from common.privacy import SKELLAM
 from server.state import ServerState
 
 
@@ -51,32 +52,123 @@ def discover_clients(grid: Grid, state: ServerState) -> None:
         if reply.has_error():
             log(WARNING, "fedtune: node %d did not describe itself: %s", node_of(reply, sent), reply.error.reason)
             continue
-        info = reply.content["client"]
-        state.clients[reply.metadata.src_node_id] = str(info["client-id"])
-        state.declared[reply.metadata.src_node_id] = int(info["train-examples"])
-        summaries.append({
-            "client_id": str(info["client-id"]),
-            "train_examples": int(info["train-examples"]),
-            "val_examples": int(info["val-examples"]),
-            "label_histogram": dict(zip(info["label-names"], info["label-counts"])),
-        })
+        summary = describe(reply)
+        if isinstance(summary, str):
+            log(WARNING, "fedtune: node %d did not describe itself: %s", node_of(reply, sent), summary)
+            continue
+        state.clients[reply.metadata.src_node_id] = summary["client_id"]
+        state.declared[reply.metadata.src_node_id] = summary["train_examples"]
+        summaries.append(summary)
     known = state.run.path / "clients.json"  # a node that rejoins under a new node id replaces its entry
     earlier = {c["client_id"]: c for c in json.loads(known.read_text())} if known.exists() else {}
     everyone = {**earlier, **{c["client_id"]: c for c in summaries}}
     state.run.write_json("clients.json", [everyone[c] for c in sorted(everyone)])
     for s in summaries:
         top = sorted(s["label_histogram"].items(), key=lambda kv: -kv[1])[:4]
-        log(INFO, "fedtune: client %-14s train %5d  val %4d  top labels %s",
-            s["client_id"], s["train_examples"], s["val_examples"], ", ".join(f"{k}:{v}" for k, v in top))
+        log(
+            INFO,
+            "fedtune: client %-14s train %5d  val %4d  top labels %s",
+            s["client_id"],
+            s["train_examples"],
+            s["val_examples"],
+            ", ".join(f"{k}:{v}" for k, v in top),
+        )
+
+
+def describe(reply: Message) -> dict | str:
+    """A node's answer to the query as its clients.json entry, or what is wrong with it."""
+    info = reply.content.config_records.get("client")
+    try:
+        names, counts = list(info["label-names"]), [int(c) for c in info["label-counts"]]
+        if len(names) != len(counts):
+            raise ValueError(f"{len(names)} label names for {len(counts)} counts")
+        summary = {
+            "client_id": str(info["client-id"]),
+            "train_examples": int(info["train-examples"]),
+            "val_examples": int(info["val-examples"]),
+            "label_histogram": dict(zip(names, counts, strict=True)),
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        return (
+            "expected a client record with client-id, train-examples, val-examples, label-names and "
+            f"label-counts, got {str(info)[:120]} ({type(err).__name__}: {err})"
+        )
+    if summary["train_examples"] < 0 or summary["val_examples"] < 0:
+        return f"expected example counts >= 0, got {summary['train_examples']} and {summary['val_examples']}"
+    return summary
+
+
+# What a client's privacy record holds (client/privacy.py writes it), by its status.
+_NUMBER = (int, float)
+PRIVACY_FIELDS = {
+    "trained": {
+        "fingerprint": str,
+        "noise-multiplier": _NUMBER,
+        "sample-rate": _NUMBER,
+        "steps": int,
+        "clipping-norm": _NUMBER,
+        "epsilon": _NUMBER,
+        "epsilon-rdp": _NUMBER,
+        "accountant": str,
+        "delta": _NUMBER,
+        "epsilon-budget": _NUMBER,
+        "history-noise": list,
+        "history-rate": list,
+        "history-steps": list,
+    },
+    "refused": {
+        "fingerprint": str,
+        "epsilon-spent": _NUMBER,
+        "epsilon-projected": _NUMBER,
+        "epsilon-budget": _NUMBER,
+        "delta": _NUMBER,
+    },
+}
+HISTORY_LISTS = ("history-noise", "history-rate", "history-steps", "history-kind", "history-l2", "history-l1")
+
+
+def privacy_problem(reply: Message) -> str | None:
+    """What is wrong with a reply's privacy record (None when it has none or it is well formed): the
+    ledger is written from it, so a record that cannot be read makes the reply count as failed."""
+    record = reply.content.config_records.get("privacy")
+    if record is None:
+        return None
+    status = record.get("status")
+    fields = PRIVACY_FIELDS["trained" if status == "trained" else "refused"]
+    if not isinstance(status, str):
+        return f"privacy record: expected a status string, got {status!r}"
+    for key, kind in fields.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"privacy record ({status}): expected {key} of type {_kind_name(kind)}, got {value!r}"[:200]
+    if status != "trained":
+        return None
+    present = [key for key in HISTORY_LISTS if key in record]
+    if any(not isinstance(record[key], list) for key in present):
+        return f"privacy record: expected {', '.join(present)} to be lists"
+    lengths = {key: len(record[key]) for key in present}
+    if len(set(lengths.values())) != 1:
+        return f"privacy record: expected history lists of one length, got lengths {lengths}"
+    if record.get("noise") == SKELLAM and not all(
+        isinstance(record.get(k), _NUMBER) for k in ("l2-sensitivity", "l1-sensitivity")
+    ):
+        return "privacy record (skellam): expected numbers l2-sensitivity and l1-sensitivity"
+    return None
+
+
+def _kind_name(kind) -> str:
+    return "number" if kind == _NUMBER else kind.__name__
 
 
 def classify_replies(replies: list[Message], clients: dict[int, str], sent: dict[str, int]):
-    """(failed client ids, refused (id, reply), trained replies) of one training round."""
+    """(failed client ids, refused (id, reply), trained replies) of one training round; a reply whose
+    privacy record cannot be read counts as failed (its update is not aggregated)."""
     failed, refused, ok = [], [], []
     for reply in replies:
         client_id = client_of(reply, clients, sent)
-        if reply.has_error():
-            log(WARNING, "fedtune: client %s failed: %s", client_id, reply.error.reason)
+        problem = None if reply.has_error() else privacy_problem(reply)
+        if reply.has_error() or problem:
+            log(WARNING, "fedtune: client %s failed: %s", client_id, problem or reply.error.reason)
             failed.append(client_id)
         elif "privacy" in reply.content.config_records and reply.content["privacy"]["status"] != "trained":
             log(WARNING, "fedtune: client %s did not train: %s", client_id, reply.content["privacy"]["status"])
@@ -88,8 +180,9 @@ def classify_replies(replies: list[Message], clients: dict[int, str], sent: dict
 
 def round_entry(server_round: int, messages, replies, failed, refused, rejected, clients, sent) -> dict:
     """Where every sampled client ended up this round; the categories partition the sample (I4)."""
-    name = {m.metadata.dst_node_id: clients.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
-            for m in messages}
+    name = {
+        m.metadata.dst_node_id: clients.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}") for m in messages
+    }
     replied = {node_of(r, sent) for r in replies}
     rejected_first = {}
     for client_id, reason in rejected:  # a node's duplicate replies are extra; its first verdict counts

@@ -18,7 +18,7 @@ from flwr.common.logger import log
 from common.quantize import HEADER, decode_update, flatten, unflatten, update_scale
 from common.records import record_to_state, state_to_record
 from server.distributed_dp import announcement, dp_step
-from server.replies import RoundOutcome
+from server.replies import RoundOutcome, privacy_problem
 from server.secure_round import round_entry, run_secure_round
 from server.state import ServerState, conform_to_schema
 from server.validation import WEIGHT_KEY
@@ -47,18 +47,32 @@ def secure_train(grid, state: ServerState, strategy, server_round: int, messages
     elif result.total is not None:
         summary.update(apply_mean_update(state, strategy, server_round, result.total, scale=scale, names=names))
     client = {n: state.clients.get(n, f"node-{n}") for n in result.nodes}
-    return RoundOutcome(entry=entry, summary=summary,
-                        trained=[(client[n], r) for n, r in sorted(result.spent.items())],
-                        refused=[(client[n], r) for n, r in sorted(result.refusals.items())],
-                        failed=[client[n] for n, f in sorted(result.fates.items()) if f == "failed"])
+    unreadable = {}  # a privacy record the ledger cannot be written from: the client's spend is unknown
+    for n, reply in [*result.spent.items(), *result.refusals.items()]:
+        if problem := privacy_problem(reply):
+            log(WARNING, "fedtune: secure round %d: client %s: %s", server_round, client[n], problem)
+            unreadable[n] = problem
+    return RoundOutcome(
+        entry=entry,
+        summary=summary,
+        trained=[(client[n], r) for n, r in sorted(result.spent.items()) if n not in unreadable],
+        refused=[(client[n], r) for n, r in sorted(result.refusals.items()) if n not in unreadable],
+        failed=[client[n] for n in sorted(result.nodes) if result.fates.get(n) == "failed" or n in unreadable],
+    )
 
 
-def apply_mean_update(state: ServerState, strategy, server_round: int, total, *, scale: float, names: list[str]) -> dict:
+def apply_mean_update(
+    state: ServerState, strategy, server_round: int, total, *, scale: float, names: list[str]
+) -> dict:
     """global + mean update, through the strategy as the one reply it aggregates; the training figures."""
     mean, header = decode_update(total, scale=scale)
     if header["clipped"]:
-        log(WARNING, "fedtune: secure round %d: %d update values were outside +-8 and clipped before the sum",
-            server_round, int(header["clipped"]))
+        log(
+            WARNING,
+            "fedtune: secure round %d: %d update values were outside +-8 and clipped before the sum",
+            server_round,
+            int(header["clipped"]),
+        )
     start = flatten(state.arrays, names)
     merged = unflatten(start + mean, state.arrays, names)
     aggregated, _ = strategy.aggregate_train(server_round, [_as_reply(merged, header["examples"], server_round)])
@@ -68,8 +82,16 @@ def apply_mean_update(state: ServerState, strategy, server_round: int, total, *,
 
 def _as_reply(arrays, examples: float, server_round: int) -> Message:
     """The unmasked mean as one training reply, weighted by the examples of every client in the sum."""
-    metadata = Metadata(run_id=0, message_id=f"secure-sum-{server_round}", src_node_id=0, dst_node_id=0,
-                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600.0,
-                        message_type="train")
+    metadata = Metadata(
+        run_id=0,
+        message_id=f"secure-sum-{server_round}",
+        src_node_id=0,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     content = RecordDict({"arrays": state_to_record(arrays), "metrics": MetricRecord({WEIGHT_KEY: examples})})
     return Message(content=content, metadata=metadata)

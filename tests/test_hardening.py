@@ -289,3 +289,70 @@ def test_ctrl_c_before_round_0_does_not_suggest_a_resume_that_cannot_work(tmp_pa
     assert "nothing to resume: start the run again" in outputs[0] and "resume=true" not in outputs[0]
     assert "interrupted after round 0" in outputs[1] and "-c resume=true" in outputs[1]
     assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
+
+
+# --- client replies the ledger is written from ---------------------------------------------------------
+
+def _privacy_reply(node: int, **changes):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from tests.flower_messages import reply_from
+
+    record = {"status": "trained", "fingerprint": "f" * 64, "noise-multiplier": 1.1, "sample-rate": 0.1,
+              "steps": 3, "clipping-norm": 1.0, "noise": "gaussian", "l2-sensitivity": 1.0,
+              "l1-sensitivity": 1.0, "epsilon": 0.5, "epsilon-rdp": 0.6, "accountant": "pld", "delta": 1e-5,
+              "epsilon-budget": 3.0, "history-noise": [1.1], "history-rate": [0.1], "history-steps": [3],
+              "history-kind": ["gaussian"], "history-l2": [1.0], "history-l1": [1.0]}
+    for key, value in changes.items():
+        if value is None:
+            record.pop(key.replace("_", "-"))
+        else:
+            record[key.replace("_", "-")] = value
+    return reply_from(node, RecordDict({"privacy": ConfigRecord(record),
+                                        "client": ConfigRecord({"client-id": f"c{node}", "round": 1})}))
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"epsilon": None}, "expected epsilon of type number, got None"),
+    ({"epsilon": "0.5"}, "expected epsilon of type number, got '0.5'"),
+    ({"steps": 2.5}, "expected steps of type int"),
+    ({"history_rate": [0.1, 0.2]}, "expected history lists of one length"),
+    ({"history_l2": 1.0}, "to be lists"),
+    ({"noise": "skellam", "l1_sensitivity": None}, "expected numbers l2-sensitivity and l1-sensitivity"),
+    ({"status": "budget-exhausted"}, "expected epsilon-spent of type number, got None"),  # a refusal's fields
+    ({"status": 3}, "expected a status string, got 3"),
+])
+def test_a_privacy_record_the_ledger_cannot_be_written_from_makes_the_reply_failed(changes, expected):
+    """A client's privacy record that is missing a field, holds another type or history lists of
+    different lengths is named and its reply counts as failed (its update is not aggregated, its
+    ledger entry says the spend is unknown) instead of crashing the server while it writes the ledger."""
+    from server.replies import classify_replies, privacy_problem
+
+    good, bad = _privacy_reply(1), _privacy_reply(2, **changes)
+    assert privacy_problem(good) is None
+    assert expected in privacy_problem(bad)
+    failed, refused, ok = classify_replies([good, bad], {1: "c1", 2: "c2"}, {})
+    assert failed == ["c2"] and refused == [] and ok == [good]
+    count("bad_inputs_rejected", "client privacy record the ledger cannot be written from")
+
+
+@pytest.mark.parametrize("client", [
+    {"client-id": "c1", "train-examples": 10, "val-examples": 2, "label-names": ["a", "b"]},
+    {"client-id": "c1", "train-examples": "ten", "val-examples": 2, "label-names": ["a"], "label-counts": [10]},
+    {"client-id": "c1", "train-examples": 10, "val-examples": 2, "label-names": ["a", "b"], "label-counts": [10]},
+    {"client-id": "c1", "train-examples": -5, "val-examples": 2, "label-names": ["a"], "label-counts": [10]},
+    None,
+])
+def test_a_nodes_malformed_self_description_is_named_and_skipped(client):
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    from server.replies import describe
+    from tests.flower_messages import reply_from
+
+    content = RecordDict({} if client is None else {"client": ConfigRecord(client)})
+    problem = describe(reply_from(1, content, message_type=MessageType.QUERY))
+    assert isinstance(problem, str) and problem.startswith("expected")
+    ok = {"client-id": "c1", "train-examples": 10, "val-examples": 2, "label-names": ["a"], "label-counts": [10]}
+    assert describe(reply_from(1, RecordDict({"client": ConfigRecord(ok)}), message_type=MessageType.QUERY)) == {
+        "client_id": "c1", "train_examples": 10, "val_examples": 2, "label_histogram": {"a": 10}}
+    count("bad_inputs_rejected", "node's malformed answer to the server's query")

@@ -43,13 +43,15 @@ def query(msg: Message, context: Context) -> Message:
     cfg, _ = message_config(msg)
     data = node_data(cfg, context)
     summary = data.summary()
-    record = ConfigRecord({
-        "client-id": data.client_id,
-        "train-examples": summary["train_examples"],
-        "val-examples": summary["val_examples"],
-        "label-names": list(summary["label_histogram"].keys()) or [""],
-        "label-counts": list(summary["label_histogram"].values()) or [0],
-    })
+    record = ConfigRecord(
+        {
+            "client-id": data.client_id,
+            "train-examples": summary["train_examples"],
+            "val-examples": summary["val_examples"],
+            "label-names": list(summary["label_histogram"].keys()) or [""],
+            "label-counts": list(summary["label_histogram"].values()) or [0],
+        }
+    )
     return Message(content=RecordDict({"client": record}), reply_to=msg)
 
 

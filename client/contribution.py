@@ -39,17 +39,23 @@ def weighted_update(msg: Message, context: Context) -> tuple[np.ndarray, dict]:
     t = train_locally(msg, context)
     s = t.session
     if t.refusal is not None:
-        raise PrivacyBudgetError(f"client {s.data.client_id}: its privacy budget refuses round {s.server_round} "
-                                 f"(epsilon would reach {t.refusal['epsilon-projected']:.3f})")
+        raise PrivacyBudgetError(
+            f"client {s.data.client_id}: its privacy budget refuses round {s.server_round} "
+            f"(epsilon would reach {t.refusal['epsilon-projected']:.3f})"
+        )
     start = flatten(record_to_state(msg.content["arrays"]), names := sorted(msg.content["arrays"].keys()))
     update = flatten(get_adapter_state(s.model), names) - start
     loss = t.result.loss if math.isfinite(t.result.loss) else 0.0
-    rng = np.random.default_rng(dp_seed(dict(context.node_config), s.cfg, s.server_round, s.data.client_id,
-                                        msg.content["arrays"]))
-    vector = encode_update(update, examples=t.examples, loss=loss, scale=float(msg.content["secagg"]["update-scale"]),
-                           rng=rng)
-    extra = {"client": client_record(s.data, s.server_round),
-             "metrics": MetricRecord({"train-seconds": t.result.seconds})}
+    rng = np.random.default_rng(
+        dp_seed(dict(context.node_config), s.cfg, s.server_round, s.data.client_id, msg.content["arrays"])
+    )
+    vector = encode_update(
+        update, examples=t.examples, loss=loss, scale=float(msg.content["secagg"]["update-scale"]), rng=rng
+    )
+    extra = {
+        "client": client_record(s.data, s.server_round),
+        "metrics": MetricRecord({"train-seconds": t.result.seconds}),
+    }
     if t.privacy is not None:
         extra["privacy"] = t.privacy
     return vector, extra
@@ -68,19 +74,33 @@ def distributed_step(msg: Message, context: Context, state: ClientRound) -> tupl
     mechanism = distributed_mechanism(cfg, announced, s.data)
     decision = decide(cfg, s.data.train, node, planned=mechanism)
     if not decision.allowed:
-        raise PrivacyBudgetError(f"client {s.data.client_id}: its privacy budget refuses round {s.server_round} "
-                                 f"(epsilon would reach {decision.projected:.3f}, budget {decision.budget:.3f})")
+        raise PrivacyBudgetError(
+            f"client {s.data.client_id}: its privacy budget refuses round {s.server_round} "
+            f"(epsilon would reach {decision.projected:.3f}, budget {decision.budget:.3f})"
+        )
     seed = dp_seed(node, cfg, s.server_round, s.data.client_id, msg.content["arrays"], announced)
-    sums, _ = clipped_gradient_sum(s.model, s.encode(s.data.train), pad_id=s.tokenizer.pad_token_id,
-                                   sample_rate=mechanism.sample_rate, clipping_norm=cfg.dp_clipping_norm, seed=seed,
-                                   physical_batch_size=cfg.dp_physical_batch_size, compute_dtype=cfg.compute_dtype)
+    sums, _ = clipped_gradient_sum(
+        s.model,
+        s.encode(s.data.train),
+        pad_id=s.tokenizer.pad_token_id,
+        sample_rate=mechanism.sample_rate,
+        clipping_norm=cfg.dp_clipping_norm,
+        seed=seed,
+        physical_batch_size=cfg.dp_physical_batch_size,
+        compute_dtype=cfg.compute_dtype,
+    )
     names = sorted(sums)
     if sum(sums[n].size for n in names) != int(announced["dimension"]):
-        raise SecAggError(f"distributed DP: the server announced {announced['dimension']} values, this client's "
-                          f"adapter has {sum(sums[n].size for n in names)}")
+        raise SecAggError(
+            f"distributed DP: the server announced {announced['dimension']} values, this client's "
+            f"adapter has {sum(sums[n].size for n in names)}"
+        )
     rounding, noise = np.random.default_rng(seed).spawn(2)
     vector = randomized_round(float(announced["scale"]) * flatten(sums, names), rounding)
     vector += skellam_noise(noise_share_variance(mechanism.variance, threshold=state.threshold), vector.size, noise)
     privacy = spend(decision, mechanism, cfg.dp_clipping_norm, run=str(context.run_id), server_round=s.server_round)
-    return vector, {"client": client_record(s.data, s.server_round), "privacy": privacy,
-                    "metrics": MetricRecord({"train-seconds": time.perf_counter() - start})}
+    return vector, {
+        "client": client_record(s.data, s.server_round),
+        "privacy": privacy,
+        "metrics": MetricRecord({"train-seconds": time.perf_counter() - start}),
+    }

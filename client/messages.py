@@ -10,9 +10,9 @@ from flwr.app import ConfigRecord, Context, Message
 from common.config import DEVICE_SPEC, FedtuneConfig, parse_run_config
 from common.errors import ConfigError
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
-from common.task import DATA_KEYS
 from common.flower import KEY_CLIPPING_NORM
 from common.records import FROZEN_KEY
+from common.task import DATA_KEYS
 
 # Set by `fedtune simulate` for its client processes: a folder for the live progress display
 # (simulation/progress.py) to read, or "1" to keep per-step lines out of the log (--quiet).
@@ -37,11 +37,16 @@ def _text(v) -> bool:
 
 
 NODE_KEYS = {
-    "partition-id": _int_at_least(0), "num-partitions": _int_at_least(1),
-    "data-path": (_text, "a file path"), "client-id": (_text, "a non-empty name"),
-    "privacy-dir": (_text, "a folder path"), "num-threads": _int_at_least(0),
-    "epsilon-budget": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                       and v >= 0, "a finite number >= 0 (0: no budget of the node's own)"),
+    "partition-id": _int_at_least(0),
+    "num-partitions": _int_at_least(1),
+    "data-path": (_text, "a file path"),
+    "client-id": (_text, "a non-empty name"),
+    "privacy-dir": (_text, "a folder path"),
+    "num-threads": _int_at_least(0),
+    "epsilon-budget": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+        "a finite number >= 0 (0: no budget of the node's own)",
+    ),
     "device": (lambda v: isinstance(v, str) and DEVICE_SPEC.match(v) is not None, "auto, cpu, cuda or cuda:N"),
     **{key: (lambda v: isinstance(v, str), "a string") for keys in DATA_KEYS.values() for key in keys},
 }

@@ -48,11 +48,13 @@ def check_node(args: list[str]) -> dict:
         try:
             x509.load_pem_x509_certificate(pem)
         except ValueError:
-            raise ConfigError(f"--root-certificates: expected a PEM certificate, got {_flag(args, '--root-certificates')!r}"
-                              " which is not one") from None
+            raise ConfigError(
+                f"--root-certificates: expected a PEM certificate, got {_flag(args, '--root-certificates')!r}"
+                " which is not one"
+            ) from None
     text = _flag(args, "--node-config")
     if text is None:
-        raise ConfigError("--node-config: expected data-path=\"...\" (the node's own data file), got none")
+        raise ConfigError('--node-config: expected data-path="..." (the node\'s own data file), got none')
     node = check_node_config(parse_node_config(text))
     if "data-path" not in node:
         raise ConfigError(f"--node-config: expected a data-path key, got keys {sorted(node)}")
@@ -75,8 +77,9 @@ def node_examples(path: str, node: dict):
             return task.read(path, {"data-format": "auto", "column-names": "", **node})
         except DataError as err:
             errors[name] = err
-    raise DataError(f"data-path {path!r} fits neither task: "
-                    + "; ".join(f"{task}: {err}" for task, err in errors.items())) from None
+    raise DataError(
+        f"data-path {path!r} fits neither task: " + "; ".join(f"{task}: {err}" for task, err in errors.items())
+    ) from None
 
 
 def check_key_pair(private_path: str | None, public_path: str | None) -> None:
@@ -88,17 +91,21 @@ def check_key_pair(private_path: str | None, public_path: str | None) -> None:
     try:
         private = serialization.load_ssh_private_key(Path(private_path).read_bytes(), password=None)
     except (ValueError, TypeError, OSError) as err:
-        raise ConfigError(f"--auth-supernode-private-key: expected an OpenSSH private key, got {private_path!r} "
-                          f"({err})") from None
+        raise ConfigError(
+            f"--auth-supernode-private-key: expected an OpenSSH private key, got {private_path!r} ({err})"
+        ) from None
     try:
         public = serialization.load_ssh_public_key(Path(public_path).read_bytes())
     except (ValueError, TypeError, OSError) as err:
-        raise ConfigError(f"--auth-supernode-public-key: expected an OpenSSH public key, got {public_path!r} "
-                          f"({err})") from None
+        raise ConfigError(
+            f"--auth-supernode-public-key: expected an OpenSSH public key, got {public_path!r} ({err})"
+        ) from None
     raw = (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     if private.public_key().public_bytes(*raw) != public.public_bytes(*raw):
-        raise ConfigError(f"--auth-supernode-public-key: expected the public key of {private_path!r}, got "
-                          f"{public_path!r}, which belongs to another key pair")
+        raise ConfigError(
+            f"--auth-supernode-public-key: expected the public key of {private_path!r}, got "
+            f"{public_path!r}, which belongs to another key pair"
+        )
 
 
 def exec_supernode(args: list[str]) -> None:

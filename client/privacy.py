@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from common.budget import PrivacyRecord, data_fingerprint, node_secret, private_seed, privacy_dir
+from common.budget import PrivacyRecord, data_fingerprint, node_secret, privacy_dir, private_seed
 from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.privacy import Mechanism
@@ -44,11 +44,16 @@ class Decision:
         return self.budget <= 0 or self.projected <= self.budget
 
     def refusal(self) -> ConfigRecord:
-        return ConfigRecord({
-            "status": BUDGET_EXHAUSTED, "epsilon-spent": self.record.spent(),
-            "epsilon-projected": self.projected, "epsilon-budget": self.budget,
-            "delta": self.record.delta, "fingerprint": self.record.fingerprint,
-        })
+        return ConfigRecord(
+            {
+                "status": BUDGET_EXHAUSTED,
+                "epsilon-spent": self.record.spent(),
+                "epsilon-projected": self.projected,
+                "epsilon-budget": self.budget,
+                "delta": self.record.delta,
+                "fingerprint": self.record.fingerprint,
+            }
+        )
 
 
 def decide(cfg: FedtuneConfig, train_set, node_config: dict, *, planned: Mechanism | None = None) -> Decision:
@@ -89,19 +94,37 @@ def dp_seed(node_config: dict, cfg: FedtuneConfig, server_round: int, client_id:
     return private_seed(node_secret(privacy_dir(node_config)), "dp", server_round, client_id, digest.hexdigest())
 
 
-def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad_id: int, seed: int,
-                  run: str, server_round: int, progress) -> tuple[object, ConfigRecord]:
+def train_private(
+    decision: Decision,
+    cfg: FedtuneConfig,
+    model,
+    encoded,
+    *,
+    pad_id: int,
+    seed: int,
+    run: str,
+    server_round: int,
+    progress,
+) -> tuple[object, ConfigRecord]:
     """Run DP-SGD, record the mechanism on disk, and describe it for the server's ledger."""
     from common.dp_train import dp_train  # Opacus loads only in runs with sample-level DP
     from common.train import round_schedule  # torch: not for the secure rounds' key and share stages
 
     result, mechanism = dp_train(
-        model, encoded, pad_id=pad_id, steps=decision.planned.steps,
+        model,
+        encoded,
+        pad_id=pad_id,
+        steps=decision.planned.steps,
         batch_size=dp_batch_size(cfg.dp_batch_size, len(encoded)),
-        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-        noise_multiplier=decision.planned.noise_multiplier, clipping_norm=cfg.dp_clipping_norm,
-        seed=seed, progress=progress, physical_batch_size=cfg.dp_physical_batch_size,
-        lr_at=round_schedule(cfg, server_round), compute_dtype=cfg.compute_dtype,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        noise_multiplier=decision.planned.noise_multiplier,
+        clipping_norm=cfg.dp_clipping_norm,
+        seed=seed,
+        progress=progress,
+        physical_batch_size=cfg.dp_physical_batch_size,
+        lr_at=round_schedule(cfg, server_round),
+        compute_dtype=cfg.compute_dtype,
     )
     if not math.isclose(mechanism.sample_rate, decision.planned.sample_rate):
         raise RuntimeError(
@@ -110,26 +133,37 @@ def train_private(decision: Decision, cfg: FedtuneConfig, model, encoded, *, pad
     return result, spend(decision, mechanism, cfg.dp_clipping_norm, run=run, server_round=server_round)
 
 
-def spend(decision: Decision, mechanism: Mechanism, clipping_norm: float, *, run: str, server_round: int) -> ConfigRecord:
+def spend(
+    decision: Decision, mechanism: Mechanism, clipping_norm: float, *, run: str, server_round: int
+) -> ConfigRecord:
     """Record a mechanism that ran in this client's own record (before anything leaves the node) and
     describe it, with the client's whole history, for the server's ledger."""
-    entry = decision.record.append(run=run, server_round=server_round, mechanism=mechanism,
-                                   clipping_norm=clipping_norm)
+    entry = decision.record.append(run=run, server_round=server_round, mechanism=mechanism, clipping_norm=clipping_norm)
     history = decision.record.mechanisms()
-    return ConfigRecord({
-        "status": TRAINED, "fingerprint": decision.record.fingerprint,
-        "noise-multiplier": mechanism.noise_multiplier, "sample-rate": mechanism.sample_rate,
-        "steps": mechanism.steps, "clipping-norm": clipping_norm, "noise": mechanism.noise,
-        "l2-sensitivity": mechanism.l2_sensitivity, "l1-sensitivity": mechanism.l1_sensitivity,
-        "epsilon": entry["epsilon"], "epsilon-rdp": entry["epsilon_rdp"], "accountant": entry["accountant"],
-        "delta": decision.record.delta, "epsilon-budget": decision.budget,
-        "history-noise": [m.noise_multiplier for m in history],
-        "history-rate": [m.sample_rate for m in history],
-        "history-steps": [m.steps for m in history],
-        "history-kind": [m.noise for m in history],
-        "history-l2": [m.l2_sensitivity for m in history],
-        "history-l1": [m.l1_sensitivity for m in history],
-    })
+    return ConfigRecord(
+        {
+            "status": TRAINED,
+            "fingerprint": decision.record.fingerprint,
+            "noise-multiplier": mechanism.noise_multiplier,
+            "sample-rate": mechanism.sample_rate,
+            "steps": mechanism.steps,
+            "clipping-norm": clipping_norm,
+            "noise": mechanism.noise,
+            "l2-sensitivity": mechanism.l2_sensitivity,
+            "l1-sensitivity": mechanism.l1_sensitivity,
+            "epsilon": entry["epsilon"],
+            "epsilon-rdp": entry["epsilon_rdp"],
+            "accountant": entry["accountant"],
+            "delta": decision.record.delta,
+            "epsilon-budget": decision.budget,
+            "history-noise": [m.noise_multiplier for m in history],
+            "history-rate": [m.sample_rate for m in history],
+            "history-steps": [m.steps for m in history],
+            "history-kind": [m.noise for m in history],
+            "history-l2": [m.l2_sensitivity for m in history],
+            "history-l1": [m.l1_sensitivity for m in history],
+        }
+    )
 
 
 def distributed_mechanism(cfg: FedtuneConfig, announced, data) -> Mechanism:
@@ -140,12 +174,24 @@ def distributed_mechanism(cfg: FedtuneConfig, announced, data) -> Mechanism:
     from common.skellam import sensitivities
 
     values = {k: announced.get(k) for k in ("sample-rate", "noise-multiplier", "scale", "dimension")}
-    bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float))
-           or not math.isfinite(v) or v <= 0}
+    bad = {
+        k: v
+        for k, v in values.items()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+    }
     if bad or values["sample-rate"] > 1:
-        raise ConfigError(f"distributed DP: expected a sample rate in (0, 1] and a positive noise multiplier, "
-                          f"scale and dimension from the server, got {values}")
-    l2, l1 = sensitivities(scale=float(values["scale"]), clipping_norm=cfg.dp_clipping_norm,
-                           dimension=int(values["dimension"]))
-    return Mechanism(noise_multiplier=float(values["noise-multiplier"]), steps=1,
-                     sample_rate=float(values["sample-rate"]), noise=SKELLAM, l2_sensitivity=l2, l1_sensitivity=l1)
+        raise ConfigError(
+            f"distributed DP: expected a sample rate in (0, 1] and a positive noise multiplier, "
+            f"scale and dimension from the server, got {values}"
+        )
+    l2, l1 = sensitivities(
+        scale=float(values["scale"]), clipping_norm=cfg.dp_clipping_norm, dimension=int(values["dimension"])
+    )
+    return Mechanism(
+        noise_multiplier=float(values["noise-multiplier"]),
+        steps=1,
+        sample_rate=float(values["sample-rate"]),
+        noise=SKELLAM,
+        l2_sensitivity=l2,
+        l1_sensitivity=l1,
+    )

@@ -19,12 +19,12 @@ from flwr.common.logger import log
 from client.messages import PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_threads
 from client.privacy import decide, dp_seed, train_private
 from common.config import FedtuneConfig
-from common.errors import ConfigError
 from common.data import LabelMap, TextDataset
 from common.device import bound_memory
+from common.errors import ConfigError
 from common.federation_data import ClientData
-from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.model import frozen_fingerprint, get_adapter_state, set_adapter_state
+from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.task import Task, task_for
 from common.train import round_schedule, train
 
@@ -80,15 +80,24 @@ def open_session(msg: Message, context: Context) -> Session:
     set_threads(context.node_config)
     labels = LabelMap.parse(cfg.labels)
     node_spec = context.node_config.get("device")  # a node's own device wins over the run's
-    device = task.device(None if node_spec is None else str(node_spec),
-                         where="device (node config)" if node_spec is not None else "device")
+    device = task.device(
+        None if node_spec is None else str(node_spec),
+        where="device (node config)" if node_spec is not None else "device",
+    )
     bound_memory(device)
     model = task.model(len(labels), device=device)
     if cfg.lora_freeze_a:
         check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
     set_adapter_state(model, record_to_state(msg.content["arrays"]))
-    return Session(cfg=cfg, task=task, server_round=server_round, data=node_data(cfg, context), labels=labels,
-                   model=model, tokenizer=task.tokenizer())
+    return Session(
+        cfg=cfg,
+        task=task,
+        server_round=server_round,
+        data=node_data(cfg, context),
+        labels=labels,
+        model=model,
+        tokenizer=task.tokenizer(),
+    )
 
 
 def check_frozen(server: str, mine: str) -> None:
@@ -123,26 +132,51 @@ def train_locally(msg: Message, context: Context) -> Trained:
             log_refusal(decision, s)
             return Trained(session=s, examples=len(encoded), refusal=decision.refusal())
         seed = dp_seed(dict(context.node_config), cfg, s.server_round, s.data.client_id, msg.content["arrays"])
-        result, privacy = train_private(decision, cfg, s.model, encoded, pad_id=s.tokenizer.pad_token_id,
-                                        seed=seed, run=str(context.run_id), server_round=s.server_round,
-                                        progress=progress)
+        result, privacy = train_private(
+            decision,
+            cfg,
+            s.model,
+            encoded,
+            pad_id=s.tokenizer.pad_token_id,
+            seed=seed,
+            run=str(context.run_id),
+            server_round=s.server_round,
+            progress=progress,
+        )
         return Trained(session=s, examples=len(encoded), result=result, privacy=privacy)
     result = train(
-        s.model, encoded, pad_id=s.tokenizer.pad_token_id, epochs=cfg.local_epochs, steps=cfg.local_steps,
-        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, seed=client_seed(cfg.seed, s.server_round, s.data.client_id),
-        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0, progress=progress,
-        group_by_length=cfg.group_by_length, lr_at=round_schedule(cfg, s.server_round),
+        s.model,
+        encoded,
+        pad_id=s.tokenizer.pad_token_id,
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=client_seed(cfg.seed, s.server_round, s.data.client_id),
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        progress=progress,
+        group_by_length=cfg.group_by_length,
+        lr_at=round_schedule(cfg, s.server_round),
         compute_dtype=cfg.compute_dtype,
     )
     return Trained(session=s, examples=len(encoded), result=result)
 
 
 def log_refusal(decision, s: Session) -> None:
-    log(WARNING, "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f (%.3f already spent on "
+    log(
+        WARNING,
+        "fedtune: %s refuses round %d: epsilon would reach %.3f, budget %.3f (%.3f already spent on "
         "this data by earlier rounds or runs, recorded in %s; set privacy-dir in the node config or "
-        "FEDTUNE_PRIVACY_DIR to keep another record)", s.data.client_id, s.server_round, decision.projected,
-        decision.budget, decision.record.spent(), decision.record.path)
+        "FEDTUNE_PRIVACY_DIR to keep another record)",
+        s.data.client_id,
+        s.server_round,
+        decision.projected,
+        decision.budget,
+        decision.record.spent(),
+        decision.record.path,
+    )
 
 
 def train_reply(msg: Message, context: Context) -> Message:
@@ -151,12 +185,16 @@ def train_reply(msg: Message, context: Context) -> Message:
     if t.refusal is not None:
         content = RecordDict({"privacy": t.refusal, "client": client_record(s.data, s.server_round)})
         return Message(content=content, reply_to=msg)
-    metrics = MetricRecord(dict(zip(TRAIN_METRICS, (t.examples, result.loss, result.steps, result.seconds))))
-    content = RecordDict({
-        "arrays": state_to_record(get_adapter_state(s.model)),
-        "metrics": metrics,
-        "client": client_record(s.data, s.server_round),
-    })
+    metrics = MetricRecord(
+        dict(zip(TRAIN_METRICS, (t.examples, result.loss, result.steps, result.seconds), strict=True))
+    )
+    content = RecordDict(
+        {
+            "arrays": state_to_record(get_adapter_state(s.model)),
+            "metrics": metrics,
+            "client": client_record(s.data, s.server_round),
+        }
+    )
     if t.privacy is not None:
         content["privacy"] = t.privacy
     return Message(content=content, reply_to=msg)
@@ -166,10 +204,15 @@ def evaluate_reply(msg: Message, context: Context) -> Message:
     s = open_session(msg, context)
     result = s.task.score(s.model, s.encode(s.data.val), pad_id=s.tokenizer.pad_token_id, num_labels=len(s.labels))
     has_data = result["examples"] > 0  # NaN metrics would poison the weighted average
-    metrics = MetricRecord({"num-examples": result["examples"],
-                            **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in s.task.metrics}})
-    return Message(content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}),
-                   reply_to=msg)
+    metrics = MetricRecord(
+        {
+            "num-examples": result["examples"],
+            **{f"val-{n.replace('_', '-')}": result[n] if has_data else 0.0 for n in s.task.metrics},
+        }
+    )
+    return Message(
+        content=RecordDict({"metrics": metrics, "client": client_record(s.data, s.server_round)}), reply_to=msg
+    )
 
 
 def client_seed(seed: int, server_round: int, client_id: str) -> int:

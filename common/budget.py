@@ -61,8 +61,9 @@ def node_secret(directory: Path) -> bytes:
             tmp.unlink(missing_ok=True)
     secret = path.read_bytes()
     if len(secret) != SECRET_BYTES:
-        raise PrivacyBudgetError(f"node secret {path}: expected {SECRET_BYTES} bytes, got {len(secret)}; remove the "
-                                 "file to make a new one")
+        raise PrivacyBudgetError(
+            f"node secret {path}: expected {SECRET_BYTES} bytes, got {len(secret)}; remove the file to make a new one"
+        )
     return secret
 
 
@@ -75,7 +76,7 @@ def private_seed(secret: bytes, *parts: object) -> int:
 def data_fingerprint(data: TextDataset) -> str:
     """SHA-256 over the (text, label) pairs in order; the data never leaves the client."""
     digest = hashlib.sha256()
-    for text, label in zip(data.texts, data.labels):
+    for text, label in zip(data.texts, data.labels, strict=True):
         digest.update(text.encode("utf-8"))
         digest.update(b"\x1f")
         digest.update(label.encode("utf-8"))
@@ -122,8 +123,13 @@ class PrivacyRecord:
         history = [*self.mechanisms(), mechanism]
         eps, accountant = epsilon(history, delta=self.delta)
         entry = {
-            "run": run, "round": server_round, "mechanism": mechanism.to_dict(), "clipping_norm": clipping_norm,
-            "epsilon": eps, "epsilon_rdp": epsilon_rdp(history, delta=self.delta), "accountant": accountant,
+            "run": run,
+            "round": server_round,
+            "mechanism": mechanism.to_dict(),
+            "clipping_norm": clipping_norm,
+            "epsilon": eps,
+            "epsilon_rdp": epsilon_rdp(history, delta=self.delta),
+            "accountant": accountant,
         }
         self.entries.append(entry)
         self._write()

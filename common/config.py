@@ -21,8 +21,19 @@ from typing import Any, ClassVar, Literal, get_args, get_type_hints
 
 from common.errors import ConfigError
 
-Strategy = Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-                   "krum", "multikrum", "bulyan", "fedmedian", "fedtrimmedavg"]
+Strategy = Literal[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "fedmedian",
+    "fedtrimmedavg",
+]
 WeightPolicy = Literal["examples", "uniform"]
 Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
 DataFormat = Literal["auto", "csv", "tsv", "jsonl", "parquet"]
@@ -65,16 +76,23 @@ def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
 
 # Options removed after they were measured to give no gain (bench/README.md), with the value that
 # made them do nothing: a checkpoint written before the removal with that value still resumes.
-REMOVED_KEYS = {"client-sampling": "random", "local-warmup-fraction": 0.0, "keep-optimizer-state": False,
-                "shared-moments": "none"}
+REMOVED_KEYS = {
+    "client-sampling": "random",
+    "local-warmup-fraction": 0.0,
+    "keep-optimizer-state": False,
+    "shared-moments": "none",
+}
 # Options that moved out of the run config, and where they are set now.
-MOVED_KEYS = {"num-threads": "it is a node's own setting: --node-config 'num-threads=N' on its SuperNode (0 or absent: "
-                             "OMP_NUM_THREADS, else torch's default); the simulation gives each client the cores it can use"}
+MOVED_KEYS = {
+    "num-threads": "it is a node's own setting: --node-config 'num-threads=N' on its SuperNode (0 or absent: "
+    "OMP_NUM_THREADS, else torch's default); the simulation gives each client the cores it can use"
+}
 
 
 # The config in sections: each is a frozen dataclass of its own keys that checks them
 # (`check_<section>`), and FedtuneConfig is all of them, flat, with the rules that span sections
 # (`check_across`). Users see one flat set of keys; the section classes order them.
+
 
 @dataclass(frozen=True)
 class Federation:
@@ -86,22 +104,36 @@ class Federation:
     strategy: Strategy = _f("fedavg", "Aggregation strategy.")
     fraction_train: float = _f(1.0, "Fraction of connected clients sampled for training each round.")
     min_train_clients: int = _f(2, "Minimum number of clients sampled for training.")
-    fraction_evaluate: float = _f(1.0, "Fraction of clients asked to evaluate on their local validation slice (0 disables).")
+    fraction_evaluate: float = _f(
+        1.0, "Fraction of clients asked to evaluate on their local validation slice (0 disables)."
+    )
     min_evaluate_clients: int = _f(2, "Minimum number of clients sampled for federated evaluation.")
     min_available_clients: int = _f(2, "Clients that must be connected before a round starts.")
     round_timeout: float = _f(600.0, "Seconds the server waits for replies in one round.")
     proximal_mu: float = _f(0.01, "FedProx: weight of the proximal term added to the client loss.")
     server_learning_rate: float = _f(0.01, "FedAdam/FedYogi/FedAdagrad: server learning rate (eta).")
     server_momentum: float = _f(0.9, "FedAvgM: server momentum.")
-    fedavgm_learning_rate: float = _f(1.0, "FedAvgM: server learning rate on the averaged update (with server-momentum = 0: FedAvg with a server step size).")
+    fedavgm_learning_rate: float = _f(
+        1.0,
+        "FedAvgM: server learning rate on the averaged update (with server-momentum = 0: FedAvg with a server step "
+        "size).",
+    )
     beta_1: float = _f(0.9, "FedAdam/FedYogi: first moment decay.")
     beta_2: float = _f(0.99, "FedAdam/FedYogi: second moment decay.")
     tau: float = _f(1e-3, "FedAdam/FedYogi/FedAdagrad: adaptivity (epsilon) term.")
     num_malicious_clients: int = _f(1, "Krum/Multi-Krum/Bulyan: clients assumed malicious (f).")
     multikrum_select: int = _f(2, "Multi-Krum: updates averaged after selection.")
     trimmed_beta: float = _f(0.2, "FedTrimmedAvg: fraction trimmed from each end, in [0, 0.5).")
-    secure_aggregation: bool = _f(False, "SecAgg+ among each round's sampled clients: the server learns only the sum of their quantized updates, never one client's (needs validate-updates = false and a mean-based strategy; docs/privacy.md).")
-    secagg_max_dropouts: int = _f(1, "Secure aggregation: sampled clients that may drop out of a round (under distributed DP: drop out or collude) with the round still applied; fewer than half of those sampled. More end the round unapplied.")
+    secure_aggregation: bool = _f(
+        False,
+        "SecAgg+ among each round's sampled clients: the server learns only the sum of their quantized updates, never "
+        "one client's (needs validate-updates = false and a mean-based strategy; docs/privacy.md).",
+    )
+    secagg_max_dropouts: int = _f(
+        1,
+        "Secure aggregation: sampled clients that may drop out of a round (under distributed DP: drop out or collude) "
+        "with the round still applied; fewer than half of those sampled. More end the round unapplied.",
+    )
 
     def check_federation(self) -> None:
         for name in ("fraction_train", "fraction_evaluate"):
@@ -111,9 +143,11 @@ class Federation:
         for name in ("num_server_rounds", "min_train_clients", "min_available_clients", "multikrum_select"):
             _check_min(name, getattr(self, name), 1)
         if self.num_server_rounds > MAX_ROUNDS:
-            raise ConfigError(f"num-server-rounds: expected at most {MAX_ROUNDS:,}, got {self.num_server_rounds:,} (a "
-                              "round takes seconds at least: such a run would not finish, and its privacy plan alone "
-                              "would take minutes to compute)")
+            raise ConfigError(
+                f"num-server-rounds: expected at most {MAX_ROUNDS:,}, got {self.num_server_rounds:,} (a "
+                "round takes seconds at least: such a run would not finish, and its privacy plan alone "
+                "would take minutes to compute)"
+            )
         for name in ("min_evaluate_clients", "num_malicious_clients", "secagg_max_dropouts"):
             _check_min(name, getattr(self, name), 0)
         for name in ("round_timeout", "server_learning_rate", "fedavgm_learning_rate", "tau"):
@@ -130,10 +164,16 @@ class UpdateValidation:
 
     title: ClassVar[str] = "update validation"
 
-    validate_updates: bool = _f(True, "Check every reply (schema, finite, norm, weight, round, node) before aggregation.")
-    max_norm_factor: float = _f(10.0, "Reject an update whose norm exceeds this multiple of the round's median update norm (0 = off).")
+    validate_updates: bool = _f(
+        True, "Check every reply (schema, finite, norm, weight, round, node) before aggregation."
+    )
+    max_norm_factor: float = _f(
+        10.0, "Reject an update whose norm exceeds this multiple of the round's median update norm (0 = off)."
+    )
     max_update_norm: float = _f(0.0, "Reject an update whose L2 norm exceeds this (0 = off).")
-    weight_policy: WeightPolicy = _f("examples", "Aggregation weight: the client's examples (capped by what it declared when it joined) or uniform.")
+    weight_policy: WeightPolicy = _f(
+        "examples", "Aggregation weight: the client's examples (capped by what it declared when it joined) or uniform."
+    )
     max_client_weight: float = _f(0.0, "Cap on any client's aggregation weight (0 = only the declared-size cap).")
 
     def check_update_validation(self) -> None:
@@ -147,16 +187,33 @@ class ModelSettings:
 
     title: ClassVar[str] = "model and LoRA"
 
-    task: Task = _f("classification", "classification (sequence classification head) or causal-lm (instruction tuning, loss on response tokens).")
-    model: str = _f(DEFAULT_MODEL, "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only); causal-lm needs a causal LM (GPT-2, Llama, Qwen, Mistral, ...).")
+    task: Task = _f(
+        "classification",
+        "classification (sequence classification head) or causal-lm (instruction tuning, loss on response tokens).",
+    )
+    model: str = _f(
+        DEFAULT_MODEL,
+        "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only); causal-lm needs a "
+        "causal LM (GPT-2, Llama, Qwen, Mistral, ...).",
+    )
     max_length: int = _f(64, "Maximum tokens per example; longer texts are truncated.")
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
     lora_target_modules: str = _f("", "Comma-separated module names to adapt; empty = the architecture's default.")
-    lora_freeze_a: bool = _f(False, "FFA-LoRA: keep the A matrices at their seeded init and train only B (exact averaging; A does not travel).")
-    load_in: LoadIn = _f("none", "causal-lm: quantize the frozen base model to 8 or 4 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
-    compute_dtype: ComputeDtype = _f("float32", "Mixed precision on a CUDA device: forward passes autocast to bfloat16 or float16 (LoRA weights and optimizer state stay float32; float16 adds loss scaling and is refused with dp-sample); float32 = none. Refused where training runs on a CPU.")
+    lora_freeze_a: bool = _f(
+        False,
+        "FFA-LoRA: keep the A matrices at their seeded init and train only B (exact averaging; A does not travel).",
+    )
+    load_in: LoadIn = _f(
+        "none", "causal-lm: quantize the frozen base model to 8 or 4 bits (QLoRA; needs a CUDA GPU and bitsandbytes)."
+    )
+    compute_dtype: ComputeDtype = _f(
+        "float32",
+        "Mixed precision on a CUDA device: forward passes autocast to bfloat16 or float16 (LoRA weights and optimizer "
+        "state stay float32; float16 adds loss scaling and is refused with dp-sample); float32 = none. Refused where "
+        "training runs on a CPU.",
+    )
 
     def check_model(self) -> None:
         for name in ("max_length", "lora_r"):
@@ -171,29 +228,50 @@ class DataSettings:
 
     title: ClassVar[str] = "data"
 
-    data: str = _f(DEFAULT_DATA, "Training data: 'packaged:chatterbot', a CSV/TSV/JSONL/Parquet path, or 'hf:<dataset>' (online only).")
+    data: str = _f(
+        DEFAULT_DATA,
+        "Training data: 'packaged:chatterbot', a CSV/TSV/JSONL/Parquet path, or 'hf:<dataset>' (online only).",
+    )
     heldout_data: str = _f("", "Server's held-out data (same forms as `data`); empty = split from `data`.")
     data_format: DataFormat = _f("auto", "File format of `data` and `heldout-data`; 'auto' uses the extension.")
     text_column: str = _f("text", "Column holding the text.")
     label_column: str = _f("label", "Column holding the label.")
-    column_names: str = _f("", "Comma-separated column names for header-less CSV/TSV files; empty = the file has a header row.")
-    labels: str = _f("", "Comma-separated label names fixing the federation's label order; empty = sorted labels of the data.")
+    column_names: str = _f(
+        "", "Comma-separated column names for header-less CSV/TSV files; empty = the file has a header row."
+    )
+    labels: str = _f(
+        "", "Comma-separated label names fixing the federation's label order; empty = sorted labels of the data."
+    )
     heldout_fraction: float = _f(0.2, "Fraction of `data` held out for the server when `heldout-data` is empty.")
     max_train_examples: int = _f(0, "Use at most this many training examples (0 = all), chosen by seed.")
     max_heldout_examples: int = _f(0, "Evaluate on at most this many held-out examples (0 = all), chosen by seed.")
     partitioner: Partitioner = _f("dirichlet", "How the training data is split across simulated clients.")
     dirichlet_alpha: float = _f(1.0, "Dirichlet partitioner: concentration; smaller = more label skew.")
     shards_per_client: int = _f(2, "Shards partitioner: label-sorted shards given to each client.")
-    partition_column: str = _f("", "Natural partitioner: column whose values define the clients ('category' for chatterbot).")
+    partition_column: str = _f(
+        "", "Natural partitioner: column whose values define the clients ('category' for chatterbot)."
+    )
     local_val_fraction: float = _f(0.1, "Fraction of each client's data kept as its local validation slice.")
     instruction_column: str = _f("instruction", "causal-lm: column holding the instruction (prompt).")
-    input_column: str = _f("input", "causal-lm: optional column with extra input for the instruction (absent or empty = none).")
+    input_column: str = _f(
+        "input", "causal-lm: optional column with extra input for the instruction (absent or empty = none)."
+    )
     response_column: str = _f("response", "causal-lm: column holding the response the model learns to produce.")
-    group_column: str = _f("", "causal-lm: optional column grouping examples (used by non-IID partitioners); 'category' for chatterbot.")
-    prompt_template: PromptTemplate = _f("auto", "causal-lm: auto (the tokenizer's chat template when it has one, else alpaca), alpaca or plain.")
-    packing: bool = _f(False, "causal-lm: concatenate examples into full max-length blocks (each keeps its own loss mask).")
+    group_column: str = _f(
+        "", "causal-lm: optional column grouping examples (used by non-IID partitioners); 'category' for chatterbot."
+    )
+    prompt_template: PromptTemplate = _f(
+        "auto", "causal-lm: auto (the tokenizer's chat template when it has one, else alpaca), alpaca or plain."
+    )
+    packing: bool = _f(
+        False, "causal-lm: concatenate examples into full max-length blocks (each keeps its own loss mask)."
+    )
     max_new_tokens: int = _f(32, "causal-lm: tokens generated for each sample prompt after every round.")
-    sample_prompts: str = _f("", "causal-lm: '|'-separated prompts to generate from after every round; empty = the first 3 held-out instructions.")
+    sample_prompts: str = _f(
+        "",
+        "causal-lm: '|'-separated prompts to generate from after every round; empty = the first 3 held-out "
+        "instructions.",
+    )
 
     def check_data(self) -> None:
         for name in ("heldout_fraction", "local_val_fraction"):
@@ -221,18 +299,32 @@ class Training:
 
     title: ClassVar[str] = "local training"
 
-    device: str = _f("auto", "Where clients train and the server evaluates: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N; a deployed node's own `device` node-config key overrides it for that node.")
+    device: str = _f(
+        "auto",
+        "Where clients train and the server evaluates: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or "
+        "cuda:N; a deployed node's own `device` node-config key overrides it for that node.",
+    )
     local_epochs: int = _f(1, "Local epochs per round (ignored when local-steps > 0).")
     local_steps: int = _f(0, "Local optimizer steps per round; 0 = use local-epochs.")
     batch_size: int = _f(16, "Local training batch size.")
     eval_batch_size: int = _f(64, "Evaluation batch size.")
     learning_rate: float = _f(5e-3, "AdamW learning rate on the adapter (the peak, with lr-schedule = cosine).")
-    lr_schedule: LRSchedule = _f("constant", "constant, or cosine: decay from learning-rate to min-learning-rate over all rounds' local steps.")
+    lr_schedule: LRSchedule = _f(
+        "constant", "constant, or cosine: decay from learning-rate to min-learning-rate over all rounds' local steps."
+    )
     min_learning_rate: float = _f(0.0, "lr-schedule = cosine: the learning rate reached at the end of the last round.")
-    warmup_fraction: float = _f(0.0, "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule over the rest.")
+    warmup_fraction: float = _f(
+        0.0,
+        "Rise linearly from 0 to learning-rate over this fraction of all rounds' local steps, then follow lr-schedule "
+        "over the rest.",
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    group_by_length: bool = _f(False, "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data (chatterbot) it lowered accuracy in short runs.")
+    group_by_length: bool = _f(
+        False,
+        "Batch examples of similar length together: ~3x less padding, but on small, length-correlated client data "
+        "(chatterbot) it lowered accuracy in short runs.",
+    )
     seed: int = _f(42, "Seed for partitioning, sampling, initialisation and training.")
 
     def check_training(self) -> None:
@@ -245,11 +337,15 @@ class Training:
             _check_min(name, getattr(self, name), 0.0)
         _check_range("warmup_fraction", self.warmup_fraction, 0.0, 1.0, hi_open=True)
         if self.min_learning_rate > self.learning_rate:
-            raise ConfigError(f"min-learning-rate: expected at most learning-rate ({self.learning_rate}), "
-                              f"got {self.min_learning_rate}")
+            raise ConfigError(
+                f"min-learning-rate: expected at most learning-rate ({self.learning_rate}), "
+                f"got {self.min_learning_rate}"
+            )
         if self.local_steps > 0 and self.local_epochs != 1:
-            raise ConfigError(f"local-epochs: set to {self.local_epochs}, but local-steps = {self.local_steps} decides "
-                              "the local work instead; expected one of them, not both")
+            raise ConfigError(
+                f"local-epochs: set to {self.local_epochs}, but local-steps = {self.local_steps} decides "
+                "the local work instead; expected one of them, not both"
+            )
         check_device_spec(self.device)
 
 
@@ -259,18 +355,49 @@ class Privacy:
 
     title: ClassVar[str] = "differential privacy"
 
-    dp_sample: bool = _f(False, "Sample-level DP-SGD (Opacus) on every client: per-sample clipping, Gaussian noise, Poisson sampling.")
-    dp_mode: DPMode = _f("local", "With dp-sample: local (each client runs DP-SGD with the full noise on its own update) or distributed (one DP-SGD step a round over the whole federation: each client adds a share of Skellam noise to its clipped gradient sum, secure aggregation sums them, the server steps AdamW; needs secure-aggregation = true).")
-    dp_noise_multiplier: float = _f(0.0, "Sample-level noise multiplier; 0 = calibrate it from dp-target-epsilon over the planned rounds.")
-    dp_target_epsilon: float = _f(0.0, "Sample-level target epsilon after num-server-rounds (used when dp-noise-multiplier = 0).")
+    dp_sample: bool = _f(
+        False, "Sample-level DP-SGD (Opacus) on every client: per-sample clipping, Gaussian noise, Poisson sampling."
+    )
+    dp_mode: DPMode = _f(
+        "local",
+        "With dp-sample: local (each client runs DP-SGD with the full noise on its own update) or distributed (one "
+        "DP-SGD step a round over the whole federation: each client adds a share of Skellam noise to its clipped "
+        "gradient sum, secure aggregation sums them, the server steps AdamW; needs secure-aggregation = true).",
+    )
+    dp_noise_multiplier: float = _f(
+        0.0, "Sample-level noise multiplier; 0 = calibrate it from dp-target-epsilon over the planned rounds."
+    )
+    dp_target_epsilon: float = _f(
+        0.0, "Sample-level target epsilon after num-server-rounds (used when dp-noise-multiplier = 0)."
+    )
     dp_delta: float = _f(1e-5, "Delta of every (epsilon, delta) guarantee, sample- and client-level.")
     dp_clipping_norm: float = _f(1.0, "Sample-level per-sample gradient clipping norm.")
-    dp_batch_size: int = _f(0, "DP-SGD: expected Poisson batch per client (dp-mode = distributed: across the federation); 0 = auto, the training examples / 8 up to 1024 (8 steps an epoch). DP needs batches in the hundreds: noise sigma*C/B per coordinate drowns small batches (`fedtune plan` shows the ratio).")
-    dp_physical_batch_size: int = _f(-1, "DP-SGD: compute each Poisson batch in length-sorted chunks of this many examples; 0 = in one piece; -1 = auto: 8 on a CPU, one piece on a GPU. On a GPU a chunk that runs out of memory is halved. The update is the same.")
-    dp_epsilon_budget: float = _f(0.0, "A client refuses a round that would take its epsilon above this; 0 = dp-target-epsilon (no limit if that is 0).")
-    dp_client: ClientDP = _f("off", "Client-level DP with Flower's wrappers: off, server-fixed, client-fixed or server-adaptive clipping.")
-    dp_client_noise_multiplier: float = _f(1.0, "Client-level noise multiplier (noise std = multiplier * clipping norm / sampled clients).")
-    dp_client_clipping_norm: float = _f(0.5, "Client-level clipping norm of each client's adapter update (initial norm when adaptive).")
+    dp_batch_size: int = _f(
+        0,
+        "DP-SGD: expected Poisson batch per client (dp-mode = distributed: across the federation); 0 = auto, the "
+        "training examples / 8 up to 1024 (8 steps an epoch). DP needs batches in the hundreds: noise sigma*C/B per "
+        "coordinate drowns small batches (`fedtune plan` shows the ratio).",
+    )
+    dp_physical_batch_size: int = _f(
+        -1,
+        "DP-SGD: compute each Poisson batch in length-sorted chunks of this many examples; 0 = in one piece; -1 = "
+        "auto: 8 on a CPU, one piece on a GPU. On a GPU a chunk that runs out of memory is halved. The update is the "
+        "same.",
+    )
+    dp_epsilon_budget: float = _f(
+        0.0,
+        "A client refuses a round that would take its epsilon above this; 0 = dp-target-epsilon (no limit if that is "
+        "0).",
+    )
+    dp_client: ClientDP = _f(
+        "off", "Client-level DP with Flower's wrappers: off, server-fixed, client-fixed or server-adaptive clipping."
+    )
+    dp_client_noise_multiplier: float = _f(
+        1.0, "Client-level noise multiplier (noise std = multiplier * clipping norm / sampled clients)."
+    )
+    dp_client_clipping_norm: float = _f(
+        0.5, "Client-level clipping norm of each client's adapter update (initial norm when adaptive)."
+    )
     dp_client_epsilon_budget: float = _f(0.0, "Federation-level epsilon the server will not exceed (0 = no limit).")
 
     def check_privacy(self) -> None:
@@ -296,11 +423,15 @@ class Privacy:
                         f"with it, or {name.replace('_', '-')} = 0"
                     )
             if self.dp_mode == "distributed":
-                raise ConfigError("dp-mode: set to 'distributed', but dp-sample = false, so no DP would run; expected "
-                                  "dp-sample = true with it, or dp-mode = 'local'")
+                raise ConfigError(
+                    "dp-mode: set to 'distributed', but dp-sample = false, so no DP would run; expected "
+                    "dp-sample = true with it, or dp-mode = 'local'"
+                )
         if self.dp_client == "off" and self.dp_client_epsilon_budget != 0:
-            raise ConfigError(f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
-                              "'off', so no client-level DP would run; expected a dp-client mode with it, or 0")
+            raise ConfigError(
+                f"dp-client-epsilon-budget: set to {self.dp_client_epsilon_budget}, but dp-client = "
+                "'off', so no client-level DP would run; expected a dp-client mode with it, or 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -310,8 +441,14 @@ class Outputs:
     title: ClassVar[str] = "outputs"
 
     run_dir: str = _f("", "Run directory; empty = runs/<timestamp>.")
-    best_metric: BestMetric = _f("auto", "Held-out metric that picks adapters/best and drives early stopping; auto = macro-f1 for classification, loss for causal-lm.")
-    early_stopping_rounds: int = _f(0, "End the run (status early-stopped) after this many rounds without a better best-metric; 0 = off.")
+    best_metric: BestMetric = _f(
+        "auto",
+        "Held-out metric that picks adapters/best and drives early stopping; auto = macro-f1 for classification, loss "
+        "for causal-lm.",
+    )
+    early_stopping_rounds: int = _f(
+        0, "End the run (status early-stopped) after this many rounds without a better best-metric; 0 = off."
+    )
     resume: bool = _f(False, "Resume the run in `run-dir` from its last completed round.")
 
     def check_outputs(self) -> None:
@@ -330,8 +467,15 @@ class FedtuneConfig(Outputs, Privacy, Training, DataSettings, ModelSettings, Upd
 
     def __post_init__(self) -> None:
         _check_types(self)
-        for check in (self.check_federation, self.check_update_validation, self.check_model, self.check_data,
-                      self.check_training, self.check_privacy, self.check_outputs):
+        for check in (
+            self.check_federation,
+            self.check_update_validation,
+            self.check_model,
+            self.check_data,
+            self.check_training,
+            self.check_privacy,
+            self.check_outputs,
+        ):
             check()
         check_across(self)
 
@@ -363,23 +507,32 @@ class FedtuneConfig(Outputs, Privacy, Training, DataSettings, ModelSettings, Upd
 
 
 # Settings that only one choice of another setting reads: (key, its default, the setting, the choice).
-ONLY_WITH = (("dirichlet_alpha", 1.0, "partitioner", "dirichlet"), ("shards_per_client", 2, "partitioner", "shards"),
-             ("partition_column", "", "partitioner", "natural"))
+ONLY_WITH = (
+    ("dirichlet_alpha", 1.0, "partitioner", "dirichlet"),
+    ("shards_per_client", 2, "partitioner", "shards"),
+    ("partition_column", "", "partitioner", "natural"),
+)
 
 
 def _check_unused_data_settings(cfg: DataSettings) -> None:
     """Pairs of data settings that cannot both take effect: refused, naming both, rather than one ignored."""
     for name, default, other, choice in ONLY_WITH:
         if getattr(cfg, name) != default and getattr(cfg, other) != choice:
-            raise ConfigError(f"{name.replace('_', '-')}: set to {getattr(cfg, name)!r}, but {other} = "
-                              f"{getattr(cfg, other)!r} does not use it; expected {other} = {choice!r} with it, or "
-                              f"{name.replace('_', '-')} left at {default!r}")
+            raise ConfigError(
+                f"{name.replace('_', '-')}: set to {getattr(cfg, name)!r}, but {other} = "
+                f"{getattr(cfg, other)!r} does not use it; expected {other} = {choice!r} with it, or "
+                f"{name.replace('_', '-')} left at {default!r}"
+            )
     if cfg.local_val_fraction >= 1.0:
-        raise ConfigError(f"local-val-fraction: expected a value below 1, got {cfg.local_val_fraction} (every "
-                          "client's data would go to validation, none to training)")
+        raise ConfigError(
+            f"local-val-fraction: expected a value below 1, got {cfg.local_val_fraction} (every "
+            "client's data would go to validation, none to training)"
+        )
     if cfg.heldout_data and cfg.heldout_fraction != 0.2:
-        raise ConfigError(f"heldout-fraction: set to {cfg.heldout_fraction}, but heldout-data = {cfg.heldout_data!r} "
-                          "is the held-out set, so nothing is split off `data`; expected one of them")
+        raise ConfigError(
+            f"heldout-fraction: set to {cfg.heldout_fraction}, but heldout-data = {cfg.heldout_data!r} "
+            "is the held-out set, so nothing is split off `data`; expected one of them"
+        )
 
 
 def check_across(cfg: FedtuneConfig) -> None:
@@ -388,32 +541,45 @@ def check_across(cfg: FedtuneConfig) -> None:
     _check_secure_aggregation(cfg)  # first: its refusals say why an option cannot serve it
     rules = TASK_RULES[cfg.task]
     if rules.labelled and cfg.text_column == cfg.label_column:
-        raise ConfigError(f"text-column / label-column: expected two different columns, got {cfg.text_column!r} "
-                          "for both (the model would read the answer)")
+        raise ConfigError(
+            f"text-column / label-column: expected two different columns, got {cfg.text_column!r} "
+            "for both (the model would read the answer)"
+        )
     for name, other in TASK_RULES.items():  # settings another task reads, at their neutral value here
         for key, neutral in other.only.items():
             if name != cfg.task and key not in rules.only and getattr(cfg, key) != neutral:
-                raise ConfigError(f"{key.replace('_', '-')}: only used with task = {name!r}, got "
-                                  f"{getattr(cfg, key)!r} with task = {cfg.task!r}")
+                raise ConfigError(
+                    f"{key.replace('_', '-')}: only used with task = {name!r}, got "
+                    f"{getattr(cfg, key)!r} with task = {cfg.task!r}"
+                )
     if cfg.best_metric != "auto" and cfg.best_metric not in rules.best_metrics:
-        raise ConfigError(f"best-metric: expected auto or {' or '.join(rules.best_metrics)} with "
-                          f"task = {cfg.task!r}, got {cfg.best_metric!r}")
+        raise ConfigError(
+            f"best-metric: expected auto or {' or '.join(rules.best_metrics)} with "
+            f"task = {cfg.task!r}, got {cfg.best_metric!r}"
+        )
     if cfg.compute_dtype == "float16" and cfg.dp_sample:
-        raise ConfigError("compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
-                          "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)")
+        raise ConfigError(
+            "compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
+            "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)"
+        )
     if cfg.packing and cfg.dp_sample:
-        raise ConfigError("packing: expected false with dp-sample = true (a packed block mixes examples and an "
-                          "example can span two blocks, so the per-example guarantee would not hold), got true")
+        raise ConfigError(
+            "packing: expected false with dp-sample = true (a packed block mixes examples and an "
+            "example can span two blocks, so the per-example guarantee would not hold), got true"
+        )
     if cfg.dp_client != "off" and not cfg.validate_updates:
-        raise ConfigError("validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), "
-                          "got false")
+        raise ConfigError(
+            "validate-updates: expected true with dp-client (clipping needs finite, non-zero updates), got false"
+        )
 
 
 def _check_secure_aggregation(cfg: FedtuneConfig) -> None:
     """Secure aggregation and distributed DP against the options they cannot serve."""
     if cfg.dp_mode == "distributed" and not cfg.secure_aggregation:
-        raise ConfigError("dp-mode: 'distributed' needs secure-aggregation = true, got false (each client adds only "
-                          "a share of the noise: an update seen alone would be under-noised)")
+        raise ConfigError(
+            "dp-mode: 'distributed' needs secure-aggregation = true, got false (each client adds only "
+            "a share of the noise: an update seen alone would be under-noised)"
+        )
     if not cfg.secure_aggregation:
         return
     needs_updates = {
@@ -424,19 +590,28 @@ def _check_secure_aggregation(cfg: FedtuneConfig) -> None:
     }
     for key, (on, why) in needs_updates.items():
         if on:
-            raise ConfigError(f"{key}: set to {getattr(cfg, key.replace('-', '_'))!r}, but secure-aggregation = true "
-                              f"and {why}; expected it off with secure aggregation")
+            raise ConfigError(
+                f"{key}: set to {getattr(cfg, key.replace('-', '_'))!r}, but secure-aggregation = true "
+                f"and {why}; expected it off with secure aggregation"
+            )
     if cfg.strategy not in MEAN_STRATEGIES:
-        raise ConfigError(f"strategy: expected one of {list(MEAN_STRATEGIES)} with secure-aggregation = true (they "
-                          f"aggregate by a weighted mean, which a secure sum gives), got {cfg.strategy!r}, which "
-                          "needs every update")
+        raise ConfigError(
+            f"strategy: expected one of {list(MEAN_STRATEGIES)} with secure-aggregation = true (they "
+            f"aggregate by a weighted mean, which a secure sum gives), got {cfg.strategy!r}, which "
+            "needs every update"
+        )
     if cfg.dp_mode == "distributed":
-        fixed = {"strategy": ("fedavg", "the server's own AdamW takes the DP-SGD step"),
-                 "local-steps": (0, "a round is one DP-SGD step"), "local-epochs": (1, "a round is one DP-SGD step")}
+        fixed = {
+            "strategy": ("fedavg", "the server's own AdamW takes the DP-SGD step"),
+            "local-steps": (0, "a round is one DP-SGD step"),
+            "local-epochs": (1, "a round is one DP-SGD step"),
+        }
         for key, (neutral, why) in fixed.items():
             if getattr(cfg, key.replace("-", "_")) != neutral:
-                raise ConfigError(f"{key}: expected {neutral!r} with dp-mode = 'distributed' ({why}), got "
-                                  f"{getattr(cfg, key.replace('-', '_'))!r}")
+                raise ConfigError(
+                    f"{key}: expected {neutral!r} with dp-mode = 'distributed' ({why}), got "
+                    f"{getattr(cfg, key.replace('-', '_'))!r}"
+                )
 
 
 DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -469,17 +644,16 @@ def parse_run_config(raw: Mapping[str, Any], *, ignore: tuple[str, ...] = ()) ->
         if key in ignore or REMOVED_KEYS.get(key.replace("_", "-"), object()) == value:
             continue  # a transport key, or a removed option at its neutral value (an older run's config)
         if key.replace("_", "-") in MOVED_KEYS:
-            raise ConfigError(f"{key}: expected no such run-config key, got {value!r}: "
-                              f"{MOVED_KEYS[key.replace('_', '-')]}")
+            raise ConfigError(
+                f"{key}: expected no such run-config key, got {value!r}: {MOVED_KEYS[key.replace('_', '-')]}"
+            )
         name = key.replace("-", "_")
         if name not in known:
             unknown.append(key)
             continue
         kwargs[name] = _coerce(key, value, hints[name])
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {sorted(unknown)}; expected some of: {', '.join(config_keys())}"
-        )
+        raise ConfigError(f"unknown config key(s) {sorted(unknown)}; expected some of: {', '.join(config_keys())}")
     try:
         return FedtuneConfig(**kwargs)
     except TypeError as err:  # should not happen after _coerce, but never hide it

@@ -72,7 +72,7 @@ def generated_files(repo) -> dict:
     repo = Path(repo)
     pyproject = (repo / "pyproject.toml").read_text()
     head, rest = pyproject.split("[tool.flwr.app.config]\n", 1)
-    tail = rest[rest.index("\n[") + 1:] if "\n[" in rest else ""
+    tail = rest[rest.index("\n[") + 1 :] if "\n[" in rest else ""
     new_pyproject = head + pyproject_block() + ("\n\n" + tail if tail else "")
     docs = (repo / "docs" / "configuration.md").read_text()
     begin, end = REFERENCE_MARKERS
@@ -85,8 +85,11 @@ if __name__ == "__main__":
     import sys
     from pathlib import Path
 
-    stale = [(path, new) for path, (old, new) in generated_files(Path(__file__).resolve().parent.parent).items()
-             if old != new]
+    stale = [
+        (path, new)
+        for path, (old, new) in generated_files(Path(__file__).resolve().parent.parent).items()
+        if old != new
+    ]
     if "--write" in sys.argv:
         for path, new in stale:
             path.write_text(new)

@@ -14,6 +14,7 @@ import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,7 @@ class LabelMap:
         index = {n: i for i, n in enumerate(self.names)}
         unknown = sorted(set(labels) - set(index), key=_label_sort_key)
         if unknown:
-            raise DataError(
-                f"{where}: label(s) {unknown[:10]} are not in the federation's labels {list(self.names)}"
-            )
+            raise DataError(f"{where}: label(s) {unknown[:10]} are not in the federation's labels {list(self.names)}")
         return np.array([index[label] for label in labels], dtype=np.int64)
 
     def __len__(self) -> int:
@@ -89,16 +88,21 @@ def _label_sort_key(label: str):
 
 @functools.lru_cache(maxsize=8)
 def load_source(
-    source: str, *, data_format: str = "auto", text_column: str = "text",
-    label_column: str = "label", column_names: str = "",
+    source: str,
+    *,
+    data_format: str = "auto",
+    text_column: str = "text",
+    label_column: str = "label",
+    column_names: str = "",
 ) -> TextDataset:
     """Load one data source; cached so a process reads and parses each file once."""
     if source == PACKAGED_CHATTERBOT:
         return load_chatterbot()
     if source.startswith(HF_PREFIX):
-        return load_hf(source[len(HF_PREFIX):], text_column=text_column, label_column=label_column)
-    return load_file(source, data_format=data_format, text_column=text_column,
-                     label_column=label_column, column_names=column_names)
+        return load_hf(source[len(HF_PREFIX) :], text_column=text_column, label_column=label_column)
+    return load_file(
+        source, data_format=data_format, text_column=text_column, label_column=label_column, column_names=column_names
+    )
 
 
 def load_chatterbot() -> TextDataset:
@@ -118,15 +122,22 @@ def load_chatterbot() -> TextDataset:
                 ambiguous.add(text)
     items = [(t, c) for t, c in seen.items() if t not in ambiguous]
     return TextDataset(
-        texts=[t for t, _ in items], labels=[c for _, c in items],
-        columns={"category": [c for _, c in items]}, source=PACKAGED_CHATTERBOT,
+        texts=[t for t, _ in items],
+        labels=[c for _, c in items],
+        columns={"category": [c for _, c in items]},
+        source=PACKAGED_CHATTERBOT,
     )
 
 
 @functools.lru_cache(maxsize=8)
 def load_instructions(
-    source: str, *, data_format: str = "auto", instruction_column: str = "instruction",
-    input_column: str = "input", response_column: str = "response", group_column: str = "",
+    source: str,
+    *,
+    data_format: str = "auto",
+    instruction_column: str = "instruction",
+    input_column: str = "input",
+    response_column: str = "response",
+    group_column: str = "",
     column_names: str = "",
 ) -> TextDataset:
     """Instruction data for causal-LM tuning: `texts` hold the instructions, `columns` the
@@ -135,7 +146,7 @@ def load_instructions(
     if source == PACKAGED_CHATTERBOT:
         return load_chatterbot_pairs()
     if source.startswith(HF_PREFIX):
-        rows, where = _hf_rows(source[len(HF_PREFIX):]), source
+        rows, where = _hf_rows(source[len(HF_PREFIX) :]), source
     else:
         file = existing_file(source)
         rows, where = _read_rows(file, data_format, column_names), str(file)
@@ -161,9 +172,12 @@ def load_instructions(
         inputs.append("" if extra is None else str(extra))
         groups.append(_label_str(row[group_column]) if group_column else "all")
     if bad:
-        raise DataError(f"{where}: expected an instruction and a response in every row, rows {bad[:10]} have an empty one")
-    return TextDataset(texts=instructions, labels=groups, columns={"input": inputs, "response": responses},
-                       source=where)
+        raise DataError(
+            f"{where}: expected an instruction and a response in every row, rows {bad[:10]} have an empty one"
+        )
+    return TextDataset(
+        texts=instructions, labels=groups, columns={"input": inputs, "response": responses}, source=where
+    )
 
 
 def load_chatterbot_pairs() -> TextDataset:
@@ -173,20 +187,23 @@ def load_chatterbot_pairs() -> TextDataset:
     seen = set()
     for category, conversation in _chatterbot_conversations():
         turns = [" ".join(u.split()) for u in conversation if isinstance(u, str) and u.strip()]
-        for prompt, reply in zip(turns, turns[1:]):
+        for prompt, reply in pairwise(turns):
             if (prompt, reply) not in seen:
                 seen.add((prompt, reply))
                 instructions.append(prompt)
                 responses.append(reply)
                 groups.append(category)
-    return TextDataset(texts=instructions, labels=groups,
-                       columns={"input": [""] * len(groups), "response": responses, "category": list(groups)},
-                       source=PACKAGED_CHATTERBOT)
+    return TextDataset(
+        texts=instructions,
+        labels=groups,
+        columns={"input": [""] * len(groups), "response": responses, "category": list(groups)},
+        source=PACKAGED_CHATTERBOT,
+    )
 
 
 def _chatterbot_conversations():
-    import yaml
     import chatterbot_corpus
+    import yaml
 
     folder = Path(chatterbot_corpus.__file__).parent / "data" / "english"
     files = sorted(folder.glob("*.yml"))
@@ -208,9 +225,11 @@ def _read_rows(file: Path, data_format: str, column_names: str) -> list[dict]:
     try:
         text = blob.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = blob[:err.start].count(b"\n") + 1
-        raise DataError(f"{file}:{line}: expected UTF-8 text, got the byte {blob[err.start]:#04x}, which is not "
-                        "UTF-8 (save the file as UTF-8)") from None
+        line = blob[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{file}:{line}: expected UTF-8 text, got the byte {blob[err.start]:#04x}, which is not "
+            "UTF-8 (save the file as UTF-8)"
+        ) from None
     if fmt in ("csv", "tsv"):
         return _read_delimited(file, text, "\t" if fmt == "tsv" else ",", names)
     return _read_jsonl(file, text)
@@ -230,15 +249,21 @@ def existing_file(path: str) -> Path:
     """The data file at `path`, or a DataError that says what is there instead."""
     file = Path(path).expanduser()
     if file.is_dir():
-        raise DataError(f"data: expected a CSV/TSV/JSONL/Parquet file, got {path!r}, which is a folder; name a file in it")
+        raise DataError(
+            f"data: expected a CSV/TSV/JSONL/Parquet file, got {path!r}, which is a folder; name a file in it"
+        )
     if not file.is_file():
         raise DataError(f"data: expected an existing CSV/TSV/JSONL/Parquet file, got {path!r} (not found)")
     return file
 
 
 def load_file(
-    path: str, *, data_format: str = "auto", text_column: str = "text",
-    label_column: str = "label", column_names: str = "",
+    path: str,
+    *,
+    data_format: str = "auto",
+    text_column: str = "text",
+    label_column: str = "label",
+    column_names: str = "",
 ) -> TextDataset:
     """Load a CSV, TSV, JSONL or Parquet file with the named text and label columns."""
     file = existing_file(path)
@@ -291,13 +316,13 @@ def _read_delimited(file: Path, text: str, delimiter: str, names: list[str] | No
             if not values:
                 continue
             if len(values) != len(header):
-                raise DataError(
-                    f"{file}:{line}: expected {len(header)} fields ({header}), got {len(values)}"
-                )
-            rows.append(dict(zip(header, values)))
+                raise DataError(f"{file}:{line}: expected {len(header)} fields ({header}), got {len(values)}")
+            rows.append(dict(zip(header, values, strict=True)))
     except csv.Error as err:  # e.g. a field over csv's limit: usually a quote that is never closed
-        raise DataError(f"{file}:{reader.line_num}: expected {'tab' if delimiter == chr(9) else 'comma'}-separated "
-                        f"fields, got {err} (an unclosed quote?)") from None
+        raise DataError(
+            f"{file}:{reader.line_num}: expected {'tab' if delimiter == chr(9) else 'comma'}-separated "
+            f"fields, got {err} (an unclosed quote?)"
+        ) from None
     return rows
 
 
@@ -341,7 +366,9 @@ def load_hf(spec: str, *, text_column: str, label_column: str) -> TextDataset:
     feature = ds.features[label_column]
     if hasattr(feature, "int2str"):
         labels = [feature.int2str(v) for v in labels]
-    return TextDataset(texts=[str(t) for t in ds[text_column]], labels=[_label_str(v) for v in labels], source=f"hf:{spec}")
+    return TextDataset(
+        texts=[str(t) for t in ds[text_column]], labels=[_label_str(v) for v in labels], source=f"hf:{spec}"
+    )
 
 
 def stratified_split(labels: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

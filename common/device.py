@@ -33,12 +33,16 @@ def resolve_device(spec: str, *, where: str = "device") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ConfigError(f"{where} = {spec!r}: expected a CUDA GPU, but torch sees none (torch.cuda.is_available() "
-                          "is False: a CPU-only torch build, or no driver); use device = 'auto' or 'cpu'")
+        raise ConfigError(
+            f"{where} = {spec!r}: expected a CUDA GPU, but torch sees none (torch.cuda.is_available() "
+            "is False: a CPU-only torch build, or no driver); use device = 'auto' or 'cpu'"
+        )
     index = int(spec.split(":")[1]) if ":" in spec else 0
     if index >= torch.cuda.device_count():
-        raise ConfigError(f"{where} = {spec!r}: expected a GPU index below {torch.cuda.device_count()} (the GPUs torch "
-                          f"sees), got {index}")
+        raise ConfigError(
+            f"{where} = {spec!r}: expected a GPU index below {torch.cuda.device_count()} (the GPUs torch "
+            f"sees), got {index}"
+        )
     return torch.device(f"cuda:{index}")
 
 
@@ -62,8 +66,10 @@ def check_precision(device: torch.device, compute_dtype: str, load_in: str = "no
     """Mixed precision and 8/4-bit bases (QLoRA) are for CUDA devices: refuse them, saying so,
     where training runs on a CPU, and refuse QLoRA where bitsandbytes is missing."""
     if compute_dtype != "float32" and device.type != "cuda":
-        raise ConfigError(f"compute-dtype = {compute_dtype!r}: expected a CUDA device for mixed precision, got "
-                          f"{device.type} (device resolves to it here); use compute-dtype = 'float32' on a CPU")
+        raise ConfigError(
+            f"compute-dtype = {compute_dtype!r}: expected a CUDA device for mixed precision, got "
+            f"{device.type} (device resolves to it here); use compute-dtype = 'float32' on a CPU"
+        )
     problems = quantization_problems(device, load_in)
     if problems:
         raise ConfigError(f"load-in = {load_in!r}: " + "; ".join(problems) + "; or use load-in = 'none'")
@@ -78,8 +84,10 @@ def quantization_problems(device: torch.device, load_in: str, *, bitsandbytes: b
         bitsandbytes = importlib.util.find_spec("bitsandbytes") is not None
     problems = []
     if device.type != "cuda":
-        problems.append(f"expected a CUDA GPU for bitsandbytes' 8/4-bit kernels, but device resolves to "
-                        f"{device.type} here (torch.cuda.is_available() is {torch.cuda.is_available()})")
+        problems.append(
+            f"expected a CUDA GPU for bitsandbytes' 8/4-bit kernels, but device resolves to "
+            f"{device.type} here (torch.cuda.is_available() is {torch.cuda.is_available()})"
+        )
     if not bitsandbytes:
         problems.append("expected the bitsandbytes package, which is not installed (pip install 'fedtune[qlora]')")
     return problems

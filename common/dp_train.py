@@ -25,8 +25,17 @@ from torch.utils.data import DataLoader, Dataset
 from common.device import autocast, model_device, noise_generator
 from common.errors import FedtuneError
 from common.opacus import (
-    DPDataLoader, DPOptimizer, GradSampleModule, UniformWithReplacementSampler, clipped_sum, drop_clipped_sums,
-    drop_pending_skips, empty_grad_samples, forget_activations, grad_samples_in_param_dtype, remove_hooks,
+    DPDataLoader,
+    DPOptimizer,
+    GradSampleModule,
+    UniformWithReplacementSampler,
+    clipped_sum,
+    drop_clipped_sums,
+    drop_pending_skips,
+    empty_grad_samples,
+    forget_activations,
+    grad_samples_in_param_dtype,
+    remove_hooks,
     reset_forward_counters,
 )
 from common.privacy import Mechanism
@@ -79,10 +88,21 @@ def poisson_loader(data: EncodedData, *, batch_size: int, pad_id: int, seed: int
 
 
 def dp_train(
-    model: torch.nn.Module, data: EncodedData, *, pad_id: int, steps: int, batch_size: int,
-    learning_rate: float, weight_decay: float, noise_multiplier: float, clipping_norm: float, seed: int,
-    progress: Callable[[int, int, float], None] | None = None, physical_batch_size: int = 0,
-    lr_at: Callable[[float], float] | None = None, compute_dtype: str = "float32",
+    model: torch.nn.Module,
+    data: EncodedData,
+    *,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    noise_multiplier: float,
+    clipping_norm: float,
+    seed: int,
+    progress: Callable[[int, int, float], None] | None = None,
+    physical_batch_size: int = 0,
+    lr_at: Callable[[float], float] | None = None,
+    compute_dtype: str = "float32",
 ) -> tuple[TrainResult, Mechanism]:
     """`steps` DP-SGD steps (per-sample clipping to `clipping_norm`, Gaussian noise).
 
@@ -99,8 +119,10 @@ def dp_train(
     computed in float32 as without it. float16 is refused (its loss scaling would scale what is clipped).
     """
     if compute_dtype == "float16":
-        raise DPTrainingError("DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
-                              "would scale the per-sample gradients before they are clipped)")
+        raise DPTrainingError(
+            "DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
+            "would scale the per-sample gradients before they are clipped)"
+        )
     if len(data) == 0:
         raise DPTrainingError("DP training: expected at least one example, got none")
     torch.manual_seed(seed)
@@ -112,7 +134,8 @@ def dp_train(
     try:
         optimizer = DPOptimizer(
             torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay),
-            noise_multiplier=noise_multiplier, max_grad_norm=clipping_norm,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=clipping_norm,
             expected_batch_size=max(1, round(loader.sample_rate * len(data))),
             generator=noise_generator(seed + 1, device),
         )
@@ -143,8 +166,9 @@ def dp_train(
     return result, mechanism
 
 
-def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, physical: int,
-                  compute_dtype: str = "float32") -> StepOutcome:
+def _logical_step(
+    gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, physical: int, compute_dtype: str = "float32"
+) -> StepOutcome:
     """One DP-SGD step on a logical (Poisson) batch: clip and accumulate it (`_accumulate`), then
     noise the sum and apply the update once (`_release`)."""
     outcome = _accumulate(gsm, optimizer, ids, mask, labels, device, physical, compute_dtype)
@@ -155,8 +179,9 @@ def _logical_step(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.
     return outcome
 
 
-def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, physical: int,
-                compute_dtype: str = "float32") -> StepOutcome:
+def _accumulate(
+    gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, physical: int, compute_dtype: str = "float32"
+) -> StepOutcome:
     """Clip every example's gradient and add it to the parameters' clipped sums (Opacus' skipped
     steps), in length-sorted physical chunks. The batch arrives on the CPU, where the chunks and
     their widths are planned; each chunk then moves to `device`, and the loss is read back once
@@ -168,8 +193,9 @@ def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.de
     for chunk in chunks:
         width = int(lengths[chunk].max())
         chunk_labels = labels[chunk, :width] if labels.dim() == 2 else labels[chunk]  # token labels are cut too
-        chunk_ids, chunk_mask, chunk_labels = (t.to(device, non_blocking=True)
-                                               for t in (ids[chunk, :width], mask[chunk, :width], chunk_labels))
+        chunk_ids, chunk_mask, chunk_labels = (
+            t.to(device, non_blocking=True) for t in (ids[chunk, :width], mask[chunk, :width], chunk_labels)
+        )
         with autocast(device, compute_dtype):
             logits = gsm(input_ids=chunk_ids, attention_mask=chunk_mask).logits
         loss = batch_loss(logits.float(), chunk_labels)
@@ -186,8 +212,15 @@ def _accumulate(gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.de
 
 
 def clipped_gradient_sum(
-    model: torch.nn.Module, data: EncodedData, *, pad_id: int, sample_rate: float, clipping_norm: float,
-    seed: int, physical_batch_size: int = AUTO_CHUNK, compute_dtype: str = "float32",
+    model: torch.nn.Module,
+    data: EncodedData,
+    *,
+    pad_id: int,
+    sample_rate: float,
+    clipping_norm: float,
+    seed: int,
+    physical_batch_size: int = AUTO_CHUNK,
+    compute_dtype: str = "float32",
 ) -> tuple[dict[str, np.ndarray], int]:
     """Distributed DP-SGD's client step: draw one Poisson sample of `data` at `sample_rate` and sum
     its per-example gradients, each clipped to `clipping_norm`. No noise and no update: the client
@@ -198,22 +231,32 @@ def clipped_gradient_sum(
     stays on the client: it depends on the data, so it must not travel unprotected.
     """
     if compute_dtype == "float16":
-        raise DPTrainingError("DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
-                              "would scale the per-sample gradients before they are clipped)")
+        raise DPTrainingError(
+            "DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
+            "would scale the per-sample gradients before they are clipped)"
+        )
     if len(data) == 0:
         raise DPTrainingError("DP training: expected at least one example, got none")
     if not 0 < sample_rate <= 1:
         raise DPTrainingError(f"DP training: expected a sample rate in (0, 1], got {sample_rate}")
     torch.manual_seed(seed)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    loader = DPDataLoader(_Indices(data), sample_rate=sample_rate, collate_fn=_pad(data, pad_id),
-                          generator=torch.Generator().manual_seed(seed))
+    loader = DPDataLoader(
+        _Indices(data),
+        sample_rate=sample_rate,
+        collate_fn=_pad(data, pad_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
     device = model_device(model)
     ids, mask, labels = next(iter(loader))
     gsm = GradSampleModule(model)
     try:
-        optimizer = DPOptimizer(torch.optim.SGD([p for _, p in named], lr=0.0), noise_multiplier=0.0,
-                                max_grad_norm=clipping_norm, expected_batch_size=1)
+        optimizer = DPOptimizer(
+            torch.optim.SGD([p for _, p in named], lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=clipping_norm,
+            expected_batch_size=1,
+        )
         _check_same_parameters(gsm, optimizer)
         optimizer.zero_grad(set_to_none=True)
         chunking = Chunking.for_device(physical_batch_size, device)
@@ -225,8 +268,14 @@ def clipped_gradient_sum(
             except torch.cuda.OutOfMemoryError:
                 _discard_partial_step(gsm, optimizer)
                 chunking.shrink(len(labels))
-        sums = {n: (clipped_sum(p).detach().to("cpu", torch.float64).numpy() if clipped_sum(p) is not None
-                    else np.zeros(tuple(p.shape))) for n, p in named}
+        sums = {
+            n: (
+                clipped_sum(p).detach().to("cpu", torch.float64).numpy()
+                if clipped_sum(p) is not None
+                else np.zeros(tuple(p.shape))
+            )
+            for n, p in named
+        }
     finally:
         forget_activations(gsm)
         drop_clipped_sums(p for _, p in named)  # the cached model is reused: no clipped sum may outlive this call
@@ -255,10 +304,16 @@ class Chunking:
     def shrink(self, batch: int) -> None:
         smaller = (self.size or batch) // 2
         if smaller < 1:
-            raise DPTrainingError("DP step: out of GPU memory with one example at a time; use a smaller max-length, "
-                                  "model or compute-dtype = 'bfloat16'")
-        log.warning("DP-SGD: out of GPU memory with chunks of %d examples; computing the logical batch again in "
-                    "chunks of %d (set dp-physical-batch-size to start there)", self.size or batch, smaller)
+            raise DPTrainingError(
+                "DP step: out of GPU memory with one example at a time; use a smaller max-length, "
+                "model or compute-dtype = 'bfloat16'"
+            )
+        log.warning(
+            "DP-SGD: out of GPU memory with chunks of %d examples; computing the logical batch again in "
+            "chunks of %d (set dp-physical-batch-size to start there)",
+            self.size or batch,
+            smaller,
+        )
         self.size = smaller
 
 
@@ -297,5 +352,5 @@ def _check_same_parameters(gsm: GradSampleModule, optimizer: DPOptimizer) -> Non
 def _check_weights_moved(params: list[torch.Tensor], before: list[torch.Tensor]) -> None:
     if not all(torch.isfinite(p).all() for p in params):
         raise DPTrainingError("DP step: expected finite adapter weights, got NaN or Inf")
-    if all(torch.equal(p, b) for p, b in zip(params, before)):
+    if all(torch.equal(p, b) for p, b in zip(params, before, strict=True)):
         raise DPTrainingError("DP step: expected the adapter weights to change, they did not")

@@ -21,8 +21,6 @@ class AdapterMismatchError(FedtuneError, ValueError):
     """An adapter state does not match the model's trainable weights."""
 
 
-
-
 class CheckpointError(FedtuneError, RuntimeError):
     """A checkpoint is missing, corrupt or from an incompatible run."""
 

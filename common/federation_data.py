@@ -102,13 +102,16 @@ def _partitions(cfg: FedtuneConfig, num_partitions: int) -> list[np.ndarray]:
     groups = None
     if cfg.partitioner == "natural":
         if cfg.partition_column not in pool.columns:
-            raise DataError(
-                f"partition-column: expected one of {sorted(pool.columns)}, got {cfg.partition_column!r}"
-            )
+            raise DataError(f"partition-column: expected one of {sorted(pool.columns)}, got {cfg.partition_column!r}")
         groups = pool.columns[cfg.partition_column]
     return partition(
-        labels, num_partitions, method=cfg.partitioner, seed=cfg.seed,
-        alpha=cfg.dirichlet_alpha, shards_per_client=cfg.shards_per_client, groups=groups,
+        labels,
+        num_partitions,
+        method=cfg.partitioner,
+        seed=cfg.seed,
+        alpha=cfg.dirichlet_alpha,
+        shards_per_client=cfg.shards_per_client,
+        groups=groups,
     )
 
 

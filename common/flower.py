@@ -20,15 +20,34 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, 
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key, bytes_to_public_key, generate_key_pairs, private_key_to_bytes, public_key_to_bytes,
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
 )
 
 from common.records import state_to_record
 
-__all__ = ["KEY_CLIPPING_NORM", "STATEFUL_ATTRS", "OrderedGrid", "agreed_key", "dp_clipping_norm",
-           "federation_epsilon", "find_strategy", "join_shares", "load_strategy_state", "new_key_pair", "open_share",
-           "seal_share", "seed_sampling_and_noise", "set_dp_sample_size", "split_secret", "strategy_chain",
-           "strategy_state"]
+__all__ = [
+    "KEY_CLIPPING_NORM",
+    "STATEFUL_ATTRS",
+    "OrderedGrid",
+    "agreed_key",
+    "dp_clipping_norm",
+    "federation_epsilon",
+    "find_strategy",
+    "join_shares",
+    "load_strategy_state",
+    "new_key_pair",
+    "open_share",
+    "seal_share",
+    "seed_sampling_and_noise",
+    "set_dp_sample_size",
+    "split_secret",
+    "strategy_chain",
+    "strategy_state",
+]
 
 # Attributes of Flower's strategies that carry state from one round to the next (FedOpt's
 # current arrays and moments, FedAvgM's momentum, the adaptive DP wrapper's clipping norm).
@@ -139,19 +158,28 @@ def federation_epsilon(mechanisms: list[dict], delta: float) -> float:
     """Flower's own RDP accountant over the federation's rounds (each {noise_multiplier,
     sample_size, population}): the audit's independent check of the ledger's figure."""
     from flwr.supercore.privacy_accounting import (
-        GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod,
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
     )
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
     if not mechanisms:
         return 0.0
-    config = PrivacyConfig(target_delta=delta, population_size=max(m["population"] for m in mechanisms),
-                           neighboring_relation=NeighboringRelation.REPLACE_ONE,
-                           sampling_method=SamplingMethod.WITHOUT_REPLACEMENT)
+    config = PrivacyConfig(
+        target_delta=delta,
+        population_size=max(m["population"] for m in mechanisms),
+        neighboring_relation=NeighboringRelation.REPLACE_ONE,
+        sampling_method=SamplingMethod.WITHOUT_REPLACEMENT,
+    )
     accountant = RdpAccountant(config)
     for m in mechanisms:
-        accountant.compose(GaussianPrivacyEvent(noise_multiplier=m["noise_multiplier"],
-                                                sample_size=m["sample_size"], population_size=m["population"]))
+        accountant.compose(
+            GaussianPrivacyEvent(
+                noise_multiplier=m["noise_multiplier"], sample_size=m["sample_size"], population_size=m["population"]
+            )
+        )
     return float(accountant.get_epsilon(delta))
 
 
@@ -161,6 +189,7 @@ def federation_epsilon(mechanisms: list[dict], delta: float) -> float:
 # cryptography from Flower: EC key pairs (SECP384R1), ECDH + HKDF key agreement, Fernet
 # authenticated encryption, Shamir secret sharing (pycryptodome) and the framing of a share
 # pair. Flower's own mask generator is not used: it folds its seed to 32 bits (see secagg.py).
+
 
 def new_key_pair() -> tuple[bytes, bytes]:
     """A fresh (private, public) EC key pair, PEM-encoded."""

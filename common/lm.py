@@ -24,8 +24,11 @@ from common.errors import ConfigError, DataError
 from common.model import resolve_model_path, with_lora
 from common.train import IGNORE_INDEX as IGNORE
 from common.train import EncodedData
-ALPACA = ("Below is an instruction that describes a task{with_input}. Write a response that appropriately "
-          "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+ALPACA = (
+    "Below is an instruction that describes a task{with_input}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
@@ -42,8 +45,17 @@ def check_causal_lm(model: str) -> None:
 
 
 def build_lora_causal_lm(
-    model: str, *, r: int, alpha: float, dropout: float, target_modules: tuple[str, ...], seed: int,
-    freeze_a: bool = False, load_in: str = "none", device: str | None = None, compute_dtype: str = "float32",
+    model: str,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: tuple[str, ...],
+    seed: int,
+    freeze_a: bool = False,
+    load_in: str = "none",
+    device: str | None = None,
+    compute_dtype: str = "float32",
 ) -> PeftModel:
     """The base causal LM, loaded once per process, wrapped with a LoRA adapter.
 
@@ -64,8 +76,16 @@ def build_lora_causal_lm(
     else:
         base = quantized_base(model, load_in, torch.device(device), compute_dtype)
     torch.manual_seed(seed)  # LoRA's A matrices: the same whichever way the base was loaded (lora-freeze-a)
-    peft_model = with_lora(base, model, task_type=TaskType.CAUSAL_LM, r=r, alpha=alpha, dropout=dropout,
-                           target_modules=target_modules, freeze_a=freeze_a)
+    peft_model = with_lora(
+        base,
+        model,
+        task_type=TaskType.CAUSAL_LM,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        freeze_a=freeze_a,
+    )
     if load_in == "4bit":
         set_4bit_compute_dtype(peft_model, getattr(torch, compute_dtype))
     return peft_model
@@ -83,12 +103,20 @@ def quantized_base(model: str, load_in: str, device: torch.device, compute_dtype
         # Computing in float32 while LoRA is attached: PEFT rounds new LoRA weights through a 4-bit
         # layer's compute dtype, so a bfloat16 one would give other frozen A matrices than a
         # full-precision base (lora-freeze-a, export); set_4bit_compute_dtype switches it after.
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32)
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
     else:
         quantization = BitsAndBytesConfig(load_in_8bit=True)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), quantization_config=quantization,
-                                                dtype=torch.float32, device_map={"": device.index or 0})
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model),
+        quantization_config=quantization,
+        dtype=torch.float32,
+        device_map={"": device.index or 0},
+    )
     # Without gradient checkpointing: it would run each layer's forward twice under DP-SGD's
     # per-sample-gradient hooks; activation memory is bounded by batch-size and max-length.
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
@@ -107,12 +135,16 @@ def prompt_text(tokenizer, template: str, instruction: str, extra: str = "") -> 
     """The prompt for one example, ending where the response begins."""
     if template == "auto" and getattr(tokenizer, "chat_template", None):
         content = instruction if not extra else f"{instruction}\n\n{extra}"
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
     if template == "plain":
         return f"{instruction}\n{extra}\n" if extra else f"{instruction}\n"
-    return ALPACA.format(with_input=", paired with an input that provides further context" if extra else "",
-                         instruction=instruction, input_block=f"### Input:\n{extra}\n\n" if extra else "")
+    return ALPACA.format(
+        with_input=", paired with an input that provides further context" if extra else "",
+        instruction=instruction,
+        input_block=f"### Input:\n{extra}\n\n" if extra else "",
+    )
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -122,19 +154,22 @@ def _ids(tokenizer, text: str) -> list[int]:
 def eos_id(tokenizer) -> int:
     token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     if token is None:
-        raise ConfigError(f"model: expected a tokenizer with an EOS (or SEP) token, {tokenizer.name_or_path!r} has none")
+        raise ConfigError(
+            f"model: expected a tokenizer with an EOS (or SEP) token, {tokenizer.name_or_path!r} has none"
+        )
     return token
 
 
-def encode_example(tokenizer, template: str, instruction: str, extra: str, response: str,
-                   max_length: int) -> tuple[list[int], list[int]]:
+def encode_example(
+    tokenizer, template: str, instruction: str, extra: str, response: str, max_length: int
+) -> tuple[list[int], list[int]]:
     """Token ids and labels of one example; the prompt is cut from the left if the response
     would otherwise keep fewer than a quarter of max_length tokens."""
     prompt = _ids(tokenizer, prompt_text(tokenizer, template, instruction, extra))
     answer = _ids(tokenizer, response) + [eos_id(tokenizer)]
     keep_answer = min(len(answer), max(max_length - len(prompt), max_length // 4, 1))
     keep_prompt = min(len(prompt), max_length - keep_answer)
-    prompt = prompt[len(prompt) - keep_prompt:] if keep_prompt else []
+    prompt = prompt[len(prompt) - keep_prompt :] if keep_prompt else []
     answer = answer[:keep_answer]
     return prompt + answer, [IGNORE] * len(prompt) + answer
 
@@ -145,8 +180,12 @@ def encode_lm(data: TextDataset, tokenizer, *, template: str, max_length: int, p
     if key not in data.cache:
         if "response" not in data.columns:
             raise DataError(f"{data.source}: expected instruction data (a response column) for task = 'causal-lm'")
-        pairs = [encode_example(tokenizer, template, instruction, extra, response, max_length)
-                 for instruction, extra, response in zip(data.texts, data.columns["input"], data.columns["response"])]
+        pairs = [
+            encode_example(tokenizer, template, instruction, extra, response, max_length)
+            for instruction, extra, response in zip(
+                data.texts, data.columns["input"], data.columns["response"], strict=True
+            )
+        ]
         ids, labels = [p[0] for p in pairs], [p[1] for p in pairs]
         if packing:
             ids, labels = pack(ids, labels, max_length)
@@ -162,22 +201,29 @@ def pack(ids: list[list[int]], labels: list[list[int]], block: int) -> tuple[lis
     flat_labels = [t for seq in labels for t in seq]
     # The first token of each block has no predecessor in it: that label is never used.
     blocks = range(0, len(flat_ids), block)
-    return [flat_ids[i:i + block] for i in blocks], [flat_labels[i:i + block] for i in blocks]
+    return [flat_ids[i : i + block] for i in blocks], [flat_labels[i : i + block] for i in blocks]
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, tokenizer, prompts: list[str], *, template: str, max_new_tokens: int,
-             max_length: int) -> list[str]:
+def generate(
+    model: torch.nn.Module, tokenizer, prompts: list[str], *, template: str, max_new_tokens: int, max_length: int
+) -> list[str]:
     """Greedy continuations of each prompt (one at a time, so no left-padding is needed)."""
     model.eval()
     eos = eos_id(tokenizer)
     outputs = []
     for text in prompts:
-        prompt = _ids(tokenizer, prompt_text(tokenizer, template, text))[-max(1, max_length - max_new_tokens):]
+        prompt = _ids(tokenizer, prompt_text(tokenizer, template, text))[-max(1, max_length - max_new_tokens) :]
         ids = torch.tensor([prompt], dtype=torch.long)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-        outputs.append(tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip())
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs.append(tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip())
     return outputs
 
 

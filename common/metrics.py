@@ -30,17 +30,29 @@ def per_class(confusion: np.ndarray, names: Sequence[str]) -> dict[str, dict]:
         return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
     precision, recall, f1 = ratio(tp, predicted), ratio(tp, support), ratio(2 * tp, (support + predicted).astype(float))
-    return {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(support[i])} for i, name in enumerate(names)}
+    return {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
+    }
 
 
 def class_report(result: dict, names: Sequence[str]) -> dict:
     """The figures of a classification evaluation (common.train.evaluate) a person reads: overall,
     per class, and the confusion matrix with its label names."""
     confusion = result["confusion"]
-    return {"examples": result["examples"], "loss": result["loss"], "accuracy": result["accuracy"],
-            "macro_f1": result["macro_f1"], "per_class": per_class(confusion, names),
-            "confusion": {"labels": list(names), "counts": confusion.tolist()}}
+    return {
+        "examples": result["examples"],
+        "loss": result["loss"],
+        "accuracy": result["accuracy"],
+        "macro_f1": result["macro_f1"],
+        "per_class": per_class(confusion, names),
+        "confusion": {"labels": list(names), "counts": confusion.tolist()},
+    }
 
 
 def write_confusion_csv(path: Path, confusion: np.ndarray, names: Sequence[str]) -> None:
@@ -48,7 +60,7 @@ def write_confusion_csv(path: Path, confusion: np.ndarray, names: Sequence[str])
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["true \\ predicted", *names])
-        for name, row in zip(names, confusion):
+        for name, row in zip(names, confusion, strict=True):
             writer.writerow([name, *map(int, row)])
 
 
@@ -73,8 +85,15 @@ def plot_confusion(path: Path, confusion: np.ndarray, names: Sequence[str], titl
         for i in range(k):
             for j in range(k):
                 if confusion[i, j]:
-                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if share[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        int(confusion[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

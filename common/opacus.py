@@ -26,10 +26,23 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: 
 logging.root.handlers[:] = _root_handlers  # Opacus calls logging.basicConfig() on import: undone
 logging.getLogger("opacus.data_loader").addFilter(lambda rec: not rec.getMessage().startswith("First batch is empty"))
 
-__all__ = ["DPDataLoader", "DPOptimizer", "GradSampleModule", "PRVAccountant", "RDPAccountant",
-           "UniformWithReplacementSampler", "clipped_sum", "drop_clipped_sums", "drop_pending_skips",
-           "empty_grad_samples", "forget_activations", "grad_samples_in_param_dtype", "remove_hooks",
-           "reset_forward_counters", "accountant_with_history"]
+__all__ = [
+    "DPDataLoader",
+    "DPOptimizer",
+    "GradSampleModule",
+    "PRVAccountant",
+    "RDPAccountant",
+    "UniformWithReplacementSampler",
+    "clipped_sum",
+    "drop_clipped_sums",
+    "drop_pending_skips",
+    "empty_grad_samples",
+    "forget_activations",
+    "grad_samples_in_param_dtype",
+    "remove_hooks",
+    "reset_forward_counters",
+    "accountant_with_history",
+]
 
 
 def drop_pending_skips(optimizer: DPOptimizer) -> None:

@@ -34,7 +34,7 @@ def dirichlet(labels: np.ndarray, num_partitions: int, *, alpha: float, seed: in
             idx = rng.permutation(np.flatnonzero(labels == c))
             shares = rng.dirichlet(np.full(num_partitions, alpha))
             cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for part, chunk in zip(parts, np.split(idx, cuts)):
+            for part, chunk in zip(parts, np.split(idx, cuts), strict=True):
                 part.extend(chunk.tolist())
         if min(len(p) for p in parts) >= MIN_PARTITION_SIZE:
             return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
@@ -82,8 +82,14 @@ def natural(groups: list[str], num_partitions: int, *, seed: int) -> list[np.nda
 
 
 def partition(
-    labels: np.ndarray, num_partitions: int, *, method: str, seed: int, alpha: float = 1.0,
-    shards_per_client: int = 2, groups: list[str] | None = None,
+    labels: np.ndarray,
+    num_partitions: int,
+    *,
+    method: str,
+    seed: int,
+    alpha: float = 1.0,
+    shards_per_client: int = 2,
+    groups: list[str] | None = None,
 ) -> list[np.ndarray]:
     """Dispatch to one partitioner and refuse empty or too-small partitions."""
     if num_partitions < 1:

@@ -31,8 +31,13 @@ def _neighbours(ch: str) -> str:
         c = row.find(ch)
         if c < 0:
             continue
-        near = [_ROWS[r2][c2] for r2 in (r - 1, r, r + 1) if 0 <= r2 < len(_ROWS)
-                for c2 in (c - 1, c, c + 1) if 0 <= c2 < len(_ROWS[r2]) and (r2, c2) != (r, c)]
+        near = [
+            _ROWS[r2][c2]
+            for r2 in (r - 1, r, r + 1)
+            if 0 <= r2 < len(_ROWS)
+            for c2 in (c - 1, c, c + 1)
+            if 0 <= c2 < len(_ROWS[r2]) and (r2, c2) != (r, c)
+        ]
         return "".join(near)
     return ""
 
@@ -44,16 +49,16 @@ def _typo(word: str, rng: random.Random) -> str:
     i = rng.choice(letters)
     edit = rng.randrange(4)
     if edit == 0 and i + 1 < len(word):  # swap with the next character
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
     if edit == 1:  # drop
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     if edit == 2:  # double
         return word[:i] + word[i] + word[i:]
     near = _neighbours(word[i].lower())
     if not near:
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     slip = rng.choice(near)
-    return word[:i] + (slip.upper() if word[i].isupper() else slip) + word[i + 1:]
+    return word[:i] + (slip.upper() if word[i].isupper() else slip) + word[i + 1 :]
 
 
 def perturb_text(text: str, kind: str, rate: float, rng: random.Random) -> str:

@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-
 from typing import TYPE_CHECKING
 
 from common.errors import ConfigError
@@ -70,10 +69,13 @@ class Mechanism:
             raise ConfigError(f"sampling: expected {POISSON!r} or {WITHOUT_REPLACEMENT!r}, got {self.sampling!r}")
         if self.noise not in (GAUSSIAN, SKELLAM):
             raise ConfigError(f"noise: expected {GAUSSIAN!r} or {SKELLAM!r}, got {self.noise!r}")
-        if self.noise == SKELLAM and (self.sampling != POISSON or not self.l2_sensitivity > 0
-                                      or not self.l1_sensitivity > 0):
-            raise ConfigError("Skellam mechanism: expected Poisson sampling and L2 / L1 sensitivities > 0, got "
-                              f"{self.sampling}, {self.l2_sensitivity}, {self.l1_sensitivity}")
+        if self.noise == SKELLAM and (
+            self.sampling != POISSON or not self.l2_sensitivity > 0 or not self.l1_sensitivity > 0
+        ):
+            raise ConfigError(
+                "Skellam mechanism: expected Poisson sampling and L2 / L1 sensitivities > 0, got "
+                f"{self.sampling}, {self.l2_sensitivity}, {self.l1_sensitivity}"
+            )
 
     @property
     def variance(self) -> float:
@@ -119,14 +121,15 @@ def composed_event(mechanisms: Sequence[Mechanism]) -> dpa.DpEvent:
     return dpa.ComposedDpEvent([m.event() for m in grouped(mechanisms)])
 
 
-def epsilon_pld(mechanisms: Sequence[Mechanism], *, delta: float,
-                discretization: float = PLD_DISCRETIZATION) -> float:
+def epsilon_pld(mechanisms: Sequence[Mechanism], *, delta: float, discretization: float = PLD_DISCRETIZATION) -> float:
     """Tight epsilon of the composition (add/remove neighbours), Poisson sampling only."""
     if not any(m.steps for m in mechanisms):
         return 0.0
     if any(m.sampling != POISSON or m.noise != GAUSSIAN for m in mechanisms):
-        raise ConfigError("PLD accounting: expected Poisson-sampled Gaussian steps; use epsilon_rdp for fixed-size "
-                          "samples and Skellam noise")
+        raise ConfigError(
+            "PLD accounting: expected Poisson-sampled Gaussian steps; use epsilon_rdp for fixed-size "
+            "samples and Skellam noise"
+        )
     from dp_accounting import pld
 
     accountant = pld.PLDAccountant(value_discretization_interval=discretization)
@@ -170,8 +173,9 @@ def _epsilon_rdp_with_skellam(mechanisms: Sequence[Mechanism], *, delta: float) 
             total += np.asarray(accountant.rdp)
     for m in grouped(mechanisms):
         if m.noise == SKELLAM:
-            one = subsampled_skellam_rdp(rate=m.sample_rate, l2=m.l2_sensitivity, l1=m.l1_sensitivity,
-                                         variance=m.variance)
+            one = subsampled_skellam_rdp(
+                rate=m.sample_rate, l2=m.l2_sensitivity, l1=m.l1_sensitivity, variance=m.variance
+            )
             total += m.steps * np.asarray(one)
     eps, _ = rdp.compute_epsilon(list(ORDERS), total, delta)
     return float(eps)
@@ -199,8 +203,13 @@ def epsilon(mechanisms: Sequence[Mechanism], *, delta: float) -> tuple[float, st
     return epsilon_rdp(mechanisms, delta=delta), "rdp"
 
 
-def smallest_noise(eps_of: Callable[[float], float], target_epsilon: float, *, tolerance: float = 1e-3,
-                   search: Callable[[float], float] | None = None) -> float:
+def smallest_noise(
+    eps_of: Callable[[float], float],
+    target_epsilon: float,
+    *,
+    tolerance: float = 1e-3,
+    search: Callable[[float], float] | None = None,
+) -> float:
     """Smallest noise multiplier z with eps_of(z) <= target (bisection; never overshoots).
 
     `search`, when given, is a cheaper estimate of eps_of that drives the bisection; its
@@ -232,10 +241,12 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
 
     The bisection runs on a 10x coarser PLD grid; the answer is verified on the ledger's own grid.
     """
+
     def eps_at(discretization: float) -> Callable[[float], float]:
-        return lambda z: epsilon_pld([Mechanism(noise_multiplier=z, steps=steps, sample_rate=sample_rate)],
-                                     delta=delta, discretization=discretization)
+        return lambda z: epsilon_pld(
+            [Mechanism(noise_multiplier=z, steps=steps, sample_rate=sample_rate)],
+            delta=delta,
+            discretization=discretization,
+        )
 
     return smallest_noise(eps_at(PLD_DISCRETIZATION), target_epsilon, search=eps_at(10 * PLD_DISCRETIZATION))
-
-

@@ -80,8 +80,14 @@ class SampleLevelPlan:
 
     def verdicts(self) -> list[str]:
         """Short names of the problems: 'noise drowns signal', 'weak noise'; empty when fine."""
-        return [name for name, ok in (("noise drowns signal", self.averaged_noise_to_signal <= NOISE_TO_SIGNAL_LIMIT),
-                                      ("weak noise", self.noise_multiplier >= WEAK_NOISE_LIMIT)) if not ok]
+        return [
+            name
+            for name, ok in (
+                ("noise drowns signal", self.averaged_noise_to_signal <= NOISE_TO_SIGNAL_LIMIT),
+                ("weak noise", self.noise_multiplier >= WEAK_NOISE_LIMIT),
+            )
+            if not ok
+        ]
 
     def problems(self) -> list[str]:
         """Why this setting wastes budget or cannot learn, with its numbers; empty when it is fine."""
@@ -100,33 +106,61 @@ class SampleLevelPlan:
         return found
 
 
-def sample_level_plan(*, examples: int, batch_size: int, local_epochs: int, local_steps: int, rounds: int,
-                      clipping_norm: float, trainable: int, clients_per_round: int, delta: float,
-                      target_epsilon: float = 0.0, noise_multiplier: float = 0.0) -> SampleLevelPlan:
+def sample_level_plan(
+    *,
+    examples: int,
+    batch_size: int,
+    local_epochs: int,
+    local_steps: int,
+    rounds: int,
+    clipping_norm: float,
+    trainable: int,
+    clients_per_round: int,
+    delta: float,
+    target_epsilon: float = 0.0,
+    noise_multiplier: float = 0.0,
+) -> SampleLevelPlan:
     """The plan for one client: the given noise multiplier, or the one calibrated so that `rounds`
     rounds meet `target_epsilon` (PLD)."""
     batch = dp_batch_size(batch_size, examples)
     rate = poisson_rate(batch, examples)
     steps = steps_per_round(batch_size=batch, examples=examples, local_epochs=local_epochs, local_steps=local_steps)
-    sigma = noise_multiplier or calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=rate,
-                                                steps=steps * rounds)
-    return SampleLevelPlan(examples=examples, batch_size=batch, sample_rate=rate, steps_per_round=steps,
-                           rounds=rounds, noise_multiplier=sigma, clipping_norm=clipping_norm, trainable=trainable,
-                           clients_per_round=clients_per_round)
+    sigma = noise_multiplier or calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=rate, steps=steps * rounds
+    )
+    return SampleLevelPlan(
+        examples=examples,
+        batch_size=batch,
+        sample_rate=rate,
+        steps_per_round=steps,
+        rounds=rounds,
+        noise_multiplier=sigma,
+        clipping_norm=clipping_norm,
+        trainable=trainable,
+        clients_per_round=clients_per_round,
+    )
 
 
 def plan_for_config(cfg, examples: int, *, trainable: int, clients_per_round: int) -> SampleLevelPlan:
     """`sample_level_plan` with a run's settings (a FedtuneConfig)."""
     return sample_level_plan(
-        examples=examples, batch_size=cfg.dp_batch_size, local_epochs=cfg.local_epochs, local_steps=cfg.local_steps,
-        rounds=cfg.num_server_rounds, clipping_norm=cfg.dp_clipping_norm, trainable=trainable,
-        clients_per_round=clients_per_round, delta=cfg.dp_delta, target_epsilon=cfg.dp_target_epsilon,
+        examples=examples,
+        batch_size=cfg.dp_batch_size,
+        local_epochs=cfg.local_epochs,
+        local_steps=cfg.local_steps,
+        rounds=cfg.num_server_rounds,
+        clipping_norm=cfg.dp_clipping_norm,
+        trainable=trainable,
+        clients_per_round=clients_per_round,
+        delta=cfg.dp_delta,
+        target_epsilon=cfg.dp_target_epsilon,
         noise_multiplier=cfg.dp_noise_multiplier,
     )
 
 
-def batch_alternatives(plan: SampleLevelPlan, *, target_epsilon: float, delta: float, local_epochs: int,
-                       local_steps: int) -> list[SampleLevelPlan]:
+def batch_alternatives(
+    plan: SampleLevelPlan, *, target_epsilon: float, delta: float, local_epochs: int, local_steps: int
+) -> list[SampleLevelPlan]:
     """The same run at other batch sizes (powers of two from 32 up to the client's examples),
     each with the noise calibrated for the same target."""
     sizes, b = [], 32
@@ -134,11 +168,22 @@ def batch_alternatives(plan: SampleLevelPlan, *, target_epsilon: float, delta: f
         sizes.append(b)
         b *= 2
     sizes.append(plan.examples)
-    return [sample_level_plan(examples=plan.examples, batch_size=b, local_epochs=local_epochs,
-                              local_steps=local_steps, rounds=plan.rounds, clipping_norm=plan.clipping_norm,
-                              trainable=plan.trainable, clients_per_round=plan.clients_per_round, delta=delta,
-                              target_epsilon=target_epsilon)
-            for b in sizes if b != plan.batch_size]
+    return [
+        sample_level_plan(
+            examples=plan.examples,
+            batch_size=b,
+            local_epochs=local_epochs,
+            local_steps=local_steps,
+            rounds=plan.rounds,
+            clipping_norm=plan.clipping_norm,
+            trainable=plan.trainable,
+            clients_per_round=plan.clients_per_round,
+            delta=delta,
+            target_epsilon=target_epsilon,
+        )
+        for b in sizes
+        if b != plan.batch_size
+    ]
 
 
 def suggested(alternatives: list[SampleLevelPlan]) -> SampleLevelPlan | None:
@@ -158,12 +203,23 @@ class Plan:
     alternatives: list[SampleLevelPlan] = field(default_factory=list)
 
 
-def calibrate_client_noise(*, target_epsilon: float, delta: float, rounds: int, population: int,
-                           sample_size: int) -> float:
+def calibrate_client_noise(
+    *, target_epsilon: float, delta: float, rounds: int, population: int, sample_size: int
+) -> float:
     """Client-level noise multiplier whose RDP epsilon after `rounds` releases is <= target."""
     return smallest_noise(
-        lambda z: epsilon_rdp([Mechanism(noise_multiplier=z, steps=rounds, sampling=WITHOUT_REPLACEMENT,
-                                         population=population, sample_size=sample_size)], delta=delta),
+        lambda z: epsilon_rdp(
+            [
+                Mechanism(
+                    noise_multiplier=z,
+                    steps=rounds,
+                    sampling=WITHOUT_REPLACEMENT,
+                    population=population,
+                    sample_size=sample_size,
+                )
+            ],
+            delta=delta,
+        ),
         target_epsilon,
     )
 
@@ -175,29 +231,82 @@ def shown_rounds(rounds: int) -> list[int]:
     return sorted({1, *range(rounds // 10, rounds + 1, rounds // 10), rounds})
 
 
-def make_plan(*, target_epsilon: float, delta: float, rounds: int, num_clients: int, clients_per_round: int,
-              local_examples: int, trainable: int, batch_size: int = 0, local_epochs: int = 1, local_steps: int = 0,
-              clipping_norm: float = 1.0, alternatives: bool = True) -> Plan:
+def make_plan(
+    *,
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    num_clients: int,
+    clients_per_round: int,
+    local_examples: int,
+    trainable: int,
+    batch_size: int = 0,
+    local_epochs: int = 1,
+    local_steps: int = 0,
+    clipping_norm: float = 1.0,
+    alternatives: bool = True,
+) -> Plan:
     """`fedtune plan`: the sample-level plan with its epsilon per round and, when it has problems
     (or `alternatives`), the same run at other batch sizes; the client-level noise and epsilons."""
-    sample = sample_level_plan(examples=local_examples, batch_size=batch_size, local_epochs=local_epochs,
-                               local_steps=local_steps, rounds=rounds, clipping_norm=clipping_norm,
-                               trainable=trainable, clients_per_round=clients_per_round, delta=delta,
-                               target_epsilon=target_epsilon)
-    z = calibrate_client_noise(target_epsilon=target_epsilon, delta=delta, rounds=rounds, population=num_clients,
-                               sample_size=clients_per_round)
+    sample = sample_level_plan(
+        examples=local_examples,
+        batch_size=batch_size,
+        local_epochs=local_epochs,
+        local_steps=local_steps,
+        rounds=rounds,
+        clipping_norm=clipping_norm,
+        trainable=trainable,
+        clients_per_round=clients_per_round,
+        delta=delta,
+        target_epsilon=target_epsilon,
+    )
+    z = calibrate_client_noise(
+        target_epsilon=target_epsilon, delta=delta, rounds=rounds, population=num_clients, sample_size=clients_per_round
+    )
     shown = shown_rounds(rounds)
-    sample_eps = [epsilon_pld([Mechanism(noise_multiplier=sample.noise_multiplier, steps=sample.steps_per_round * r,
-                                         sample_rate=sample.sample_rate)], delta=delta)
-                  for r in shown]
-    client_eps = [epsilon_rdp([Mechanism(noise_multiplier=z, steps=r, sampling=WITHOUT_REPLACEMENT,
-                                         population=num_clients, sample_size=clients_per_round)], delta=delta)
-                  for r in shown]
-    others = batch_alternatives(sample, target_epsilon=target_epsilon, delta=delta, local_epochs=local_epochs,
-                                local_steps=local_steps) if alternatives or sample.problems() else []
-    return Plan(sample=sample, client_noise_multiplier=z, rounds_shown=shown, sample_epsilons=sample_eps,
-                client_epsilons=client_eps,
-                alternatives=others)
+    sample_eps = [
+        epsilon_pld(
+            [
+                Mechanism(
+                    noise_multiplier=sample.noise_multiplier,
+                    steps=sample.steps_per_round * r,
+                    sample_rate=sample.sample_rate,
+                )
+            ],
+            delta=delta,
+        )
+        for r in shown
+    ]
+    client_eps = [
+        epsilon_rdp(
+            [
+                Mechanism(
+                    noise_multiplier=z,
+                    steps=r,
+                    sampling=WITHOUT_REPLACEMENT,
+                    population=num_clients,
+                    sample_size=clients_per_round,
+                )
+            ],
+            delta=delta,
+        )
+        for r in shown
+    ]
+    others = (
+        batch_alternatives(
+            sample, target_epsilon=target_epsilon, delta=delta, local_epochs=local_epochs, local_steps=local_steps
+        )
+        if alternatives or sample.problems()
+        else []
+    )
+    return Plan(
+        sample=sample,
+        client_noise_multiplier=z,
+        rounds_shown=shown,
+        sample_epsilons=sample_eps,
+        client_epsilons=client_eps,
+        alternatives=others,
+    )
 
 
 # --- Distributed DP: one DP-SGD step a round over the federation's data -------------------------
@@ -239,8 +348,14 @@ class DistributedPlan:
         from common.privacy import SKELLAM
 
         l2, l1 = self.sensitivities
-        return Mechanism(noise_multiplier=self.noise_multiplier, steps=steps, sample_rate=self.sample_rate,
-                         noise=SKELLAM, l2_sensitivity=l2, l1_sensitivity=l1)
+        return Mechanism(
+            noise_multiplier=self.noise_multiplier,
+            steps=steps,
+            sample_rate=self.sample_rate,
+            noise=SKELLAM,
+            l2_sensitivity=l2,
+            l1_sensitivity=l1,
+        )
 
     @property
     def gradient_noise_std(self) -> float:
@@ -264,8 +379,17 @@ def distributed_scale(*, dimension: int, clipping_norm: float, batch_size: int) 
     return min(ROUNDING_HEADROOM * math.sqrt(dimension), MODULUS / (8 * high)) / clipping_norm
 
 
-def distributed_plan(*, examples: int, batch_size: int, rounds: int, clipping_norm: float, dimension: int,
-                     delta: float, target_epsilon: float = 0.0, noise_multiplier: float = 0.0) -> DistributedPlan:
+def distributed_plan(
+    *,
+    examples: int,
+    batch_size: int,
+    rounds: int,
+    clipping_norm: float,
+    dimension: int,
+    delta: float,
+    target_epsilon: float = 0.0,
+    noise_multiplier: float = 0.0,
+) -> DistributedPlan:
     """The plan for a run: the given noise multiplier, or the smallest whose Skellam epsilon after
     `rounds` steps meets `target_epsilon` (common/skellam.py)."""
     from common.privacy import epsilon_rdp
@@ -274,17 +398,32 @@ def distributed_plan(*, examples: int, batch_size: int, rounds: int, clipping_no
     scale = distributed_scale(dimension=dimension, clipping_norm=clipping_norm, batch_size=batch)
 
     def plan(z: float) -> DistributedPlan:
-        return DistributedPlan(examples=examples, batch_size=batch, rounds=rounds, noise_multiplier=z,
-                               clipping_norm=clipping_norm, dimension=dimension, scale=scale)
+        return DistributedPlan(
+            examples=examples,
+            batch_size=batch,
+            rounds=rounds,
+            noise_multiplier=z,
+            clipping_norm=clipping_norm,
+            dimension=dimension,
+            scale=scale,
+        )
 
     if not noise_multiplier:
         noise_multiplier = smallest_noise(
-            lambda z: epsilon_rdp([plan(z).mechanism(steps=rounds)], delta=delta), target_epsilon)
+            lambda z: epsilon_rdp([plan(z).mechanism(steps=rounds)], delta=delta), target_epsilon
+        )
     return plan(noise_multiplier)
 
 
 def distributed_plan_for_config(cfg, examples: int, *, dimension: int) -> DistributedPlan:
     """`distributed_plan` with a run's settings (a FedtuneConfig)."""
-    return distributed_plan(examples=examples, batch_size=cfg.dp_batch_size, rounds=cfg.num_server_rounds,
-                            clipping_norm=cfg.dp_clipping_norm, dimension=dimension, delta=cfg.dp_delta,
-                            target_epsilon=cfg.dp_target_epsilon, noise_multiplier=cfg.dp_noise_multiplier)
+    return distributed_plan(
+        examples=examples,
+        batch_size=cfg.dp_batch_size,
+        rounds=cfg.num_server_rounds,
+        clipping_norm=cfg.dp_clipping_norm,
+        dimension=dimension,
+        delta=cfg.dp_delta,
+        target_epsilon=cfg.dp_target_epsilon,
+        noise_multiplier=cfg.dp_noise_multiplier,
+    )

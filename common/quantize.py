@@ -55,8 +55,9 @@ def update_scale(*, total_weight: float, clients: int) -> float:
     return (MODULUS // 4) / (max(total_weight, 1.0) * UPDATE_RANGE + clients)
 
 
-def encode_update(update: np.ndarray, *, examples: int, loss: float, scale: float,
-                  rng: np.random.Generator) -> np.ndarray:
+def encode_update(
+    update: np.ndarray, *, examples: int, loss: float, scale: float, rng: np.random.Generator
+) -> np.ndarray:
     """The integer upload of one client's update (see the module docstring)."""
     clipped = np.clip(update, -UPDATE_RANGE, UPDATE_RANGE)
     outside = int(np.count_nonzero(clipped != update))
@@ -69,5 +70,5 @@ def decode_update(total: np.ndarray, *, scale: float) -> tuple[np.ndarray, dict[
     examples, loss, clipped = (float(v) for v in total[: len(HEADER)])
     if examples <= 0:
         raise ValueError(f"secure sum: expected a positive number of examples, got {examples:g}")
-    mean = total[len(HEADER):].astype(np.float64) / (scale * examples)
+    mean = total[len(HEADER) :].astype(np.float64) / (scale * examples)
     return mean, {"examples": examples, "loss": loss / (LOSS_SCALE * examples), "clipped": clipped}

@@ -58,9 +58,11 @@ def threshold_for(clients: int, max_dropouts: int) -> int:
     """Shares needed to unmask when up to `max_dropouts` of `clients` may drop out; refused below a majority."""
     threshold = clients - max_dropouts
     if clients < 2 or threshold < minimum_threshold(clients):
-        raise SecAggError(f"secure aggregation: expected at least 2 clients and more than half of them ("
-                          f"{minimum_threshold(clients)} of {clients}) left after secagg-max-dropouts = "
-                          f"{max_dropouts}, got {max(threshold, 0)}")
+        raise SecAggError(
+            f"secure aggregation: expected at least 2 clients and more than half of them ("
+            f"{minimum_threshold(clients)} of {clients}) left after secagg-max-dropouts = "
+            f"{max_dropouts}, got {max(threshold, 0)}"
+        )
     return threshold
 
 
@@ -95,6 +97,7 @@ def _pair_seed(private_pem: bytes, public_pem: bytes) -> bytes:
 
 # --- the client's side ---------------------------------------------------------------------------
 
+
 @dataclass
 class ClientRound:
     """One client's secrets and progress in one round; kept between the round's messages."""
@@ -117,20 +120,31 @@ class ClientRound:
     def _expect(self, stage: str) -> None:
         previous = STAGES[STAGES.index(stage) - 1]
         if self.stage != previous:
-            raise SecAggError(f"secure aggregation round {self.server_round}: expected stage {stage!r} after "
-                              f"{previous!r}, but this client is at {self.stage!r}")
+            raise SecAggError(
+                f"secure aggregation round {self.server_round}: expected stage {stage!r} after "
+                f"{previous!r}, but this client is at {self.stage!r}"
+            )
         self.stage = stage
 
 
 def client_keys(*, node: int, run: str, server_round: int, threshold: int, clients: int) -> ClientRound:
     """Stage 1: fresh key pairs for this round (their public halves go to the server)."""
     if not 1 < threshold <= clients or threshold < minimum_threshold(clients):
-        raise SecAggError(f"secure aggregation: expected a threshold above half of the {clients} sampled "
-                          f"clients, got {threshold}")
+        raise SecAggError(
+            f"secure aggregation: expected a threshold above half of the {clients} sampled clients, got {threshold}"
+        )
     mask_key, mask_public = new_key_pair()
     seal_key, seal_public = new_key_pair()
-    return ClientRound(node=node, run=run, server_round=server_round, threshold=threshold, mask_key=mask_key,
-                       mask_public=mask_public, seal_key=seal_key, seal_public=seal_public)
+    return ClientRound(
+        node=node,
+        run=run,
+        server_round=server_round,
+        threshold=threshold,
+        mask_key=mask_key,
+        mask_public=mask_public,
+        seal_key=seal_key,
+        seal_public=seal_public,
+    )
 
 
 def client_shares(state: ClientRound, peers: dict[int, tuple[bytes, bytes]]) -> list[tuple[int, bytes]]:
@@ -138,8 +152,9 @@ def client_shares(state: ClientRound, peers: dict[int, tuple[bytes, bytes]]) -> 
     included); returns (destination, ciphertext) for every other peer."""
     state._expect("shares")
     if peers.get(state.node) != (state.mask_public, state.seal_public):
-        raise SecAggError(f"secure aggregation: the server's key list does not hold this client's own keys "
-                          f"(node {state.node})")
+        raise SecAggError(
+            f"secure aggregation: the server's key list does not hold this client's own keys (node {state.node})"
+        )
     keys = [k for pair in peers.values() for k in pair]
     if len(set(keys)) != len(keys):
         raise SecAggError("secure aggregation: two parties announced the same public key")
@@ -151,7 +166,7 @@ def client_shares(state: ClientRound, peers: dict[int, tuple[bytes, bytes]]) -> 
     seed_shares = split_secret(state.seed, threshold=state.threshold, shares=len(order))
     key_shares = split_secret(state.mask_key, threshold=state.threshold, shares=len(order))
     out = []
-    for node, seed_share, key_share in zip(order, seed_shares, key_shares):
+    for node, seed_share, key_share in zip(order, seed_shares, key_shares, strict=True):
         if node == state.node:
             state.seed_shares[node], state.key_shares[node] = seed_share, key_share
             continue
@@ -169,21 +184,30 @@ def client_mask(state: ClientRound, received: list[tuple[int, bytes]], vector: n
         try:
             sender, dst, seed_share, key_share = open_share(agreed_key(state.seal_key, state.peers[src][1]), ciphertext)
         except Exception as err:  # cryptography's InvalidToken and framing errors alike
-            raise SecAggError(f"secure aggregation: the share from node {src} does not open ({type(err).__name__})") from None
+            raise SecAggError(
+                f"secure aggregation: the share from node {src} does not open ({type(err).__name__})"
+            ) from None
         if (sender, dst) != (src, state.node):
-            raise SecAggError(f"secure aggregation: a share sealed from {sender} to {dst} arrived as {src} to {state.node}")
+            raise SecAggError(
+                f"secure aggregation: a share sealed from {sender} to {dst} arrived as {src} to {state.node}"
+            )
         state.seed_shares[src], state.key_shares[src] = seed_share, key_share
     state.masked_with = sorted(src for src, _ in received)
     if len(state.masked_with) + 1 < state.threshold:
-        raise SecAggError(f"secure aggregation: expected shares from at least {state.threshold - 1} others, got "
-                          f"{len(state.masked_with)}")
+        raise SecAggError(
+            f"secure aggregation: expected shares from at least {state.threshold - 1} others, got "
+            f"{len(state.masked_with)}"
+        )
     vector = np.asarray(vector, dtype=np.int64)
     if vector.ndim != 1 or vector.size and (vector.min() < 0 or vector.max() >= MODULUS):
         raise SecAggError("secure aggregation: expected a flat vector of elements of Z_M")
     masked = vector + mask_words(state.seed, vector.size, context=_context(state.run, state.server_round, "self"))
     for other in state.masked_with:
-        pair = mask_words(_pair_seed(state.mask_key, state.peers[other][0]), vector.size,
-                          context=_context(state.run, state.server_round, "pair", *sorted((state.node, other))))
+        pair = mask_words(
+            _pair_seed(state.mask_key, state.peers[other][0]),
+            vector.size,
+            context=_context(state.run, state.server_round, "pair", *sorted((state.node, other))),
+        )
         masked += pair if state.node > other else -pair
     return np.mod(masked, MODULUS)
 
@@ -194,14 +218,18 @@ def client_unmask(state: ClientRound, *, active: list[int], dropped: list[int]) 
     state._expect("unmask")
     active_set, dropped_set = set(active), set(dropped)
     if active_set & dropped_set:
-        raise SecAggError(f"secure aggregation: nodes {sorted(active_set & dropped_set)} are named both active and "
-                          "dropped (both of their shares would unmask their vectors)")
+        raise SecAggError(
+            f"secure aggregation: nodes {sorted(active_set & dropped_set)} are named both active and "
+            "dropped (both of their shares would unmask their vectors)"
+        )
     unknown = (active_set | dropped_set) - set(state.seed_shares)
     if unknown:
         raise SecAggError(f"secure aggregation: asked for shares of nodes {sorted(unknown)} this client holds none of")
     if state.node not in active_set or len(active_set) < state.threshold:
-        raise SecAggError(f"secure aggregation: expected at least {state.threshold} active clients including this one, "
-                          f"got {len(active_set)}")
+        raise SecAggError(
+            f"secure aggregation: expected at least {state.threshold} active clients including this one, "
+            f"got {len(active_set)}"
+        )
     shares = [(n, state.seed_shares[n]) for n in sorted(active_set)]
     shares += [(n, state.key_shares[n]) for n in sorted(dropped_set)]
     state.mask_key = state.seal_key = state.seed = b""  # done with this round's secrets
@@ -210,6 +238,7 @@ def client_unmask(state: ClientRound, *, active: list[int], dropped: list[int]) 
 
 
 # --- the server's side ---------------------------------------------------------------------------
+
 
 @dataclass
 class ServerRound:
@@ -244,8 +273,10 @@ class ServerRound:
     def add_masked(self, node: int, vector: np.ndarray) -> None:
         vector = np.asarray(vector)
         if vector.dtype != np.int64 or vector.shape != (self.length,) or vector.min() < 0 or vector.max() >= MODULUS:
-            raise SecAggError(f"secure aggregation: expected {self.length} int64 elements of Z_M, got "
-                              f"{vector.dtype} of shape {vector.shape}")
+            raise SecAggError(
+                f"secure aggregation: expected {self.length} int64 elements of Z_M, got "
+                f"{vector.dtype} of shape {vector.shape}"
+            )
         self.total = vector.copy() if self.total is None else np.mod(self.total + vector, MODULUS)
         self.masked.append(node)
 
@@ -257,8 +288,9 @@ class ServerRound:
         """Stage 4: remove every mask from the sum of the masked vectors; raises SecAggError when
         fewer than `threshold` shares of some secret arrived or they do not rebuild it."""
         if not self.enough(replies):
-            raise SecAggError(f"secure aggregation: expected shares from at least {self.threshold} clients, got "
-                              f"{len(replies)}")
+            raise SecAggError(
+                f"secure aggregation: expected shares from at least {self.threshold} clients, got {len(replies)}"
+            )
         held: dict[int, list[bytes]] = {n: [] for n in [*self.masked, *self.dropped()]}
         for items in replies.values():
             for owner, share in items:
@@ -271,15 +303,19 @@ class ServerRound:
         for node in self.dropped():
             mask_key = self._rebuild(node, held[node], "mask key")
             for other in self.masked:  # the pairwise masks `other` added towards the dropped client
-                pair = mask_words(_pair_seed(mask_key, self.keys[other][0]), self.length,
-                                  context=_context(self.run, self.server_round, "pair", *sorted((node, other))))
+                pair = mask_words(
+                    _pair_seed(mask_key, self.keys[other][0]),
+                    self.length,
+                    context=_context(self.run, self.server_round, "pair", *sorted((node, other))),
+                )
                 total -= pair if other > node else -pair
         return np.mod(total, MODULUS)
 
     def _rebuild(self, node: int, shares: list[bytes], what: str) -> bytes:
         if len(shares) < self.threshold:
-            raise SecAggError(f"secure aggregation: expected {self.threshold} shares of node {node}'s {what}, got "
-                              f"{len(shares)}")
+            raise SecAggError(
+                f"secure aggregation: expected {self.threshold} shares of node {node}'s {what}, got {len(shares)}"
+            )
         try:
             return join_shares(shares[: self.threshold])
         except ValueError:

@@ -47,8 +47,9 @@ def sensitivities(*, scale: float, clipping_norm: float, dimension: int) -> tupl
 def skellam_rdp(order, *, l2: float, l1: float, variance: float):
     """RDP at integer order(s) of adding Skellam noise of `variance` per coordinate (Theorem 3.5)."""
     a = np.asarray(order, dtype=np.float64)
-    return a * l2 * l2 / (2 * variance) + np.minimum(((2 * a - 1) * l2 * l2 + 6 * l1) / (4 * variance * variance),
-                                                     3 * l1 / (2 * variance))
+    return a * l2 * l2 / (2 * variance) + np.minimum(
+        ((2 * a - 1) * l2 * l2 + 6 * l1) / (4 * variance * variance), 3 * l1 / (2 * variance)
+    )
 
 
 def _log_comb(n: int, k: np.ndarray) -> np.ndarray:
@@ -64,11 +65,15 @@ def poisson_subsampled_rdp(order: int, rate: float, rdp: np.ndarray) -> float:
         return float(rdp[a])
     log_q, log_1q = math.log(q), math.log1p(-q)
     ls = np.arange(3, a + 1)
-    terms = np.concatenate([
-        [(a - 1) * log_1q + math.log1p((a - 1) * q),
-         math.log(a * (a - 1) / 2) + 2 * log_q + (a - 2) * log_1q + rdp[2]],
-        math.log(3.0) + _log_comb(a, ls) + ls * log_q + (a - ls) * log_1q + (ls - 1) * rdp[3 : a + 1],
-    ])
+    terms = np.concatenate(
+        [
+            [
+                (a - 1) * log_1q + math.log1p((a - 1) * q),
+                math.log(a * (a - 1) / 2) + 2 * log_q + (a - 2) * log_1q + rdp[2],
+            ],
+            math.log(3.0) + _log_comb(a, ls) + ls * log_q + (a - ls) * log_1q + (ls - 1) * rdp[3 : a + 1],
+        ]
+    )
     bound = special.logsumexp(terms) / (a - 1)
     return float(min(bound, rdp[a]))
 

@@ -70,7 +70,9 @@ class Task(ABC):
         run = self.cfg.to_run_config()
         return self.read(source, {**{k: run[k] for k in self.data_keys}, **(overrides or {})})
 
-    def check_labels(self, labels: LabelMap, pool: TextDataset | None = None, heldout: TextDataset | None = None) -> None:
+    def check_labels(
+        self, labels: LabelMap, pool: TextDataset | None = None, heldout: TextDataset | None = None
+    ) -> None:
         """Refuse a federation whose labels (found in `pool` and `heldout` when given) cannot be learnt;
         nothing to check by default."""
 
@@ -94,8 +96,14 @@ class Task(ABC):
 
     def lora(self) -> dict:
         cfg = self.cfg
-        return dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                    target_modules=tuple(cfg.target_modules), seed=cfg.seed, freeze_a=cfg.lora_freeze_a)
+        return dict(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=tuple(cfg.target_modules),
+            seed=cfg.seed,
+            freeze_a=cfg.lora_freeze_a,
+        )
 
     def model(self, num_labels: int, *, device: torch.device | None = None, fresh: bool = False) -> PeftModel:
         """The base model with its LoRA adapter: the process's cached one (moved to `device` when given),
@@ -125,8 +133,9 @@ class Task(ABC):
     # --- reports ------------------------------------------------------------------------------------
 
     @abstractmethod
-    def report(self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap,
-               heldout: TextDataset) -> None:
+    def report(
+        self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap, heldout: TextDataset
+    ) -> None:
         """What a round writes beside its metrics row, under the run directory `folder`."""
 
     def final_report(self, folder: Path, last_round: int) -> None:
@@ -158,12 +167,16 @@ class Classification(Task):
     def _read(cls, source: str, data_format: str, options: dict) -> TextDataset:
         return load_source(source, data_format=data_format, **options)
 
-    def check_labels(self, labels: LabelMap, pool: TextDataset | None = None, heldout: TextDataset | None = None) -> None:
+    def check_labels(
+        self, labels: LabelMap, pool: TextDataset | None = None, heldout: TextDataset | None = None
+    ) -> None:
         unlearnable = sorted(set(heldout.labels) - set(pool.labels)) if pool is not None and heldout is not None else []
         if unlearnable:
-            raise DataError(f"held-out set: expected its labels among the training data's {sorted(set(pool.labels))}, "
-                            f"got {unlearnable} only in {self.cfg.heldout_data or self.cfg.data!r}: no client could "
-                            "learn them")
+            raise DataError(
+                f"held-out set: expected its labels among the training data's {sorted(set(pool.labels))}, "
+                f"got {unlearnable} only in {self.cfg.heldout_data or self.cfg.data!r}: no client could "
+                "learn them"
+            )
         if len(labels) < 2:
             raise DataError(f"labels: expected at least 2 classes, got {list(labels.names)}")
 
@@ -177,8 +190,10 @@ class Classification(Task):
         labels = LabelMap.parse(self.cfg.labels)
         unseen = sorted(set(data.labels) - set(labels.names))
         if unseen:
-            raise DataError(f"{where}: expected the run's labels {list(labels.names)}, got labels the run "
-                            f"never saw: {unseen[:10]}{' ...' if len(unseen) > 10 else ''}")
+            raise DataError(
+                f"{where}: expected the run's labels {list(labels.names)}, got labels the run "
+                f"never saw: {unseen[:10]}{' ...' if len(unseen) > 10 else ''}"
+            )
         return labels
 
     def build(self, num_labels: int, *, device: torch.device | None, fresh: bool) -> PeftModel:
@@ -195,11 +210,19 @@ class Classification(Task):
     def score(self, model, data: EncodedData, *, pad_id: int, num_labels: int, progress=None) -> dict:
         from common.train import evaluate
 
-        return evaluate(model, data, pad_id=pad_id, batch_size=self.cfg.eval_batch_size, num_labels=num_labels,
-                        compute_dtype=self.cfg.compute_dtype, progress=progress)
+        return evaluate(
+            model,
+            data,
+            pad_id=pad_id,
+            batch_size=self.cfg.eval_batch_size,
+            num_labels=num_labels,
+            compute_dtype=self.cfg.compute_dtype,
+            progress=progress,
+        )
 
-    def report(self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap,
-               heldout: TextDataset) -> None:
+    def report(
+        self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap, heldout: TextDataset
+    ) -> None:
         """heldout/round-NNNN.json (per-class precision, recall, F1, support; the confusion matrix) and
         heldout/round-NNNN-confusion.csv."""
         from common.metrics import class_report, write_confusion_csv
@@ -207,7 +230,8 @@ class Classification(Task):
         out = folder / "heldout"
         out.mkdir(exist_ok=True)
         (out / f"round-{server_round:04d}.json").write_text(
-            json.dumps({"round": server_round, **class_report(result, labels.names)}, indent=1) + "\n")
+            json.dumps({"round": server_round, **class_report(result, labels.names)}, indent=1) + "\n"
+        )
         write_confusion_csv(out / f"round-{server_round:04d}-confusion.csv", result["confusion"], labels.names)
 
     def final_report(self, folder: Path, last_round: int) -> None:
@@ -217,9 +241,12 @@ class Classification(Task):
         from common.metrics import plot_confusion
 
         report = json.loads((folder / "heldout" / f"round-{last_round:04d}.json").read_text())
-        plot_confusion(folder / "heldout" / "confusion.png", np.array(report["confusion"]["counts"]),
-                       report["confusion"]["labels"], f"held-out set, round {last_round}: accuracy "
-                       f"{report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}")
+        plot_confusion(
+            folder / "heldout" / "confusion.png",
+            np.array(report["confusion"]["counts"]),
+            report["confusion"]["labels"],
+            f"held-out set, round {last_round}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}",
+        )
 
     def evaluation_report(self, result: dict, labels: LabelMap) -> dict:
         from common.metrics import class_report
@@ -230,8 +257,12 @@ class Classification(Task):
         from common.metrics import plot_confusion, write_confusion_csv
 
         write_confusion_csv(folder / "confusion.csv", result["confusion"], labels.names)
-        plot_confusion(folder / "confusion.png", result["confusion"], labels.names,
-                       f"{title}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}")
+        plot_confusion(
+            folder / "confusion.png",
+            result["confusion"],
+            labels.names,
+            f"{title}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
+        )
 
     def export_extras(self, out: Path) -> None:
         """The label names, so a user can read the predictions."""
@@ -243,8 +274,7 @@ class CausalLM(Task):
     response's tokens only (common/lm.py)."""
 
     name = "causal-lm"
-    data_keys = ("data-format", "column-names", "instruction-column", "input-column", "response-column",
-                 "group-column")
+    data_keys = ("data-format", "column-names", "instruction-column", "input-column", "response-column", "group-column")
     metrics = ("loss", "perplexity")
 
     @classmethod
@@ -263,42 +293,69 @@ class CausalLM(Task):
         quantized = self.cfg.load_in != "none"
         if quantized:
             device = device or self.device()
-        model = load_lora_causal_lm(self.cfg.model, **self.lora(), load_in=self.cfg.load_in,
-                                    **({"device": str(device), "compute_dtype": self.cfg.compute_dtype}
-                                       if quantized else {}))
+        model = load_lora_causal_lm(
+            self.cfg.model,
+            **self.lora(),
+            load_in=self.cfg.load_in,
+            **({"device": str(device), "compute_dtype": self.cfg.compute_dtype} if quantized else {}),
+        )
         return model if quantized or device is None else model.to(device)
 
     def encode(self, data: TextDataset, tokenizer, labels: LabelMap, *, where: str) -> EncodedData:
         from common.lm import encode_lm
 
-        return encode_lm(data, tokenizer, template=self.cfg.prompt_template, max_length=self.cfg.max_length,
-                         packing=self.cfg.packing)
+        return encode_lm(
+            data, tokenizer, template=self.cfg.prompt_template, max_length=self.cfg.max_length, packing=self.cfg.packing
+        )
 
     def score(self, model, data: EncodedData, *, pad_id: int, num_labels: int, progress=None) -> dict:
         from common.train import evaluate_lm
 
-        return evaluate_lm(model, data, pad_id=pad_id, batch_size=self.cfg.eval_batch_size,
-                           compute_dtype=self.cfg.compute_dtype, progress=progress)
+        return evaluate_lm(
+            model,
+            data,
+            pad_id=pad_id,
+            batch_size=self.cfg.eval_batch_size,
+            compute_dtype=self.cfg.compute_dtype,
+            progress=progress,
+        )
 
-    def report(self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap,
-               heldout: TextDataset) -> None:
+    def report(
+        self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap, heldout: TextDataset
+    ) -> None:
         """Generations for the fixed sample prompts, appended to samples.jsonl (a resumed run rewrites
         the rounds after its checkpoint)."""
         from common.lm import generate, sample_prompts
 
         cfg = self.cfg
         prompts = sample_prompts(cfg.sample_prompts, heldout)
-        outputs = generate(model, tokenizer, prompts, template=cfg.prompt_template, max_new_tokens=cfg.max_new_tokens,
-                           max_length=cfg.max_length)
+        outputs = generate(
+            model,
+            tokenizer,
+            prompts,
+            template=cfg.prompt_template,
+            max_new_tokens=cfg.max_new_tokens,
+            max_length=cfg.max_length,
+        )
         path = folder / "samples.jsonl"
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["round"] < server_round] \
-            if path.exists() else []
-        rows = [json.dumps({"round": server_round, "prompt": p, "response": o}) for p, o in zip(prompts, outputs)]
+        kept = (
+            [line for line in path.read_text().splitlines() if json.loads(line)["round"] < server_round]
+            if path.exists()
+            else []
+        )
+        rows = [
+            json.dumps({"round": server_round, "prompt": p, "response": o})
+            for p, o in zip(prompts, outputs, strict=True)
+        ]
         path.write_text("".join(line + "\n" for line in kept + rows))
 
     def evaluation_report(self, result: dict, labels: LabelMap) -> dict:
-        return {"examples": result["examples"], "tokens": result["tokens"], "loss": result["loss"],
-                "perplexity": result["perplexity"]}
+        return {
+            "examples": result["examples"],
+            "tokens": result["tokens"],
+            "loss": result["loss"],
+            "perplexity": result["perplexity"],
+        }
 
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, CausalLM)}

@@ -47,8 +47,9 @@ def encode(data: TextDataset, tokenizer, label_map: LabelMap, *, max_length: int
 
 def collate(data: EncodedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad the selected examples to the longest of them (token labels with -100)."""
-    return pad_batch([data.input_ids[i] for i in indices], [data.labels[i] for i in indices], pad_id,
-                     token_labels=data.token_labels)
+    return pad_batch(
+        [data.input_ids[i] for i in indices], [data.labels[i] for i in indices], pad_id, token_labels=data.token_labels
+    )
 
 
 def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> dict[str, torch.Tensor]:
@@ -62,14 +63,19 @@ def pad_batch(seqs: list, labels: list, pad_id: int, *, token_labels: bool) -> d
         counts = np.fromiter(map(len, labels), dtype=np.int64, count=len(seqs))
         if not np.array_equal(counts, lengths):
             row = int(np.flatnonzero(counts != lengths)[0])
-            raise ValueError(f"token labels: expected one label per token, got {counts[row]} labels for "
-                             f"{lengths[row]} tokens in row {row} of the batch")
+            raise ValueError(
+                f"token labels: expected one label per token, got {counts[row]} labels for "
+                f"{lengths[row]} tokens in row {row} of the batch"
+            )
         targets = np.full(mask.shape, IGNORE_INDEX, dtype=np.int64)
         targets[mask] = np.fromiter(chain.from_iterable(labels), dtype=np.int64, count=int(lengths.sum()))
     else:
         targets = np.asarray(labels, dtype=np.int64)
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-            "labels": torch.from_numpy(targets)}
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        "labels": torch.from_numpy(targets),
+    }
 
 
 def batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -86,16 +92,18 @@ def batch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed next-token NLL over labelled tokens, and how many tokens that is."""
     shifted, targets = logits[:, :-1, :], labels[:, 1:]
-    nll = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    nll = F.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
     return nll.sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
 GROUP_SPAN = 50  # length grouping sorts within windows of this many batches
 
 
-def batch_order(lengths: list[int], batch_size: int, rng: np.random.Generator, *,
-                group_by_length: bool = True) -> list[np.ndarray]:
+def batch_order(
+    lengths: list[int], batch_size: int, rng: np.random.Generator, *, group_by_length: bool = True
+) -> list[np.ndarray]:
     """One shuffled epoch of batch index arrays.
 
     With `group_by_length`, the shuffled examples are sorted by length within windows of
@@ -106,8 +114,12 @@ def batch_order(lengths: list[int], batch_size: int, rng: np.random.Generator, *
     order = rng.permutation(n)
     if group_by_length:
         span = batch_size * GROUP_SPAN
-        order = np.concatenate([w[np.argsort([-lengths[i] for i in w], kind="stable")]
-                                for w in (order[i : i + span] for i in range(0, n, span))])
+        order = np.concatenate(
+            [
+                w[np.argsort([-lengths[i] for i in w], kind="stable")]
+                for w in (order[i : i + span] for i in range(0, n, span))
+            ]
+        )
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -143,8 +155,9 @@ def round_schedule(cfg, server_round: int) -> Callable[[float], float] | None:
     rounds, cosine = cfg.num_server_rounds, cfg.lr_schedule == "cosine"
 
     def lr_at(f: float) -> float:
-        return warmup_then(cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_fraction, cosine,
-                           (server_round - 1 + f) / rounds)
+        return warmup_then(
+            cfg.learning_rate, cfg.min_learning_rate, cfg.warmup_fraction, cosine, (server_round - 1 + f) / rounds
+        )
 
     return lr_at
 
@@ -181,9 +194,15 @@ class StepOutcome:
     processed_tokens: int
 
 
-def run_steps(passes: Callable[[], Iterable], step: Callable[[object], StepOutcome], optimizer, *, total: int,
-              lr_at: Callable[[float], float] | None = None,
-              progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
+def run_steps(
+    passes: Callable[[], Iterable],
+    step: Callable[[object], StepOutcome],
+    optimizer,
+    *,
+    total: int,
+    lr_at: Callable[[float], float] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
     """The one local training loop: `total` optimizer steps, over as many passes of batches as that takes.
 
     `passes()` yields the batches of one pass (a shuffled epoch, or one pass of DP-SGD's Poisson
@@ -211,15 +230,32 @@ def run_steps(passes: Callable[[], Iterable], step: Callable[[object], StepOutco
                 break
         if empty_pass:
             raise ValueError("train: expected batches to train on, a pass over the data gave none")
-    return TrainResult(loss=loss_sum / max(seen, 1), steps=done, examples=seen, seconds=time.perf_counter() - start,
-                       padding_efficiency=real / max(processed, 1))
+    return TrainResult(
+        loss=loss_sum / max(seen, 1),
+        steps=done,
+        examples=seen,
+        seconds=time.perf_counter() - start,
+        padding_efficiency=real / max(processed, 1),
+    )
 
 
 def train(
-    model: torch.nn.Module, data: EncodedData, *, pad_id: int, epochs: int, steps: int, batch_size: int,
-    learning_rate: float, weight_decay: float, max_grad_norm: float, seed: int,
-    proximal_mu: float = 0.0, progress: Callable[[int, int, float], None] | None = None,
-    group_by_length: bool = False, lr_at: Callable[[float], float] | None = None, compute_dtype: str = "float32",
+    model: torch.nn.Module,
+    data: EncodedData,
+    *,
+    pad_id: int,
+    epochs: int,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    seed: int,
+    proximal_mu: float = 0.0,
+    progress: Callable[[int, int, float], None] | None = None,
+    group_by_length: bool = False,
+    lr_at: Callable[[float], float] | None = None,
+    compute_dtype: str = "float32",
 ) -> TrainResult:
     """Train the adapter with AdamW (started afresh) for `steps` steps, or `epochs` epochs when steps == 0.
 
@@ -271,19 +307,32 @@ def train(
 
 def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:
     """mu/2 * sum ||p - p0||^2 (FedProx)."""
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int, num_labels: int,
-             progress: Callable[[int, int], None] | None = None, compute_dtype: str = "float32") -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    data: EncodedData,
+    *,
+    pad_id: int,
+    batch_size: int,
+    num_labels: int,
+    progress: Callable[[int, int], None] | None = None,
+    compute_dtype: str = "float32",
+) -> dict:
     """Loss, accuracy, macro-F1 and the confusion matrix (common/metrics.py) of a classifier over
     `data`, in batches sorted by length (a causal LM: `evaluate_lm`). `progress(examples done,
     examples)` is called after every batch."""
     model.eval()
     if len(data) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan"), "examples": 0,
-                "confusion": np.zeros((num_labels, num_labels), dtype=np.int64)}
+        return {
+            "loss": float("nan"),
+            "accuracy": float("nan"),
+            "macro_f1": float("nan"),
+            "examples": 0,
+            "confusion": np.zeros((num_labels, num_labels), dtype=np.int64),
+        }
     order = np.argsort([len(s) for s in data.input_ids], kind="stable")
     loss_sum, preds, device = 0.0, np.empty(len(data), dtype=np.int64), model_device(model)
     for i in range(0, len(data), batch_size):
@@ -318,8 +367,15 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, data: EncodedData, *, pad_id: int, batch_size: int,
-                progress: Callable[[int, int], None] | None = None, compute_dtype: str = "float32") -> dict:
+def evaluate_lm(
+    model: torch.nn.Module,
+    data: EncodedData,
+    *,
+    pad_id: int,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None = None,
+    compute_dtype: str = "float32",
+) -> dict:
     """Token-level mean NLL over all labelled (response) tokens, and its exponential."""
     model.eval()
     if len(data) == 0:

@@ -74,10 +74,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
         meta = header.get("__metadata__", {})
         server_round, extra = int(meta["round"]), json.loads(meta["meta"])
     except (KeyError, ValueError, SafetensorError) as err:  # e.g. truncated, with its hash file rewritten to match
-        raise CheckpointError(f"checkpoint {path}: expected fedtune checkpoint metadata, got an unreadable file ({err})") from None
-    adapter = {k[len("adapter/"):]: v for k, v in tensors.items() if k.startswith("adapter/")}
-    strategy = {k[len("strategy/"):]: v for k, v in tensors.items() if k.startswith("strategy/")}
-    optimizer = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
+        raise CheckpointError(
+            f"checkpoint {path}: expected fedtune checkpoint metadata, got an unreadable file ({err})"
+        ) from None
+    adapter = {k[len("adapter/") :]: v for k, v in tensors.items() if k.startswith("adapter/")}
+    strategy = {k[len("strategy/") :]: v for k, v in tensors.items() if k.startswith("strategy/")}
+    optimizer = {k[len("optimizer/") :]: v for k, v in tensors.items() if k.startswith("optimizer/")}
     return Checkpoint(server_round=server_round, adapter=adapter, strategy=strategy, meta=extra, optimizer=optimizer)
 
 

@@ -22,13 +22,20 @@ def evaluation_row(state: ServerState, server_round: int) -> dict:
     tokenizer = task.tokenizer()
     set_adapter_state(model, state.arrays)
     data = heldout_set(cfg)
-    res = task.score(model, task.encode(data, tokenizer, state.labels, where="held-out set"),
-                     pad_id=tokenizer.pad_token_id, num_labels=len(state.labels))
+    res = task.score(
+        model,
+        task.encode(data, tokenizer, state.labels, where="held-out set"),
+        pad_id=tokenizer.pad_token_id,
+        num_labels=len(state.labels),
+    )
     row = {"round": server_round, **{f"heldout_{n}": res[n] for n in task.metrics}, "heldout_examples": res["examples"]}
     task.report(state.run.path, server_round, res, model=model, tokenizer=tokenizer, labels=state.labels, heldout=data)
     if server_round == 0:
-        log(INFO, "fedtune: round 0 (before training): held-out %s",
-            " ".join(f"{n.replace('macro_f1', 'macro-F1')} {res[n]:.4f}" for n in task.metrics))
+        log(
+            INFO,
+            "fedtune: round 0 (before training): held-out %s",
+            " ".join(f"{n.replace('macro_f1', 'macro-F1')} {res[n]:.4f}" for n in task.metrics),
+        )
     return row
 
 
@@ -36,9 +43,9 @@ def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round:
     """Clients evaluate the new global adapter on their local validation slices."""
     if state.cfg.fraction_evaluate == 0.0:
         return {}
-    messages = list(strategy.configure_evaluate(
-        server_round, state_to_record(state.arrays), state.message_config(), ordered
-    ))
+    messages = list(
+        strategy.configure_evaluate(server_round, state_to_record(state.arrays), state.message_config(), ordered)
+    )
     replies = grid.send_and_receive(messages, timeout=state.cfg.round_timeout)
     replies = sort_replies(replies, state.clients, sent_to(messages))
     ok = [r for r in replies if not r.has_error() and r.content["metrics"]["num-examples"] > 0]

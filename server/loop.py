@@ -24,26 +24,42 @@ from common.config import FedtuneConfig
 from common.errors import FedtuneError
 from common.files import atomic_write
 from common.flower import (
-    OrderedGrid, dp_clipping_norm, find_strategy, seed_sampling_and_noise, set_dp_sample_size, strategy_state,
+    OrderedGrid,
+    dp_clipping_norm,
+    find_strategy,
+    seed_sampling_and_noise,
+    set_dp_sample_size,
+    strategy_state,
 )
 from common.model import save_adapter
 from common.records import record_to_state, state_to_record
 from common.secagg import SecAggError, threshold_for
 from common.task import task_for
-from server.checkpoint import Checkpoint, save_checkpoint
 from server.best import best_row, keep_best, rounds_without_improvement, should_stop_early
-from server.evaluation import evaluation_row, federated_evaluation
-from server.privacy import (
-    check_sample_level_plan, client_entries, federation_entry, federation_would_exceed, wrap_client_dp,
-)
+from server.checkpoint import Checkpoint, save_checkpoint
 from server.distributed_dp import ServerAdamW, make_plan, plan_to_dict, would_exceed
 from server.distributed_dp import federation_entry as distributed_entry
-from server.replies import (
-    RoundOutcome, classify_replies, client_of, discover_clients, round_entry, sent_to, sort_replies, train_summary,
+from server.evaluation import evaluation_row, federated_evaluation
+from server.privacy import (
+    check_sample_level_plan,
+    client_entries,
+    federation_entry,
+    federation_would_exceed,
+    wrap_client_dp,
 )
-from server.secure_train import secure_train
+from server.replies import (
+    RoundOutcome,
+    classify_replies,
+    client_of,
+    discover_clients,
+    round_entry,
+    sent_to,
+    sort_replies,
+    train_summary,
+)
 from server.resume import fresh_start, restore
 from server.rundir import ADAPTER_RECORD, RunDir
+from server.secure_train import secure_train
 from server.state import ServerState, conform_to_schema, initial_state, with_labels
 from server.strategy import build_strategy, robust_capacity_problem
 from server.tensorboard import Scalars
@@ -100,8 +116,14 @@ def run_rounds(grid: Grid, state: ServerState, strategy, start_round: int) -> No
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
         if should_stop_early(state):
             state.status = "early-stopped"
-            log(INFO, "fedtune: stopping early before round %d: %d rounds without a better %s than round %d's",
-                server_round, rounds_without_improvement(state), cfg.best_column[0], best_row(state)["round"])
+            log(
+                INFO,
+                "fedtune: stopping early before round %d: %d rounds without a better %s than round %d's",
+                server_round,
+                rounds_without_improvement(state),
+                cfg.best_column[0],
+                best_row(state)["round"],
+            )
             return
         run_round(grid, state, strategy, server_round)
         if state.status != "running":
@@ -115,8 +137,11 @@ def release_adapter(model, state: ServerState, name: str) -> None:
     against, so a ledger rolled back behind a released adapter is caught."""
     directory = state.run.adapters / name
     save_adapter(model, state.arrays, directory)
-    record = {"round": state.history[-1]["round"], "ledger_entries": len(state.ledger.entries),
-              "ledger_head": state.ledger.head}
+    record = {
+        "round": state.history[-1]["round"],
+        "ledger_entries": len(state.ledger.entries),
+        "ledger_head": state.ledger.head,
+    }
     atomic_write(directory / ADAPTER_RECORD, (json.dumps(record, indent=1) + "\n").encode())
 
 
@@ -127,11 +152,16 @@ def build_strategy_chain(state: ServerState):
     strategy = wrap_client_dp(cfg, build_strategy(cfg), num_sampled=expected)
     if not cfg.validate_updates:
         return strategy
-    policy = Policy(max_update_norm=cfg.max_update_norm, max_norm_factor=cfg.max_norm_factor,
-                    uniform_weights=cfg.weight_policy == "uniform" or cfg.dp_client != "off",
-                    max_client_weight=cfg.max_client_weight, reject_zero_norm=cfg.dp_client != "off")
-    return ValidatedStrategy(strategy, initial=state.initial, policy=policy, clients=state.clients,
-                             declared=state.declared)
+    policy = Policy(
+        max_update_norm=cfg.max_update_norm,
+        max_norm_factor=cfg.max_norm_factor,
+        uniform_weights=cfg.weight_policy == "uniform" or cfg.dp_client != "off",
+        max_client_weight=cfg.max_client_weight,
+        reject_zero_norm=cfg.dp_client != "off",
+    )
+    return ValidatedStrategy(
+        strategy, initial=state.initial, policy=policy, clients=state.clients, declared=state.declared
+    )
 
 
 def check_federation(grid: Grid, state: ServerState) -> None:
@@ -142,8 +172,9 @@ def check_federation(grid: Grid, state: ServerState) -> None:
         discover_clients(grid, state)
     except TimeoutError as err:
         end_run(state, "not-enough-clients", str(err))
-    check_sample_level_plan(cfg, state.declared, trainable=sum(v.size for v in state.initial.values()),
-                            connected=len(state.declared))
+    check_sample_level_plan(
+        cfg, state.declared, trainable=sum(v.size for v in state.initial.values()), connected=len(state.declared)
+    )
     problem = robust_capacity_problem(cfg, cfg.train_sample_size(len(state.declared)))
     if problem:
         end_run(state, "not-enough-clients", problem)
@@ -155,10 +186,20 @@ def check_federation(grid: Grid, state: ServerState) -> None:
     if cfg.dp_sample and cfg.dp_mode == "distributed" and state.dp_plan is None:
         state.dp_plan = make_plan(cfg, state.declared, dimension=sum(v.size for v in state.initial.values()))
         plan = state.dp_plan
-        log(INFO, "fedtune: distributed DP-SGD over %d records: expected batch %d (rate %.5f), %d steps (one a "
+        log(
+            INFO,
+            "fedtune: distributed DP-SGD over %d records: expected batch %d (rate %.5f), %d steps (one a "
             "round), noise multiplier %.4f of the summed Skellam noise (integer scale %.1f), noise per coordinate "
-            "%.3g, noise/signal %.2f", plan.examples, plan.batch_size, plan.sample_rate, plan.rounds,
-            plan.noise_multiplier, plan.scale, plan.gradient_noise_std, plan.noise_to_signal)
+            "%.3g, noise/signal %.2f",
+            plan.examples,
+            plan.batch_size,
+            plan.sample_rate,
+            plan.rounds,
+            plan.noise_multiplier,
+            plan.scale,
+            plan.gradient_noise_std,
+            plan.noise_to_signal,
+        )
 
 
 def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> None:
@@ -172,14 +213,21 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
         return
     seed_sampling_and_noise(round_seed(cfg.seed, server_round))
     ordered = OrderedGrid(grid, state.clients)
-    messages = list(strategy.configure_train(server_round, state_to_record(state.arrays), state.message_config(),
-                                             ordered))
+    messages = list(
+        strategy.configure_train(server_round, state_to_record(state.arrays), state.message_config(), ordered)
+    )
     population = len(ordered.get_node_ids())
     set_dp_sample_size(strategy, len(messages))  # Flower's DP noise is z*C/num_sampled_clients
     if federation_budget_exhausted(state, server_round, population=population, sampled=len(messages)):
         return
-    log(INFO, "fedtune: round %d/%d: training on %d clients%s", server_round, cfg.num_server_rounds, len(messages),
-        " (secure aggregation)" if cfg.secure_aggregation else "")
+    log(
+        INFO,
+        "fedtune: round %d/%d: training on %d clients%s",
+        server_round,
+        cfg.num_server_rounds,
+        len(messages),
+        " (secure aggregation)" if cfg.secure_aggregation else "",
+    )
     train = secure_train if cfg.secure_aggregation else plain_train
     outcome = train(grid, state, strategy, server_round, messages)
     entry = outcome.entry
@@ -189,9 +237,16 @@ def run_round(grid: Grid, state: ServerState, strategy, server_round: int) -> No
     if entry["sampled"] and not entry["aggregated"] and not entry["refused"] and not entry.get("discarded"):
         state.status = "all-clients-failed"
     privacy = record_privacy(state, strategy, server_round, outcome, population=population)
-    row = {**evaluation_row(state, server_round), **outcome.summary,
-           **{k: len(entry.get(k, [])) for k in ("aggregated", "rejected", "failed", "timed_out", "refused", "discarded")
-              if k in entry}, **privacy}
+    row = {
+        **evaluation_row(state, server_round),
+        **outcome.summary,
+        **{
+            k: len(entry.get(k, []))
+            for k in ("aggregated", "rejected", "failed", "timed_out", "refused", "discarded")
+            if k in entry
+        },
+        **privacy,
+    }
     if state.status == "running":
         row.update(federated_evaluation(grid, state, strategy, server_round, ordered))
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -229,42 +284,69 @@ def federation_budget_exhausted(state: ServerState, server_round: int, *, popula
     if projected is None:
         return False
     state.status = "federation-privacy-budget-exhausted"
-    log(WARNING, "fedtune: stopping before round %d: federation epsilon would reach %.3f, budget %.3f",
-        server_round, projected, budget)
+    log(
+        WARNING,
+        "fedtune: stopping before round %d: federation epsilon would reach %.3f, budget %.3f",
+        server_round,
+        projected,
+        budget,
+    )
     return True
 
 
 def all_refused(state: ServerState, server_round: int) -> None:
     state.status = "client-privacy-budgets-exhausted"  # the round is committed; the loop then stops
-    log(WARNING, "fedtune: every sampled client refused round %d: its own privacy record says the round would "
+    log(
+        WARNING,
+        "fedtune: every sampled client refused round %d: its own privacy record says the round would "
         "take its epsilon above its budget. The records persist across runs on the same data, in each node's "
         "privacy-dir (node config), else $FEDTUNE_PRIVACY_DIR, else ~/.fedtune/privacy (here: %s)",
-        server_round, privacy_dir())
+        server_round,
+        privacy_dir(),
+    )
 
 
 def record_privacy(state: ServerState, strategy, server_round: int, outcome: RoundOutcome, *, population: int) -> dict:
     """Append this round's ledger entries; returns the round's epsilon figures for the metrics row."""
     cfg, out, entry = state.cfg, {}, outcome.entry
     if cfg.dp_sample:
-        entries = [state.ledger.append({**e, "run_id": state.run_id})
-                   for e in client_entries(server_round, outcome.trained, outcome.refused, outcome.failed)]
+        entries = [
+            state.ledger.append({**e, "run_id": state.run_id})
+            for e in client_entries(server_round, outcome.trained, outcome.refused, outcome.failed)
+        ]
         spent = [e["epsilon"] for e in entries if e["status"] == "trained"]
         if spent:
             out["epsilon_client_max"] = max(spent)
     if cfg.dp_sample and cfg.dp_mode == "distributed":
         secure = entry["secure_aggregation"]
-        federation = state.ledger.append(distributed_entry(
-            state.ledger, cfg, state.dp_plan, server_round=server_round, sampled=len(entry["sampled"]),
-            threshold=secure["threshold"], summed=len(entry["aggregated"]), records=secure.get("records", 0),
-            applied=secure["applied"]))
+        federation = state.ledger.append(
+            distributed_entry(
+                state.ledger,
+                cfg,
+                state.dp_plan,
+                server_round=server_round,
+                sampled=len(entry["sampled"]),
+                threshold=secure["threshold"],
+                summed=len(entry["aggregated"]),
+                records=secure.get("records", 0),
+                applied=secure["applied"],
+            )
+        )
         out["epsilon_federation"] = federation["epsilon"]
     if cfg.dp_client != "off":
         sampled = len(entry["sampled"])
-        federation = state.ledger.append(federation_entry(
-            state.ledger, cfg, server_round=server_round, population=population, sampled=sampled,
-            accepted=len(entry["aggregated"]), clipping_norm=dp_clipping_norm(strategy, cfg.dp_client_clipping_norm),
-            noise_denominator=max(1, sampled),
-        ))
+        federation = state.ledger.append(
+            federation_entry(
+                state.ledger,
+                cfg,
+                server_round=server_round,
+                population=population,
+                sampled=sampled,
+                accepted=len(entry["aggregated"]),
+                clipping_norm=dp_clipping_norm(strategy, cfg.dp_client_clipping_norm),
+                noise_denominator=max(1, sampled),
+            )
+        )
         out["epsilon_federation"] = federation["epsilon"]
     return out
 
@@ -272,14 +354,25 @@ def record_privacy(state: ServerState, strategy, server_round: int, outcome: Rou
 def commit_round(state: ServerState, strategy, server_round: int) -> None:
     """Checkpoint, adapter, metrics and plot for a completed round."""
     run = state.run
-    save_checkpoint(run.checkpoints, Checkpoint(
-        server_round=server_round, adapter=state.arrays, strategy=strategy_state(strategy),
-        meta={"config": state.cfg.to_run_config(), "history": state.history, "ledger": state.ledger.entries,
-              "rounds": state.rounds, "frozen": state.frozen, "data": state.data,
-              **({"secagg_keys": state.secagg_keys} if state.secagg_keys else {}),
-              **({"dp_plan": plan_to_dict(state.dp_plan)} if state.dp_plan else {})},
-        optimizer=state.dp_optimizer.state() if state.dp_optimizer else {},
-    ))
+    save_checkpoint(
+        run.checkpoints,
+        Checkpoint(
+            server_round=server_round,
+            adapter=state.arrays,
+            strategy=strategy_state(strategy),
+            meta={
+                "config": state.cfg.to_run_config(),
+                "history": state.history,
+                "ledger": state.ledger.entries,
+                "rounds": state.rounds,
+                "frozen": state.frozen,
+                "data": state.data,
+                **({"secagg_keys": state.secagg_keys} if state.secagg_keys else {}),
+                **({"dp_plan": plan_to_dict(state.dp_plan)} if state.dp_plan else {}),
+            },
+            optimizer=state.dp_optimizer.state() if state.dp_optimizer else {},
+        ),
+    )
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:
         state.ledger.write(run.path / "privacy-ledger.jsonl")
@@ -294,9 +387,13 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
 def finish(state: ServerState) -> None:
     """status.json for how the run ended; a failure raises RunFailed after writing it."""
     if state.status == "client-privacy-budgets-exhausted" and not any(r["aggregated"] for r in state.rounds):
-        end_run(state, state.status, "no client trained in any round: every client's privacy record was already "
-                f"at its budget (records in each node's privacy-dir, else $FEDTUNE_PRIVACY_DIR, else "
-                f"~/.fedtune/privacy; here {privacy_dir()})")
+        end_run(
+            state,
+            state.status,
+            "no client trained in any round: every client's privacy record was already "
+            f"at its budget (records in each node's privacy-dir, else $FEDTUNE_PRIVACY_DIR, else "
+            f"~/.fedtune/privacy; here {privacy_dir()})",
+        )
     if state.status in FAILURES:
         end_run(state, state.status, FAILURES[state.status])
     state.task.final_report(state.run.path, state.history[-1]["round"])
@@ -304,8 +401,14 @@ def finish(state: ServerState) -> None:
         state.scalars.close()
     rounds, best = state.history[-1]["round"], best_row(state)["round"]
     state.run.write_json("status.json", {"status": state.status, "rounds_completed": rounds, "best_round": best})
-    log(INFO, "fedtune: %s after %d rounds (best: round %d, adapters/best); results in %s", state.status, rounds,
-        best, state.run.path)
+    log(
+        INFO,
+        "fedtune: %s after %d rounds (best: round %d, adapters/best); results in %s",
+        state.status,
+        rounds,
+        best,
+        state.run.path,
+    )
 
 
 def end_run(state: ServerState, status: str, reason: str) -> None:

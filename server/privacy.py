@@ -35,18 +35,27 @@ def wrap_client_dp(cfg: FedtuneConfig, strategy, num_sampled: int):
         return strategy
     args = dict(noise_multiplier=cfg.dp_client_noise_multiplier, num_sampled_clients=num_sampled)
     if cfg.dp_client == "server-fixed":
-        return fl.DifferentialPrivacyServerSideFixedClipping(strategy, clipping_norm=cfg.dp_client_clipping_norm, **args)
+        return fl.DifferentialPrivacyServerSideFixedClipping(
+            strategy, clipping_norm=cfg.dp_client_clipping_norm, **args
+        )
     if cfg.dp_client == "client-fixed":
-        return fl.DifferentialPrivacyClientSideFixedClipping(strategy, clipping_norm=cfg.dp_client_clipping_norm, **args)
+        return fl.DifferentialPrivacyClientSideFixedClipping(
+            strategy, clipping_norm=cfg.dp_client_clipping_norm, **args
+        )
     # Andrew et al. 2021 (https://arxiv.org/abs/1905.03871): the clipped-count noise must exceed
     # z/2 for the update noise to stay real; their default k/20 is too small for few clients.
     return fl.DifferentialPrivacyServerSideAdaptiveClipping(
-        strategy, initial_clipping_norm=cfg.dp_client_clipping_norm, target_clipped_quantile=ADAPTIVE_QUANTILE,
-        clipped_count_stddev=max(num_sampled / 20, cfg.dp_client_noise_multiplier), **args
+        strategy,
+        initial_clipping_norm=cfg.dp_client_clipping_norm,
+        target_clipped_quantile=ADAPTIVE_QUANTILE,
+        clipped_count_stddev=max(num_sampled / 20, cfg.dp_client_noise_multiplier),
+        **args,
     )
 
 
-def check_sample_level_plan(cfg: FedtuneConfig, declared: dict[int, int], *, trainable: int, connected: int) -> list[str]:
+def check_sample_level_plan(
+    cfg: FedtuneConfig, declared: dict[int, int], *, trainable: int, connected: int
+) -> list[str]:
     """Before round 1: log the DP-SGD plan of the smallest client (the noisiest: its batch is the
     smallest), and warn, without refusing, when it cannot learn or wastes budget, with a batch
     size that fixes it. Returns the problems found."""
@@ -55,83 +64,160 @@ def check_sample_level_plan(cfg: FedtuneConfig, declared: dict[int, int], *, tra
         return []
     examples = min(sizes)
     plan = plan_for_config(cfg, examples, trainable=trainable, clients_per_round=cfg.train_sample_size(connected))
-    log(INFO, "fedtune: DP-SGD on the smallest client (%d examples): expected batch %.0f, rate %.4f, %d steps a "
+    log(
+        INFO,
+        "fedtune: DP-SGD on the smallest client (%d examples): expected batch %.0f, rate %.4f, %d steps a "
         "round, noise multiplier %.3f, noise per coordinate %.2g, noise/signal %.2f (%.2f averaged over %d clients)",
-        examples, plan.expected_batch, plan.sample_rate, plan.steps_per_round, plan.noise_multiplier, plan.noise_std,
-        plan.noise_to_signal, plan.averaged_noise_to_signal, plan.clients_per_round)
+        examples,
+        plan.expected_batch,
+        plan.sample_rate,
+        plan.steps_per_round,
+        plan.noise_multiplier,
+        plan.noise_std,
+        plan.noise_to_signal,
+        plan.averaged_noise_to_signal,
+        plan.clients_per_round,
+    )
     problems = plan.problems()
     if problems and cfg.dp_noise_multiplier == 0:
-        better = suggested(batch_alternatives(plan, target_epsilon=cfg.dp_target_epsilon, delta=cfg.dp_delta,
-                                              local_epochs=cfg.local_epochs, local_steps=cfg.local_steps))
-        hint = (f"try dp-batch-size = {better.batch_size} (noise multiplier {better.noise_multiplier:.3f}, "
-                f"noise/signal {better.averaged_noise_to_signal:.2f} averaged)" if better else
-                "no batch size fixes it at this target: raise dp-target-epsilon, add clients or data, or train fewer rounds")
+        better = suggested(
+            batch_alternatives(
+                plan,
+                target_epsilon=cfg.dp_target_epsilon,
+                delta=cfg.dp_delta,
+                local_epochs=cfg.local_epochs,
+                local_steps=cfg.local_steps,
+            )
+        )
+        hint = (
+            f"try dp-batch-size = {better.batch_size} (noise multiplier {better.noise_multiplier:.3f}, "
+            f"noise/signal {better.averaged_noise_to_signal:.2f} averaged)"
+            if better
+            else "no batch size fixes it at this target: raise dp-target-epsilon, add clients or data, "
+            "or train fewer rounds"
+        )
         problems = [*problems, hint]
     for problem in problems:
         log(WARNING, "fedtune: DP-SGD settings: %s", problem)
     return problems
 
 
-def client_entries(server_round: int, trained: list[tuple[str, Message]], refused: list[tuple[str, Message]],
-                   failed: list[str]) -> list[dict]:
+def client_entries(
+    server_round: int, trained: list[tuple[str, Message]], refused: list[tuple[str, Message]], failed: list[str]
+) -> list[dict]:
     """One ledger entry per sampled client under sample-level DP."""
     entries = []
     for client_id, reply in trained:
         p = reply.content["privacy"]
         history = [
             {"noise_multiplier": z, "sample_rate": q, "steps": int(s)}
-            for z, q, s in zip(p["history-noise"], p["history-rate"], p["history-steps"])
+            for z, q, s in zip(p["history-noise"], p["history-rate"], p["history-steps"], strict=True)
         ]
         if SKELLAM in p.get("history-kind", []):  # distributed DP steps in the history: their noise and sensitivity
-            for h, kind, l2, l1 in zip(history, p["history-kind"], p["history-l2"], p["history-l1"]):
+            for h, kind, l2, l1 in zip(history, p["history-kind"], p["history-l2"], p["history-l1"], strict=True):
                 if kind == SKELLAM:
                     h.update(noise=kind, l2_sensitivity=l2, l1_sensitivity=l1)
         skellam = p.get("noise") == SKELLAM
-        entries.append({
-            "round": server_round, "kind": "client", "client_id": client_id, "status": "trained",
-            "fingerprint": p["fingerprint"], "noise_multiplier": p["noise-multiplier"],
-            "clipping_norm": p["clipping-norm"], "sample_rate": p["sample-rate"], "steps": int(p["steps"]),
-            **({"noise": SKELLAM, "l2_sensitivity": p["l2-sensitivity"], "l1_sensitivity": p["l1-sensitivity"]}
-               if skellam else {}),
-            "epsilon": p["epsilon"], "epsilon_rdp": p["epsilon-rdp"], "delta": p["delta"],
-            "accountant": p["accountant"], "epsilon_budget": p["epsilon-budget"], "history": history,
-        })
+        entries.append(
+            {
+                "round": server_round,
+                "kind": "client",
+                "client_id": client_id,
+                "status": "trained",
+                "fingerprint": p["fingerprint"],
+                "noise_multiplier": p["noise-multiplier"],
+                "clipping_norm": p["clipping-norm"],
+                "sample_rate": p["sample-rate"],
+                "steps": int(p["steps"]),
+                **(
+                    {"noise": SKELLAM, "l2_sensitivity": p["l2-sensitivity"], "l1_sensitivity": p["l1-sensitivity"]}
+                    if skellam
+                    else {}
+                ),
+                "epsilon": p["epsilon"],
+                "epsilon_rdp": p["epsilon-rdp"],
+                "delta": p["delta"],
+                "accountant": p["accountant"],
+                "epsilon_budget": p["epsilon-budget"],
+                "history": history,
+            }
+        )
     for client_id, reply in refused:
         p = reply.content["privacy"]
-        entries.append({
-            "round": server_round, "kind": "client", "client_id": client_id, "status": "refused",
-            "reason": str(p["status"]), "fingerprint": p["fingerprint"], "epsilon": p["epsilon-spent"],
-            "epsilon_projected": p["epsilon-projected"], "epsilon_budget": p["epsilon-budget"], "delta": p["delta"],
-        })
+        entries.append(
+            {
+                "round": server_round,
+                "kind": "client",
+                "client_id": client_id,
+                "status": "refused",
+                "reason": str(p["status"]),
+                "fingerprint": p["fingerprint"],
+                "epsilon": p["epsilon-spent"],
+                "epsilon_projected": p["epsilon-projected"],
+                "epsilon_budget": p["epsilon-budget"],
+                "delta": p["delta"],
+            }
+        )
     for client_id in failed:
-        entries.append({"round": server_round, "kind": "client", "client_id": client_id, "status": "failed",
-                        "reason": "no reply or error reply; spend unknown to the server"})
+        entries.append(
+            {
+                "round": server_round,
+                "kind": "client",
+                "client_id": client_id,
+                "status": "failed",
+                "reason": "no reply or error reply; spend unknown to the server",
+            }
+        )
     return entries
 
 
-def federation_entry(ledger: Ledger, cfg: FedtuneConfig, *, server_round: int, population: int,
-                     sampled: int, accepted: int, clipping_norm: float, noise_denominator: int) -> dict:
+def federation_entry(
+    ledger: Ledger,
+    cfg: FedtuneConfig,
+    *,
+    server_round: int,
+    population: int,
+    sampled: int,
+    accepted: int,
+    clipping_norm: float,
+    noise_denominator: int,
+) -> dict:
     """Account one client-level DP release (or none, when nothing was aggregated).
 
     The wrappers add noise of std z*C/noise_denominator to the mean of `accepted` clipped
     updates (sensitivity C/accepted): the effective multiplier is z*accepted/noise_denominator.
     """
     z_eff = cfg.dp_client_noise_multiplier * accepted / noise_denominator
-    history = [Mechanism.from_dict(e["mechanism"]) for e in ledger.entries
-               if e.get("kind") == "federation" and e.get("mechanism")]
+    history = [
+        Mechanism.from_dict(e["mechanism"])
+        for e in ledger.entries
+        if e.get("kind") == "federation" and e.get("mechanism")
+    ]
     mechanism = None
     if accepted > 0:
-        mechanism = Mechanism(noise_multiplier=z_eff, steps=1, sampling=WITHOUT_REPLACEMENT,
-                              population=population, sample_size=sampled)
+        mechanism = Mechanism(
+            noise_multiplier=z_eff, steps=1, sampling=WITHOUT_REPLACEMENT, population=population, sample_size=sampled
+        )
         history.append(mechanism)
     eps = epsilon_rdp(history, delta=cfg.dp_delta)
     return {
-        "round": server_round, "kind": "federation", "mode": cfg.dp_client,
-        "noise_multiplier": cfg.dp_client_noise_multiplier, "effective_noise_multiplier": z_eff,
-        "clipping_norm": clipping_norm, "population": population, "sampled": sampled, "accepted": accepted,
-        "sampling": WITHOUT_REPLACEMENT, "mechanism": mechanism.to_dict() if mechanism else None,
-        "epsilon": eps, "delta": cfg.dp_delta, "accountant": "rdp", "neighbouring": "replace-one client",
-        "epsilon_budget": cfg.dp_client_epsilon_budget, "failed_client_policy": FAILED_CLIENT_POLICY,
+        "round": server_round,
+        "kind": "federation",
+        "mode": cfg.dp_client,
+        "noise_multiplier": cfg.dp_client_noise_multiplier,
+        "effective_noise_multiplier": z_eff,
+        "clipping_norm": clipping_norm,
+        "population": population,
+        "sampled": sampled,
+        "accepted": accepted,
+        "sampling": WITHOUT_REPLACEMENT,
+        "mechanism": mechanism.to_dict() if mechanism else None,
+        "epsilon": eps,
+        "delta": cfg.dp_delta,
+        "accountant": "rdp",
+        "neighbouring": "replace-one client",
+        "epsilon_budget": cfg.dp_client_epsilon_budget,
+        "failed_client_policy": FAILED_CLIENT_POLICY,
     }
 
 
@@ -139,10 +225,19 @@ def federation_would_exceed(ledger: Ledger, cfg: FedtuneConfig, *, population: i
     """The projected federation epsilon if the next full release would exceed the budget, else None."""
     if cfg.dp_client == "off" or cfg.dp_client_epsilon_budget <= 0 or sampled == 0:
         return None
-    history = [Mechanism.from_dict(e["mechanism"]) for e in ledger.entries
-               if e.get("kind") == "federation" and e.get("mechanism")]
-    history.append(Mechanism(noise_multiplier=cfg.dp_client_noise_multiplier, steps=1, sampling=WITHOUT_REPLACEMENT,
-                             population=population, sample_size=sampled))
+    history = [
+        Mechanism.from_dict(e["mechanism"])
+        for e in ledger.entries
+        if e.get("kind") == "federation" and e.get("mechanism")
+    ]
+    history.append(
+        Mechanism(
+            noise_multiplier=cfg.dp_client_noise_multiplier,
+            steps=1,
+            sampling=WITHOUT_REPLACEMENT,
+            population=population,
+            sample_size=sampled,
+        )
+    )
     projected = epsilon_rdp(history, delta=cfg.dp_delta)
     return projected if projected > cfg.dp_client_epsilon_budget else None
-

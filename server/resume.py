@@ -12,15 +12,22 @@ from common.config import FedtuneConfig
 from common.errors import CheckpointError, ConfigError, FedtuneError
 from common.flower import load_strategy_state
 from common.ledger import Ledger
-from common.task import task_for
 from common.model import check_adapter_state
+from common.task import task_for
 from server.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint
 from server.rundir import RunDir
 from server.state import ServerState, initial_state, with_labels
 
 # Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"num-server-rounds", "resume", "run-dir", "round-timeout", "best-metric", "early-stopping-rounds",
-                     "device"}
+RESUMABLE_CHANGES = {
+    "num-server-rounds",
+    "resume",
+    "run-dir",
+    "round-timeout",
+    "best-metric",
+    "early-stopping-rounds",
+    "device",
+}
 
 
 def preflight(cfg: FedtuneConfig) -> None:
@@ -50,9 +57,11 @@ def refuse_checkpoints(run: RunDir) -> None:
     nor a folder that holds files other than a fedtune run's."""
     foreign = run.foreign_files()
     if foreign:
-        raise ConfigError(f"run-dir {run.path}: expected an empty folder or a fedtune run directory for a new run, "
-                          f"but it holds files fedtune did not write: {foreign[:5]}{'...' if len(foreign) > 5 else ''}"
-                          "; choose another run-dir")
+        raise ConfigError(
+            f"run-dir {run.path}: expected an empty folder or a fedtune run directory for a new run, "
+            f"but it holds files fedtune did not write: {foreign[:5]}{'...' if len(foreign) > 5 else ''}"
+            "; choose another run-dir"
+        )
     if latest_checkpoint(run.checkpoints) is not None:
         raise CheckpointError(
             f"run-dir {run.path} already holds checkpoints: expected an empty run directory "
@@ -71,18 +80,21 @@ def checked_checkpoint(state: ServerState) -> tuple[Path, Checkpoint]:
     try:  # parsed as any config is: an older run's removed options at their neutral values drop out
         saved = ckpt.run_config().to_run_config()
     except ConfigError as err:
-        raise CheckpointError(f"checkpoint {path}: expected a config this fedtune can run, got one that is not "
-                              f"({err})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: expected a config this fedtune can run, got one that is not ({err})"
+        ) from None
     now = state.cfg.to_run_config()
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:
         diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"resume: expected the checkpoint's config, but these keys differ: {diffs}")
     if ckpt.meta.get("data", state.data) != state.data:
+        files = (state.cfg.data, state.cfg.heldout_data)
         raise CheckpointError(
             f"resume: expected the data the run was trained on (fingerprint {ckpt.meta['data']} of the training "
-            f"data and held-out set), got {state.data}: {' or '.join(repr(f) for f in (state.cfg.data, state.cfg.heldout_data) if f)} "
-            "changed since; train on the new data in a new run-dir")
+            f"data and held-out set), got {state.data}: {' or '.join(repr(f) for f in files if f)} "
+            "changed since; train on the new data in a new run-dir"
+        )
     try:
         check_adapter_state(state.initial, ckpt.adapter)
     except FedtuneError as err:

@@ -38,12 +38,30 @@ ADAPTER_RECORD = "fedtune-adapter.json"  # in every adapters/<name>: the round a
 
 # What fedtune writes into a run directory (and `fedtune audit` beside it): a new run refuses a
 # folder holding anything else, rather than writing over a user's files.
-RUN_FILES = frozenset({
-    "config.json", "clients.json", "metrics.jsonl", "metrics.csv", "metrics.png", "rounds.jsonl", "status.json",
-    "privacy-ledger.jsonl", "samples.jsonl", "adapters", "checkpoints",
-    "audit.csv", "audit.json", "audit-epsilon.png", "audit-accuracy.png", "best.json", "heldout", "tensorboard",
-    "evaluations", MARKER,
-})
+RUN_FILES = frozenset(
+    {
+        "config.json",
+        "clients.json",
+        "metrics.jsonl",
+        "metrics.csv",
+        "metrics.png",
+        "rounds.jsonl",
+        "status.json",
+        "privacy-ledger.jsonl",
+        "samples.jsonl",
+        "adapters",
+        "checkpoints",
+        "audit.csv",
+        "audit.json",
+        "audit-epsilon.png",
+        "audit-accuracy.png",
+        "best.json",
+        "heldout",
+        "tensorboard",
+        "evaluations",
+        MARKER,
+    }
+)
 
 
 class RunDir:
@@ -116,8 +134,14 @@ class RunDir:
         if best_round is not None:
             ax.axvline(best_round, color="green", ls=":", lw=1.5, label=f"best round ({best_round})")
         handles = [h for a in axes for h in a.get_legend_handles_labels()[0]]
-        fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=min(4, len(handles)),
-                   frameon=False, fontsize=9)
+        fig.legend(
+            handles,
+            [h.get_label() for h in handles],
+            loc="lower center",
+            ncol=min(4, len(handles)),
+            frameon=False,
+            fontsize=9,
+        )
         ax.set_title("fedtune: global adapter on the held-out set")
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         return self._save(fig, plt)
@@ -138,15 +162,20 @@ def claim(path: Path, *, resume: bool) -> RunDir:
     run = RunDir(path)
     contents = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     if contents and not run.marked and not (resume and (path / "checkpoints").is_dir()):
-        raise ConfigError(f"run-dir {path}: expected an empty folder or a run folder fedtune made (it holds "
-                          f"{MARKER}), got a folder of files fedtune did not mark: {contents[:5]}"
-                          f"{'...' if len(contents) > 5 else ''}; choose another run-dir")
+        raise ConfigError(
+            f"run-dir {path}: expected an empty folder or a run folder fedtune made (it holds "
+            f"{MARKER}), got a folder of files fedtune did not mark: {contents[:5]}"
+            f"{'...' if len(contents) > 5 else ''}; choose another run-dir"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not run.marked:
-            atomic_write(path / MARKER, (json.dumps({"fedtune_run": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                                         + "\n").encode())
+            atomic_write(
+                path / MARKER,
+                (json.dumps({"fedtune_run": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n").encode(),
+            )
     except OSError as err:
-        raise ConfigError(f"run-dir {path}: expected a place fedtune can write, got {err.strerror or err} "
-                          f"({type(err).__name__})") from None
+        raise ConfigError(
+            f"run-dir {path}: expected a place fedtune can write, got {err.strerror or err} ({type(err).__name__})"
+        ) from None
     return run

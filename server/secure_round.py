@@ -55,8 +55,15 @@ class SecureRound:
         self.fates.setdefault(node, fate)
 
 
-def run_secure_round(grid: Grid, state: ServerState, server_round: int, messages: list[Message], *,
-                     length: int, extra: dict[str, ConfigRecord]) -> SecureRound:
+def run_secure_round(
+    grid: Grid,
+    state: ServerState,
+    server_round: int,
+    messages: list[Message],
+    *,
+    length: int,
+    extra: dict[str, ConfigRecord],
+) -> SecureRound:
     """Run the four stages for the clients the strategy sampled (its train `messages`); `length` is
     the integer vector each uploads, `extra` the records every stage carries beside the run config
     (the distributed DP announcement) and `extra["masked"]` what only stage 3 adds."""
@@ -70,8 +77,15 @@ def run_secure_round(grid: Grid, state: ServerState, server_round: int, messages
 class _Stages:
     """One secure round's state between its stages; each stage returns whether the round goes on."""
 
-    def __init__(self, grid: Grid, state: ServerState, server_round: int, messages: list[Message],
-                 length: int, extra: dict[str, ConfigRecord]):
+    def __init__(
+        self,
+        grid: Grid,
+        state: ServerState,
+        server_round: int,
+        messages: list[Message],
+        length: int,
+        extra: dict[str, ConfigRecord],
+    ):
         self.grid, self.state, self.server_round = grid, state, server_round
         self.train = {m.metadata.dst_node_id: m.content for m in messages}
         nodes = sorted(self.train)
@@ -81,8 +95,9 @@ class _Stages:
         self.tag = str(state.run.path)
         self.base = {"config": self.config, **{k: v for k, v in extra.items() if k != "masked"}}
         self.masked_extra = extra.get("masked")
-        self.protocol = ServerRound(run=self.tag, server_round=server_round, sampled=nodes, threshold=threshold,
-                                    length=length)
+        self.protocol = ServerRound(
+            run=self.tag, server_round=server_round, sampled=nodes, threshold=threshold, length=length
+        )
         self.inbox: dict[int, list] = {}
 
     def spec(self, stage: str, **values) -> ConfigRecord:
@@ -94,8 +109,13 @@ class _Stages:
     def keys(self) -> bool:
         """Stage 1: fresh public keys, or a privacy refusal."""
         out, protocol, nodes = self.out, self.protocol, self.out.nodes
-        replies = self.exchange("keys", {n: RecordDict({**self.base, "secagg": self.spec(
-            "keys", threshold=out.threshold, clients=len(nodes))}) for n in nodes})
+        replies = self.exchange(
+            "keys",
+            {
+                n: RecordDict({**self.base, "secagg": self.spec("keys", threshold=out.threshold, clients=len(nodes))})
+                for n in nodes
+            },
+        )
         for node, reply in replies.items():
             if "privacy" in reply.content.config_records and "secagg" not in reply.content.config_records:
                 out.refusals[node] = reply
@@ -104,8 +124,11 @@ class _Stages:
             keys = _fields(reply, "secagg", {"mask-public": bytes, "seal-public": bytes})
             if keys is None:
                 out.drop(node, "rejected:malformed-keys")
-            elif _seen(self.state, keys["mask-public"]) or _seen(self.state, keys["seal-public"]) \
-                    or keys["mask-public"] == keys["seal-public"]:
+            elif (
+                _seen(self.state, keys["mask-public"])
+                or _seen(self.state, keys["seal-public"])
+                or keys["mask-public"] == keys["seal-public"]
+            ):
                 out.drop(node, "rejected:reused-key")
             else:
                 protocol.add_keys(node, keys["mask-public"], keys["seal-public"])
@@ -116,17 +139,26 @@ class _Stages:
         """Stage 2: every public key to everyone who sent keys; their sealed shares back."""
         out, protocol = self.out, self.protocol
         peers = sorted(protocol.keys)
-        announce = self.spec("shares", nodes=peers, **{"mask-publics": [protocol.keys[n][0] for n in peers],
-                                                       "seal-publics": [protocol.keys[n][1] for n in peers]})
+        announce = self.spec(
+            "shares",
+            nodes=peers,
+            **{
+                "mask-publics": [protocol.keys[n][0] for n in peers],
+                "seal-publics": [protocol.keys[n][1] for n in peers],
+            },
+        )
         replies = self.exchange("shares", {n: RecordDict({**self.base, "secagg": announce}) for n in peers})
         sealed = {}
         for node, reply in replies.items():
             shares = _fields(reply, "secagg", {"destinations": (list, int), "ciphertexts": (list, bytes)})
-            if shares is None or len(shares["destinations"]) != len(shares["ciphertexts"]) or \
-                    sorted(shares["destinations"]) != [p for p in peers if p != node]:
+            if (
+                shares is None
+                or len(shares["destinations"]) != len(shares["ciphertexts"])
+                or sorted(shares["destinations"]) != [p for p in peers if p != node]
+            ):
                 out.drop(node, "rejected:malformed-shares")
                 continue
-            sealed[node] = list(zip(shares["destinations"], shares["ciphertexts"]))
+            sealed[node] = list(zip(shares["destinations"], shares["ciphertexts"], strict=True))
         self.inbox = protocol.route(sealed)
         return _still_enough(out, protocol, list(sealed), "shares")
 
@@ -135,8 +167,12 @@ class _Stages:
         out, protocol = self.out, self.protocol
         messages = {}
         for node, items in self.inbox.items():
-            record = self.spec("masked", sources=[s for s, _ in items], ciphertexts=[c for _, c in items],
-                               **(dict(self.masked_extra) if self.masked_extra is not None else {}))
+            record = self.spec(
+                "masked",
+                sources=[s for s, _ in items],
+                ciphertexts=[c for _, c in items],
+                **(dict(self.masked_extra) if self.masked_extra is not None else {}),
+            )
             messages[node] = RecordDict({**self.base, **dict(self.train[node].items()), "secagg": record})
         for node, reply in self.exchange("masked", messages).items():
             if "privacy" in reply.content.config_records:
@@ -150,15 +186,25 @@ class _Stages:
     def unmask(self) -> bool:
         """Stage 4: the shares that remove the masks, then the sum."""
         out, protocol = self.out, self.protocol
-        replies = self.exchange("unmask", {n: RecordDict({"config": self.config, "secagg": self.spec(
-            "unmask", active=protocol.masked, dropped=protocol.dropped())}) for n in protocol.masked})
+        replies = self.exchange(
+            "unmask",
+            {
+                n: RecordDict(
+                    {
+                        "config": self.config,
+                        "secagg": self.spec("unmask", active=protocol.masked, dropped=protocol.dropped()),
+                    }
+                )
+                for n in protocol.masked
+            },
+        )
         shares = {}
         for node, reply in replies.items():
             got = _fields(reply, "secagg", {"owners": (list, int), "shares": (list, bytes)})
             if got is None or len(got["owners"]) != len(got["shares"]):
                 out.drop(node, "rejected:malformed-unmask-shares")
                 continue
-            shares[node] = list(zip(got["owners"], got["shares"]))
+            shares[node] = list(zip(got["owners"], got["shares"], strict=True))
         for node in protocol.masked:  # a client that fails now is still in the sum: its fate is its vector's
             out.fates.pop(node, None)
         try:
@@ -169,17 +215,26 @@ class _Stages:
             return False
         out.summed = list(protocol.masked)
         out.stages["unmask"] = len(shares)
-        log(INFO, "fedtune: secure round %d: sum of %d clients unmasked (threshold %d; stages %s)",
-            self.server_round, len(out.summed), out.threshold, out.stages)
+        log(
+            INFO,
+            "fedtune: secure round %d: sum of %d clients unmasked (threshold %d; stages %s)",
+            self.server_round,
+            len(out.summed),
+            out.threshold,
+            out.stages,
+        )
         return True
 
 
-def _exchange(grid: Grid, timeout: float, out: SecureRound, stage: str, server_round: int,
-              contents: dict[int, RecordDict]) -> dict[int, Message]:
+def _exchange(
+    grid: Grid, timeout: float, out: SecureRound, stage: str, server_round: int, contents: dict[int, RecordDict]
+) -> dict[int, Message]:
     """Send one stage's messages and return the good replies by node; the rest get their fate."""
     start = time.perf_counter()
-    messages = [Message(content=c, dst_node_id=n, message_type=f"train.{ACTIONS[stage]}", group_id=str(server_round))
-                for n, c in contents.items()]
+    messages = [
+        Message(content=c, dst_node_id=n, message_type=f"train.{ACTIONS[stage]}", group_id=str(server_round))
+        for n, c in contents.items()
+    ]
     replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
     sent = sent_to(messages)
     good: dict[int, Message] = {}
@@ -188,8 +243,14 @@ def _exchange(grid: Grid, timeout: float, out: SecureRound, stage: str, server_r
         if node not in contents or node in good or node in out.fates:
             continue  # not asked this stage, or a second reply: the first one counts
         if reply.has_error():
-            log(WARNING, "fedtune: secure round %d, stage %s: node %d failed: %s", server_round, stage, node,
-                reply.error.reason)
+            log(
+                WARNING,
+                "fedtune: secure round %d, stage %s: node %d failed: %s",
+                server_round,
+                stage,
+                node,
+                reply.error.reason,
+            )
             out.drop(node, "failed")
         else:
             good[node] = reply
@@ -204,8 +265,10 @@ def _still_enough(out: SecureRound, protocol: ServerRound, survivors: list[int],
     out.stages[stage] = len(survivors)
     if protocol.enough(survivors):
         return True
-    out.stopped = (f"{stage}: {len(survivors)} of {len(out.nodes)} sampled clients left, below the threshold "
-                   f"{out.threshold} (secagg-max-dropouts = {len(out.nodes) - out.threshold})")
+    out.stopped = (
+        f"{stage}: {len(survivors)} of {len(out.nodes)} sampled clients left, below the threshold "
+        f"{out.threshold} (secagg-max-dropouts = {len(out.nodes) - out.threshold})"
+    )
     log(WARNING, "fedtune: secure round not applied: %s", out.stopped)
     return False
 
@@ -220,7 +283,9 @@ def _fields(reply: Message, record: str, types: dict[str, type]) -> dict | None:
     for key, kind in types.items():
         value = got.get(key)
         if isinstance(kind, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, kind[1]) and not isinstance(v, bool) for v in value):
+            if not isinstance(value, list) or not all(
+                isinstance(v, kind[1]) and not isinstance(v, bool) for v in value
+            ):
                 return None
         elif not isinstance(value, kind):
             return None
@@ -253,16 +318,29 @@ def round_entry(server_round: int, result: SecureRound, clients: dict[int, str])
         "failed": sorted(name[n] for n, f in fates.items() if f == "failed"),
         "refused": sorted(name[n] for n, f in fates.items() if f == "refused"),
         "timed_out": sorted(name[n] for n, f in fates.items() if f == "timed_out"),
-        "rejected": [{"client": name[n], "reason": f.split(":", 1)[1]} for n, f in sorted(fates.items())
-                     if f.startswith("rejected:")],
+        "rejected": [
+            {"client": name[n], "reason": f.split(":", 1)[1]}
+            for n, f in sorted(fates.items())
+            if f.startswith("rejected:")
+        ],
         "aggregated": sorted(name[n] for n in result.summed),
         "discarded": sorted(name[n] for n in result.nodes if n not in fates and n not in result.summed),
-        "secure_aggregation": {"threshold": result.threshold, "stages": result.stages, "seconds": result.seconds,
-                               "applied": result.total is not None, **({"reason": result.stopped} if result.stopped else {})},
+        "secure_aggregation": {
+            "threshold": result.threshold,
+            "stages": result.stages,
+            "seconds": result.seconds,
+            "applied": result.total is not None,
+            **({"reason": result.stopped} if result.stopped else {}),
+        },
     }
-    parts = [entry["aggregated"], entry["failed"], entry["refused"], entry["timed_out"], entry["discarded"],
-             [r["client"] for r in entry["rejected"]]]
+    parts = [
+        entry["aggregated"],
+        entry["failed"],
+        entry["refused"],
+        entry["timed_out"],
+        entry["discarded"],
+        [r["client"] for r in entry["rejected"]],
+    ]
     if sorted(c for part in parts for c in part) != entry["sampled"]:
         raise AssertionError(f"round ledger does not close in secure round {server_round}: {entry}")
     return entry
-

@@ -10,9 +10,9 @@ from common.config import FedtuneConfig
 from common.data import LabelMap
 from common.federation_data import data_fingerprint, federation_labels
 from common.ledger import Ledger
-from common.task import Task, task_for
 from common.model import check_adapter_state, frozen_fingerprint, get_adapter_state
 from common.records import FROZEN_KEY
+from common.task import Task, task_for
 from server.rundir import RunDir
 
 
@@ -63,8 +63,15 @@ def initial_state(cfg: FedtuneConfig, labels: LabelMap, run: RunDir):
     """(model, ServerState) before round 1: the model's initial adapter is the global one."""
     model = task_for(cfg).model(len(labels))
     initial = get_adapter_state(model)
-    state = ServerState(cfg=cfg, labels=labels, run=run, initial=initial, arrays=initial,
-                        frozen=frozen_fingerprint(model), data=data_fingerprint(cfg))
+    state = ServerState(
+        cfg=cfg,
+        labels=labels,
+        run=run,
+        initial=initial,
+        arrays=initial,
+        frozen=frozen_fingerprint(model),
+        data=data_fingerprint(cfg),
+    )
     return model, state
 
 

@@ -16,8 +16,10 @@ def robust_capacity_problem(cfg: FedtuneConfig, sampled: int) -> str | None:
     need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(cfg.strategy)
     if need is None or sampled >= need:
         return None
-    return (f"strategy {cfg.strategy} with num-malicious-clients = {f}: expected at least {need} clients sampled a "
-            f"round, got {sampled}; lower num-malicious-clients or sample more clients")
+    return (
+        f"strategy {cfg.strategy} with num-malicious-clients = {f}: expected at least {need} clients sampled a "
+        f"round, got {sampled}; lower num-malicious-clients or sample more clients"
+    )
 
 
 def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
@@ -35,8 +37,7 @@ def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
     if cfg.strategy == "fedprox":
         return fl.FedProx(**common, proximal_mu=cfg.proximal_mu)
     if cfg.strategy == "fedavgm":
-        return fl.FedAvgM(**common, server_learning_rate=cfg.fedavgm_learning_rate,
-                           server_momentum=cfg.server_momentum)
+        return fl.FedAvgM(**common, server_learning_rate=cfg.fedavgm_learning_rate, server_momentum=cfg.server_momentum)
     if cfg.strategy == "fedadam":
         return fl.FedAdam(**common, **opt, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
     if cfg.strategy == "fedyogi":
@@ -46,8 +47,9 @@ def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
     if cfg.strategy == "krum":
         return fl.Krum(**common, num_malicious_nodes=cfg.num_malicious_clients)
     if cfg.strategy == "multikrum":
-        return fl.MultiKrum(**common, num_malicious_nodes=cfg.num_malicious_clients,
-                            num_nodes_to_select=cfg.multikrum_select)
+        return fl.MultiKrum(
+            **common, num_malicious_nodes=cfg.num_malicious_clients, num_nodes_to_select=cfg.multikrum_select
+        )
     if cfg.strategy == "bulyan":
         return fl.Bulyan(**common, num_malicious_nodes=cfg.num_malicious_clients)
     if cfg.strategy == "fedmedian":

@@ -16,15 +16,19 @@ from pathlib import Path
 from flwr.common.logger import log
 
 # metrics.jsonl column prefix -> TensorBoard section
-SECTIONS = (("heldout_", "heldout/"), ("clients_val_", "clients/val_"), ("train_", "train/"),
-            ("epsilon_", "privacy/epsilon_"))
+SECTIONS = (
+    ("heldout_", "heldout/"),
+    ("clients_val_", "clients/val_"),
+    ("train_", "train/"),
+    ("epsilon_", "privacy/epsilon_"),
+)
 COUNTS = ("aggregated", "rejected", "failed", "timed_out", "refused", "clients_sampled")
 
 
 def tag_of(column: str) -> str | None:
     for prefix, section in SECTIONS:
         if column.startswith(prefix):
-            return section + column[len(prefix):]
+            return section + column[len(prefix) :]
     return f"clients/{column}" if column in COUNTS else None
 
 

@@ -50,6 +50,7 @@ class Verdict:
 
 # --- pure checks: each returns a reason code, or None when the reply passes -----------------
 
+
 def check_structure(reply: Message) -> str | None:
     content = reply.content
     if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
@@ -124,11 +125,19 @@ def flag_outliers(verdicts: list[Verdict], factor: float) -> None:
 
 # --- the wrapper ---------------------------------------------------------------------------
 
+
 class ValidatedStrategy(Strategy):
     """Validate training replies, then delegate everything to the wrapped strategy."""
 
-    def __init__(self, strategy: Strategy, *, initial: dict[str, np.ndarray], policy: Policy,
-                 clients: dict[int, str], declared: dict[int, int]) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        initial: dict[str, np.ndarray],
+        policy: Policy,
+        clients: dict[int, str],
+        declared: dict[int, int],
+    ) -> None:
         self.strategy = strategy
         self.initial = initial
         self.policy = policy

@@ -28,10 +28,17 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from client.app import (
-    client_side_clipping, evaluate_handler, query, secagg_keys, secagg_masked, secagg_shares, secagg_unmask, train_handler,
+    client_side_clipping,
+    evaluate_handler,
+    query,
+    secagg_keys,
+    secagg_masked,
+    secagg_shares,
+    secagg_unmask,
+    train_handler,
 )
-from common.secagg import ACTIONS
 from common.records import record_to_state, state_to_record
+from common.secagg import ACTIONS
 
 
 def _fault_for(msg: Message, context: Context) -> dict | None:
@@ -89,6 +96,7 @@ app = ClientApp(mods=[inject_faults, client_side_clipping])
 app.train()(train_handler)
 app.evaluate()(evaluate_handler)
 app.query()(query)
-for _stage, _handler in zip(("keys", "shares", "masked", "unmask"), (secagg_keys, secagg_shares, secagg_masked,
-                                                                    secagg_unmask)):
+for _stage, _handler in zip(
+    ("keys", "shares", "masked", "unmask"), (secagg_keys, secagg_shares, secagg_masked, secagg_unmask), strict=True
+):
     app.train(ACTIONS[_stage])(_handler)

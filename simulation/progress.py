@@ -66,9 +66,16 @@ def progress_display(run_dir: Path, rounds: int, *, quiet: bool) -> Iterator[Non
 
     folder = Path(tempfile.mkdtemp(prefix="fedtune-progress-"))
     os.environ[PROGRESS_DIR_ENV] = str(folder)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                        TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
-                        console=Console(stderr=True), redirect_stdout=True, redirect_stderr=True)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        redirect_stdout=True,
+        redirect_stderr=True,
+    )
     stop = threading.Event()
 
     def refresh(tasks: dict) -> None:
@@ -78,8 +85,13 @@ def progress_display(run_dir: Path, rounds: int, *, quiet: bool) -> Iterator[Non
             name = state["client"]
             if name not in tasks:
                 tasks[name] = progress.add_task(name, total=state["total"], note="")
-            progress.update(tasks[name], completed=state["step"], total=state["total"],
-                            description=f"round {state['round']} {name}", note=f"loss {state['loss']:.4f}")
+            progress.update(
+                tasks[name],
+                completed=state["step"],
+                total=state["total"],
+                description=f"round {state['round']} {name}",
+                note=f"loss {state['loss']:.4f}",
+            )
 
     def loop() -> None:
         tasks = {"rounds": progress.add_task("rounds", total=rounds, note="")}
@@ -104,6 +116,10 @@ def progress_display(run_dir: Path, rounds: int, *, quiet: bool) -> Iterator[Non
 
 def _log_streams_to(stream) -> list[tuple[logging.StreamHandler, object]]:
     """Point every console log handler (Flower's included) at `stream`; returns what to restore."""
-    handlers = [h for name in ("", "flwr") for h in logging.getLogger(name or None).handlers
-                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.__stderr__, sys.__stdout__)]
+    handlers = [
+        h
+        for name in ("", "flwr")
+        for h in logging.getLogger(name or None).handlers
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.__stderr__, sys.__stdout__)
+    ]
     return [(h, h.setStream(stream)) for h in handlers]

@@ -80,11 +80,14 @@ def load_client_app(spec: str):
     try:
         return getattr(importlib.import_module(module), attr or "app")
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"--client-app: expected 'module:attribute' naming a ClientApp, got {spec!r} ({err})") from None
+        raise ConfigError(
+            f"--client-app: expected 'module:attribute' naming a ClientApp, got {spec!r} ({err})"
+        ) from None
 
 
-def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "client.app:app", *,
-             quiet: bool = False) -> None:
+def simulate(
+    cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "client.app:app", *, quiet: bool = False
+) -> None:
     """Start the simulation engine with fedtune's ServerApp and a ClientApp."""
     # Ray has no authentication: its GCS, raylet and workers must listen on loopback only. On
     # Linux Ray takes the machine's network address as the node's and listens on all interfaces
@@ -115,8 +118,7 @@ def simulate(cfg: FedtuneConfig, num_clients: int, client_app_spec: str = "clien
     if share:  # read by each client process (common/device.py: bound_memory)
         os.environ[MEMORY_FRACTION_ENV] = str(round(0.9 * share, 3))
     with stop_on_interrupt(Path(cfg.run_dir)), progress_display(Path(cfg.run_dir), cfg.num_server_rounds, quiet=quiet):
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                       backend_config=backend)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients, backend_config=backend)
 
 
 CLOSED_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -142,8 +144,10 @@ def backend_config(cfg: FedtuneConfig, num_clients: int) -> dict:
     from common.task import task_for
 
     gpus = 1.0 / parallel if task_for(cfg).device().type == "cuda" else 0.0  # the clients share one GPU
-    return {"client_resources": {"num_cpus": threads, "num_gpus": gpus},
-            "init_args": {"num_cpus": parallel * threads, "include_dashboard": False}}
+    return {
+        "client_resources": {"num_cpus": threads, "num_gpus": gpus},
+        "init_args": {"num_cpus": parallel * threads, "include_dashboard": False},
+    }
 
 
 @contextmanager
@@ -151,6 +155,7 @@ def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
     """SIGINT (Ctrl-C) ends the run at once. Flower's engine would stop its clients and leave the
     ServerApp thread waiting for their replies until round-timeout; instead the run is recorded as
     `interrupted` (with the last completed round) and every process the engine started is ended."""
+
     def interrupted(signum, frame) -> None:
         import psutil
 
@@ -160,16 +165,26 @@ def stop_on_interrupt(run_dir: Path) -> Iterator[None]:
         saved = checkpoints_by_round(run_dir / "checkpoints") if run_dir.is_dir() else {}
         rounds = max(saved, default=0)
         if RunDir(run_dir).marked:
-            RunDir(run_dir).write_json("status.json", {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)",
-                                                       "rounds_completed": rounds})
+            RunDir(run_dir).write_json(
+                "status.json",
+                {"status": "interrupted", "reason": "stopped by SIGINT (Ctrl-C)", "rounds_completed": rounds},
+            )
         if sys.stderr.isatty():
             sys.stderr.write("\x1b[?25h")  # the progress display hides the cursor; os._exit skips its cleanup
         if saved:
-            print(f"\nfedtune: interrupted after round {rounds}; results so far in {run_dir}; continue with "
-                  f"-c run-dir={run_dir} -c resume=true", file=sys.stderr, flush=True)
+            print(
+                f"\nfedtune: interrupted after round {rounds}; results so far in {run_dir}; continue with "
+                f"-c run-dir={run_dir} -c resume=true",
+                file=sys.stderr,
+                flush=True,
+            )
         else:  # nothing checkpointed yet: a resume would find nothing to continue
-            print(f"\nfedtune: interrupted before round 0 was checkpointed; nothing to resume: start the run again "
-                  f"(the same -c run-dir={run_dir} is fine)", file=sys.stderr, flush=True)
+            print(
+                f"\nfedtune: interrupted before round 0 was checkpointed; nothing to resume: start the run again "
+                f"(the same -c run-dir={run_dir} is fine)",
+                file=sys.stderr,
+                flush=True,
+            )
         for child in psutil.Process().children(recursive=True):  # Ray's GCS, raylet and client actors
             try:
                 child.kill()

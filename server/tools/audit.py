@@ -84,7 +84,9 @@ def opacus_epsilons(history: list[dict], delta: float) -> tuple[float, float]:
 
 
 def flower_federation_epsilon(mechanisms: list[dict], delta: float) -> float:
-    from common.flower import federation_epsilon  # Flower's accountant, loaded only when a ledger has federation entries
+    from common.flower import (
+        federation_epsilon,
+    )  # Flower's accountant, loaded only when a ledger has federation entries
 
     return federation_epsilon(mechanisms, delta)
 
@@ -107,28 +109,47 @@ def audit_entries(entries: list[dict], *, chain: bool = True) -> AuditResult:
 
 def _audit_client(e: dict, histories: dict[str, list[dict]], problems: list[str], notes: list[str]) -> dict:
     where = f"entry {e.get('seq')} (round {e.get('round')}, {e.get('client_id')})"
-    row = {"round": e["round"], "party": e["client_id"], "status": e["status"], "epsilon": e.get("epsilon"),
-           "budget": e.get("epsilon_budget"), "delta": e.get("delta")}
+    row = {
+        "round": e["round"],
+        "party": e["client_id"],
+        "status": e["status"],
+        "epsilon": e.get("epsilon"),
+        "budget": e.get("epsilon_budget"),
+        "delta": e.get("delta"),
+    }
     if e["status"] == "trained":
         history = e["history"]
         last = history[-1] if history else {}
         if (last.get("noise_multiplier"), last.get("sample_rate"), last.get("steps")) != (
-                e["noise_multiplier"], e["sample_rate"], e["steps"]):
+            e["noise_multiplier"],
+            e["sample_rate"],
+            e["steps"],
+        ):
             problems.append(f"{where}: the round's mechanism is not the last one of its history")
         before = histories.get(e["fingerprint"], [])
         if history[: len(before)] != before:
             problems.append(f"{where}: history does not extend this client's previous entry (privacy forgotten)")
         histories[e["fingerprint"]] = history
-        row.update({"noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"], "steps": e["steps"],
-                    "clipping_norm": e["clipping_norm"], "epsilon_rdp": e["epsilon_rdp"], "accountant": e["accountant"]})
+        row.update(
+            {
+                "noise_multiplier": e["noise_multiplier"],
+                "sample_rate": e["sample_rate"],
+                "steps": e["steps"],
+                "clipping_norm": e["clipping_norm"],
+                "epsilon_rdp": e["epsilon_rdp"],
+                "accountant": e["accountant"],
+            }
+        )
         if any(h.get("noise") == SKELLAM for h in history):
             row.update(_check_skellam(where, history, e["epsilon"], e["delta"], problems))
             return _check_budget(e, row, where, problems, notes)
         prv, rdp = opacus_epsilons(history, e["delta"])
         row.update({"check_prv": prv, "check_rdp": rdp})
         if not agrees(prv, e):
-            problems.append(f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {prv:.4f} (PRV; "
-                            f"tolerance {tolerance(e):.4f})")
+            problems.append(
+                f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {prv:.4f} (PRV; "
+                f"tolerance {tolerance(e):.4f})"
+            )
         if not agrees(rdp, e, "epsilon_rdp"):
             problems.append(f"{where}: recorded RDP epsilon {e['epsilon_rdp']:.4f} but Opacus RDP gives {rdp:.4f}")
         if e["epsilon_rdp"] + 1e-9 < e["epsilon"]:
@@ -141,9 +162,11 @@ def _check_budget(e: dict, row: dict, where: str, problems: list[str], notes: li
     if e["status"] == "trained" and budget > 0 and e["epsilon"] > budget + 1e-9:
         problems.append(f"{where}: overspent: epsilon {e['epsilon']:.4f} > budget {budget:.4f}")
     elif e["status"] == "trained" and budget > 0 and row.get("check_prv", 0.0) > budget:
-        notes.append(f"{where}: the binding PLD epsilon {e['epsilon']:.4f} meets the budget {budget:.4f}; Opacus' "
-                     f"PRV estimate {row['check_prv']:.4f} is {row['check_prv'] - budget:.4f} above it, within "
-                     f"PRV's own error of {PRV_ERROR}")
+        notes.append(
+            f"{where}: the binding PLD epsilon {e['epsilon']:.4f} meets the budget {budget:.4f}; Opacus' "
+            f"PRV estimate {row['check_prv']:.4f} is {row['check_prv'] - budget:.4f} above it, within "
+            f"PRV's own error of {PRV_ERROR}"
+        )
     return row
 
 
@@ -155,13 +178,16 @@ def _check_skellam(where: str, history: list[dict], recorded: float, delta: floa
     from common.privacy import Mechanism, epsilon_rdp
 
     again = epsilon_rdp([Mechanism.from_dict(h) for h in history], delta=delta)
-    _, gaussian = opacus_epsilons([{k: h[k] for k in ("noise_multiplier", "sample_rate", "steps")} for h in history],
-                                  delta)
+    _, gaussian = opacus_epsilons(
+        [{k: h[k] for k in ("noise_multiplier", "sample_rate", "steps")} for h in history], delta
+    )
     if abs(again - recorded) > PRV_ERROR:  # the same bound, recomputed: only rounding may differ
         problems.append(f"{where}: recorded epsilon {recorded:.4f} but its mechanisms give {again:.4f} (Skellam RDP)")
     if recorded < gaussian * (1 - RDP_VS_RDP_REL) - ABS_SLACK:
-        problems.append(f"{where}: recorded epsilon {recorded:.4f} is below {gaussian:.4f}, Opacus' RDP epsilon of "
-                        "Gaussian noise with the same multipliers, which a Skellam step can only exceed")
+        problems.append(
+            f"{where}: recorded epsilon {recorded:.4f} is below {gaussian:.4f}, Opacus' RDP epsilon of "
+            "Gaussian noise with the same multipliers, which a Skellam step can only exceed"
+        )
     return {"check_rdp": again, "check_gaussian": gaussian}
 
 
@@ -173,20 +199,36 @@ def _audit_distributed(e: dict, federation: list[dict], problems: list[str]) -> 
         m = e["mechanism"]
         federation.append(m)
         planned = (e["noise_multiplier"], e["sample_rate"], e["l2_sensitivity"], e["l1_sensitivity"], 1, SKELLAM)
-        if (m.get("noise_multiplier"), m.get("sample_rate"), m.get("l2_sensitivity"), m.get("l1_sensitivity"),
-                m.get("steps"), m.get("noise")) != planned:
+        if (
+            m.get("noise_multiplier"),
+            m.get("sample_rate"),
+            m.get("l2_sensitivity"),
+            m.get("l1_sensitivity"),
+            m.get("steps"),
+            m.get("noise"),
+        ) != planned:
             problems.append(f"{where}: the released mechanism {m} is not the round's plan {planned}")
         if e["summed"] < e["threshold"] or e["noise_variance_summed"] < e["noise_variance_target"] * (1 - 1e-9):
-            problems.append(f"{where}: released a sum of {e['summed']} clients carrying noise variance "
-                            f"{e['noise_variance_summed']:.6g}, below the target {e['noise_variance_target']:.6g} "
-                            f"(threshold {e['threshold']})")
-    row = {"round": e["round"], "party": "federation", "status": f"{e['summed']}/{e['sampled']} summed",
-           "epsilon": e["epsilon"], "budget": e.get("epsilon_budget") or 0.0, "delta": e["delta"],
-           "noise_multiplier": e["noise_multiplier"], "sample_rate": e["sample_rate"], "steps": len(federation),
-           "clipping_norm": e["clipping_norm"], "accountant": e["accountant"]}
+            problems.append(
+                f"{where}: released a sum of {e['summed']} clients carrying noise variance "
+                f"{e['noise_variance_summed']:.6g}, below the target {e['noise_variance_target']:.6g} "
+                f"(threshold {e['threshold']})"
+            )
+    row = {
+        "round": e["round"],
+        "party": "federation",
+        "status": f"{e['summed']}/{e['sampled']} summed",
+        "epsilon": e["epsilon"],
+        "budget": e.get("epsilon_budget") or 0.0,
+        "delta": e["delta"],
+        "noise_multiplier": e["noise_multiplier"],
+        "sample_rate": e["sample_rate"],
+        "steps": len(federation),
+        "clipping_norm": e["clipping_norm"],
+        "accountant": e["accountant"],
+    }
     history = [{**m, "steps": m["steps"]} for m in federation]
-    row.update(_check_skellam(where, history, e["epsilon"], e["delta"], problems) if history else
-               {"check_rdp": 0.0})
+    row.update(_check_skellam(where, history, e["epsilon"], e["delta"], problems) if history else {"check_rdp": 0.0})
     if row["budget"] > 0 and e["epsilon"] > row["budget"] + 1e-9:
         problems.append(f"{where}: overspent: epsilon {e['epsilon']:.4f} > budget {row['budget']:.4f}")
     return row
@@ -204,10 +246,18 @@ def _audit_federation(e: dict, federation: list[dict], problems: list[str]) -> d
     budget = e.get("epsilon_budget") or 0.0
     if budget > 0 and e["epsilon"] > budget + 1e-9:
         problems.append(f"{where}: overspent: epsilon {e['epsilon']:.4f} > budget {budget:.4f}")
-    return {"round": e["round"], "party": "federation", "status": f"{e['accepted']}/{e['sampled']} aggregated",
-            "epsilon": e["epsilon"], "budget": budget, "delta": e["delta"],
-            "noise_multiplier": e["effective_noise_multiplier"], "clipping_norm": e["clipping_norm"],
-            "check_rdp": check, "accountant": e["accountant"]}
+    return {
+        "round": e["round"],
+        "party": "federation",
+        "status": f"{e['accepted']}/{e['sampled']} aggregated",
+        "epsilon": e["epsilon"],
+        "budget": budget,
+        "delta": e["delta"],
+        "noise_multiplier": e["effective_noise_multiplier"],
+        "clipping_norm": e["clipping_norm"],
+        "check_rdp": check,
+        "accountant": e["accountant"],
+    }
 
 
 def run_audit(run_dir: Path, *, records: list[Path] = ()) -> AuditResult:
@@ -258,13 +308,16 @@ def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
         return str(es[-1].get("hash", "?"))[:16] if es else GENESIS[:16]
 
     if [e.get("hash") for e in entries] != [e.get("hash") for e in anchored]:
-        problems.append(f"ledger: expected the {len(anchored)} entries (head {head(anchored)}) that checkpoint "
-                        f"{path.name} (round {ckpt.server_round}) records, got {len(entries)} (head {head(entries)}): "
-                        f"entries {'removed' if len(entries) < len(anchored) else 'added or replaced'}")
+        problems.append(
+            f"ledger: expected the {len(anchored)} entries (head {head(anchored)}) that checkpoint "
+            f"{path.name} (round {ckpt.server_round}) records, got {len(entries)} (head {head(entries)}): "
+            f"entries {'removed' if len(entries) < len(anchored) else 'added or replaced'}"
+        )
     rounds_file = run_dir / "rounds.jsonl"
     if dp_sample and not rounds_file.is_file():
-        problems.append("rounds.jsonl: expected the round ledger of this DP run beside its privacy ledger, found none "
-                        "(removed)")
+        problems.append(
+            "rounds.jsonl: expected the round ledger of this DP run beside its privacy ledger, found none (removed)"
+        )
     elif dp_sample:
         clients_in = {}
         for e in entries:
@@ -273,18 +326,24 @@ def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
         lines, bad = read_jsonl(rounds_file)
         problems.extend(bad)
         for number, r in lines:
-            if not (isinstance(r, dict) and isinstance(r.get("round"), int) and isinstance(r.get("aggregated"), list)
-                    and isinstance(r.get("refused", []), list)):
-                problems.append(f"rounds.jsonl:{number}: expected a round object with round, aggregated and refused, "
-                                f"got {str(r)[:80]}")
+            if not (
+                isinstance(r, dict)
+                and isinstance(r.get("round"), int)
+                and isinstance(r.get("aggregated"), list)
+                and isinstance(r.get("refused", []), list)
+            ):
+                problems.append(
+                    f"rounds.jsonl:{number}: expected a round object with round, aggregated and refused, "
+                    f"got {str(r)[:80]}"
+                )
                 continue
             missing = sorted((set(r["aggregated"]) | set(r.get("refused", []))) - clients_in.get(r["round"], set()))
             if missing:
-                problems.append(f"ledger: round {r['round']} of rounds.jsonl trained or refused {missing}, but the "
-                                "ledger has no entry for them (entries removed)")
+                problems.append(
+                    f"ledger: round {r['round']} of rounds.jsonl trained or refused {missing}, but the "
+                    "ledger has no entry for them (entries removed)"
+                )
     return problems
-
-
 
 
 def read_jsonl(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
@@ -302,15 +361,51 @@ def read_jsonl(path: Path) -> tuple[list[tuple[int, object]], list[str]]:
 
 # The fields each kind of ledger entry must carry, and those that must be numbers.
 FIELDS = {
-    ("client", "trained"): ("round", "client_id", "fingerprint", "noise_multiplier", "clipping_norm", "sample_rate",
-                            "steps", "epsilon", "epsilon_rdp", "delta", "accountant", "history"),
+    ("client", "trained"): (
+        "round",
+        "client_id",
+        "fingerprint",
+        "noise_multiplier",
+        "clipping_norm",
+        "sample_rate",
+        "steps",
+        "epsilon",
+        "epsilon_rdp",
+        "delta",
+        "accountant",
+        "history",
+    ),
     ("client", "refused"): ("round", "client_id", "fingerprint", "epsilon", "epsilon_budget", "delta"),
     ("client", "failed"): ("round", "client_id"),
-    ("federation", "distributed"): ("round", "mechanism", "noise_multiplier", "sample_rate", "clipping_norm",
-                                    "l2_sensitivity", "l1_sensitivity", "sampled", "threshold", "summed",
-                                    "noise_variance_target", "noise_variance_summed", "epsilon", "delta", "accountant"),
-    ("federation", "client-level"): ("round", "mechanism", "noise_multiplier", "effective_noise_multiplier",
-                                     "clipping_norm", "sampled", "accepted", "epsilon", "delta", "accountant"),
+    ("federation", "distributed"): (
+        "round",
+        "mechanism",
+        "noise_multiplier",
+        "sample_rate",
+        "clipping_norm",
+        "l2_sensitivity",
+        "l1_sensitivity",
+        "sampled",
+        "threshold",
+        "summed",
+        "noise_variance_target",
+        "noise_variance_summed",
+        "epsilon",
+        "delta",
+        "accountant",
+    ),
+    ("federation", "client-level"): (
+        "round",
+        "mechanism",
+        "noise_multiplier",
+        "effective_noise_multiplier",
+        "clipping_norm",
+        "sampled",
+        "accepted",
+        "epsilon",
+        "delta",
+        "accountant",
+    ),
 }
 TEXT_FIELDS = ("client_id", "fingerprint", "accountant", "mechanism", "history")
 
@@ -320,20 +415,32 @@ def shape_problem(e: object) -> str | None:
     if not isinstance(e, dict):
         return f"expected a JSON object, got {type(e).__name__}"
     kind = e.get("kind")
-    status = e.get("status") if kind == "client" else ("distributed" if e.get("mode") == "distributed" else "client-level")
+    status = (
+        e.get("status") if kind == "client" else ("distributed" if e.get("mode") == "distributed" else "client-level")
+    )
     fields = FIELDS.get((kind, status))
     if fields is None:
         return f"expected a client (trained, refused, failed) or federation entry, got kind {kind!r} status {status!r}"
     missing = [f for f in fields if f not in e]
     if missing:
         return f"expected the fields {missing} of a {kind} ({status}) entry, found none"
-    bad = [f for f in fields if f not in TEXT_FIELDS and (isinstance(e[f], bool) or not isinstance(e[f], (int, float))
-                                                          or not math.isfinite(e[f]))]
+    bad = [
+        f
+        for f in fields
+        if f not in TEXT_FIELDS
+        and (isinstance(e[f], bool) or not isinstance(e[f], (int, float)) or not math.isfinite(e[f]))
+    ]
     if bad:
         return f"expected numbers in {bad}, got {[e[f] for f in bad]}"
-    if status == "trained" and (not isinstance(e["history"], list) or not e["history"] or not all(
-            isinstance(h, dict) and all(isinstance(h.get(k), (int, float)) for k in ("noise_multiplier", "sample_rate",
-                                                                                    "steps")) for h in e["history"])):
+    if status == "trained" and (
+        not isinstance(e["history"], list)
+        or not e["history"]
+        or not all(
+            isinstance(h, dict)
+            and all(isinstance(h.get(k), (int, float)) for k in ("noise_multiplier", "sample_rate", "steps"))
+            for h in e["history"]
+        )
+    ):
         return "expected a history of mechanisms (noise_multiplier, sample_rate, steps), got a malformed one"
     if kind == "federation" and e["mechanism"] is not None and not isinstance(e["mechanism"], dict):
         return f"expected a mechanism object or null, got {e['mechanism']!r}"
@@ -354,18 +461,23 @@ def adapter_problems(run_dir: Path, entries: list[dict]) -> list[str]:
             record = json.loads((adapter / ADAPTER_RECORD).read_text())
             count, head, trained = int(record["ledger_entries"]), str(record["ledger_head"]), int(record["round"])
         except FileNotFoundError:
-            problems.append(f"{where}: expected {ADAPTER_RECORD} (the round and ledger head it was trained through), "
-                            "found none")
+            problems.append(
+                f"{where}: expected {ADAPTER_RECORD} (the round and ledger head it was trained through), found none"
+            )
             continue
         except (ValueError, KeyError, TypeError):
-            problems.append(f"{where}/{ADAPTER_RECORD}: expected the round, ledger_entries and ledger_head, got a "
-                            "malformed record")
+            problems.append(
+                f"{where}/{ADAPTER_RECORD}: expected the round, ledger_entries and ledger_head, got a malformed record"
+            )
             continue
         at = entries[count - 1].get("hash") if 0 < count <= len(entries) else GENESIS if count == 0 else None
         if at != head:
-            problems.append(f"{where} was trained through round {trained}, when the ledger had {count} entries (head "
-                            f"{head[:16]}), but the ledger now {'has ' + str(len(entries)) if count > len(entries) else 'holds another entry'} "
-                            "there: the ledger was rolled back behind a released adapter")
+            now = f"has {len(entries)}" if count > len(entries) else "holds another entry"
+            problems.append(
+                f"{where} was trained through round {trained}, when the ledger had {count} entries (head "
+                f"{head[:16]}), but the ledger now {now} "
+                "there: the ledger was rolled back behind a released adapter"
+            )
     return problems
 
 
@@ -379,15 +491,19 @@ def record_problems(folder: Path, entries: list[dict]) -> list[str]:
             ledger.setdefault(e["fingerprint"], {})[(str(e["run_id"]), int(e["round"]))] = e["epsilon"]
     problems = []
     if not runs:
-        return [f"{folder}: the ledger names no run ids to match the clients' records against (written before "
-                "fedtune recorded them)"]
+        return [
+            f"{folder}: the ledger names no run ids to match the clients' records against (written before "
+            "fedtune recorded them)"
+        ]
     files = sorted(folder.glob("*.json"))
     if not files:
         return [f"{folder}: expected clients' privacy records (<fingerprint>.json), found none"]
     for path in files:
         try:
             doc = json.loads(path.read_text())
-            mine = {(str(x["run"]), int(x["round"])): float(x["epsilon"]) for x in doc["entries"] if str(x["run"]) in runs}
+            mine = {
+                (str(x["run"]), int(x["round"])): float(x["epsilon"]) for x in doc["entries"] if str(x["run"]) in runs
+            }
             fingerprint = str(doc["fingerprint"])
         except (ValueError, KeyError, TypeError):
             problems.append(f"{path}: expected a client's privacy record, got an unreadable file")
@@ -395,19 +511,39 @@ def record_problems(folder: Path, entries: list[dict]) -> list[str]:
         theirs = ledger.get(fingerprint, {})
         extra, lost = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
         if extra:
-            problems.append(f"client record {path.name}: it trained in (run, round) {extra}, which the ledger does not "
-                            "show (the ledger was rolled back, or entries removed)")
+            problems.append(
+                f"client record {path.name}: it trained in (run, round) {extra}, which the ledger does not "
+                "show (the ledger was rolled back, or entries removed)"
+            )
         if lost:
-            problems.append(f"client record {path.name}: the ledger shows (run, round) {lost}, which the client's own "
-                            "record does not")
+            problems.append(
+                f"client record {path.name}: the ledger shows (run, round) {lost}, which the client's own "
+                "record does not"
+            )
         wrong = [k for k in set(mine) & set(theirs) if abs(mine[k] - theirs[k]) > 1e-9]
         if wrong:
-            problems.append(f"client record {path.name}: epsilon differs from the ledger's in (run, round) {sorted(wrong)}")
+            problems.append(
+                f"client record {path.name}: epsilon differs from the ledger's in (run, round) {sorted(wrong)}"
+            )
     return problems
 
 
-COLUMNS = ["round", "party", "status", "noise_multiplier", "sample_rate", "steps", "clipping_norm",
-           "epsilon", "epsilon_rdp", "check_prv", "check_rdp", "budget", "delta", "accountant"]
+COLUMNS = [
+    "round",
+    "party",
+    "status",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "clipping_norm",
+    "epsilon",
+    "epsilon_rdp",
+    "check_prv",
+    "check_rdp",
+    "budget",
+    "delta",
+    "accountant",
+]
 
 
 def write_outputs(run_dir: Path, result: AuditResult) -> None:
@@ -415,8 +551,9 @@ def write_outputs(run_dir: Path, result: AuditResult) -> None:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result.rows)
-    (run_dir / "audit.json").write_text(json.dumps({"ok": result.ok, "problems": result.problems,
-                                                    "notes": result.notes, "rows": result.rows}, indent=1))
+    (run_dir / "audit.json").write_text(
+        json.dumps({"ok": result.ok, "problems": result.problems, "notes": result.notes, "rows": result.rows}, indent=1)
+    )
     if result.rows:
         plot_epsilon(run_dir, result.rows)
         plot_accuracy(run_dir, result.rows)
@@ -432,7 +569,7 @@ def plot_epsilon(run_dir: Path, rows: list[dict]) -> None:
     for party in sorted({r["party"] for r in rows}):
         pts = [(r["round"], r["epsilon"]) for r in rows if r["party"] == party and r.get("epsilon") is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=party)
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=party)
     budgets = {r["budget"] for r in rows if r.get("budget")}
     for b in budgets:
         ax.axhline(b, color="red", ls="--", lw=1)
@@ -458,8 +595,11 @@ def plot_accuracy(run_dir: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     history = [json.loads(line) for line in metrics.read_text().splitlines()]
-    key, label = ("heldout_accuracy", "held-out accuracy") if "heldout_accuracy" in history[0] else \
-        ("heldout_loss", "held-out loss")  # a causal-LM run
+    key, label = (
+        ("heldout_accuracy", "held-out accuracy")
+        if "heldout_accuracy" in history[0]
+        else ("heldout_loss", "held-out loss")
+    )  # a causal-LM run
     acc = {m["round"]: m[key] for m in history}
     eps_by_round: dict[int, float] = {}
     for r in rows:
@@ -469,7 +609,7 @@ def plot_accuracy(run_dir: Path, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     if 0 in acc:
         pts = [(0.0, acc[0]), *pts]
-    ax.plot(*zip(*pts), marker="o")
+    ax.plot(*zip(*pts, strict=True), marker="o")
     ax.set_xlabel("largest cumulative epsilon in the round")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -492,14 +632,26 @@ def render_table(result: AuditResult) -> None:
 
     for r in result.rows:
         check = r.get("check_prv", r.get("check_rdp"))
-        table.add_row(str(r["round"]), r["party"], r["status"], f(r.get("noise_multiplier")), f(r.get("sample_rate")),
-                      f(r.get("steps")), f(r.get("clipping_norm")), f(r.get("epsilon")), f(r.get("epsilon_rdp")),
-                      f(check), f(r.get("budget") or None))
+        table.add_row(
+            str(r["round"]),
+            r["party"],
+            r["status"],
+            f(r.get("noise_multiplier")),
+            f(r.get("sample_rate")),
+            f(r.get("steps")),
+            f(r.get("clipping_norm")),
+            f(r.get("epsilon")),
+            f(r.get("epsilon_rdp")),
+            f(check),
+            f(r.get("budget") or None),
+        )
     console = Console(width=None if sys.stdout.isatty() else 160)  # full columns in files and CI logs
     console.print(table)
     if result.ok:
-        console.print("[green]audit passed[/green]: chain intact, every epsilon re-derived, no overspend "
-                      "(binding: PLD for local DP-SGD, RDP for client-level DP, Skellam RDP for distributed DP)")
+        console.print(
+            "[green]audit passed[/green]: chain intact, every epsilon re-derived, no overspend "
+            "(binding: PLD for local DP-SGD, RDP for client-level DP, Skellam RDP for distributed DP)"
+        )
     for note in result.notes:
         console.print(f"note: {note}")
     for p in result.problems:

@@ -27,8 +27,10 @@ def export_run(run_dir: str | Path, out: str | Path, *, merged: bool) -> tuple[P
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export: expected a new or empty output directory, got {str(out)!r}, which is a file")
     if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"export: expected a new or empty output directory, got {str(out)!r} which holds "
-                          "files; refusing to overwrite them")
+        raise ConfigError(
+            f"export: expected a new or empty output directory, got {str(out)!r} which holds "
+            "files; refusing to overwrite them"
+        )
     path = latest_checkpoint(run_dir / "checkpoints")
     if path is None:
         raise CheckpointError(f"export: expected checkpoints in {run_dir / 'checkpoints'}, found none")

@@ -39,8 +39,9 @@ DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtune")])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, common_name), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtune")]
+    )
 
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
@@ -54,8 +55,9 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
@@ -70,12 +72,18 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 def make_ca(out: Path, *, name: str = "fedtune root CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(key, hashes.SHA384()))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA384())
+    )
     _write(out / "ca.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(out / "ca.key", _pem_key(key), private=True)
     return cert, key
@@ -83,13 +91,19 @@ def make_ca(out: Path, *, name: str = "fedtune root CA") -> tuple[x509.Certifica
 
 def make_server_cert(out: Path, ca_cert, ca_key, *, hosts: list[str]) -> None:
     key = ec.generate_private_key(ec.SECP384R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-            .add_extension(_san(hosts), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA384()))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )
     _write(out / "server.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
     _write(out / "server.key", _pem_key(key), private=True)
 
@@ -97,8 +111,9 @@ def make_server_cert(out: Path, ca_cert, ca_key, *, hosts: list[str]) -> None:
 def make_node_keys(out: Path, name: str) -> Path:
     """An EC P-384 key pair in OpenSSH format, as flower-supernode and `flwr supernode register` expect."""
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write(out / name, private, private=True)
     _write(out / f"{name}.pub", public + f" {name}\n".encode(), private=False)
@@ -115,8 +130,10 @@ def check_hosts(hosts: list[str]) -> None:
             pass
         labels = host.split(".")
         if not host or len(host) > 253 or not host.isascii() or not all(DNS_LABEL.fullmatch(x) for x in labels):
-            raise ConfigError(f"--host: expected an IP address or a DNS name such as coordinator.example.org "
-                              f"(ASCII letters, digits and '-', dot-separated; no scheme, port or path), got {host!r}")
+            raise ConfigError(
+                f"--host: expected an IP address or a DNS name such as coordinator.example.org "
+                f"(ASCII letters, digits and '-', dot-separated; no scheme, port or path), got {host!r}"
+            )
 
 
 def check_node_names(nodes: list[str]) -> None:
@@ -124,14 +141,17 @@ def check_node_names(nodes: list[str]) -> None:
     may be another's public-key file (x and x.pub)."""
     bad = [n for n in nodes if not NODE_NAME.fullmatch(n) or ".." in n]
     if bad:
-        raise ConfigError(f"certs: expected node names of letters, digits, '.', '_' and '-' (at most 64, no "
-                          f"'..' or '/'), got {bad}")
+        raise ConfigError(
+            f"certs: expected node names of letters, digits, '.', '_' and '-' (at most 64, no '..' or '/'), got {bad}"
+        )
     if not nodes or len(set(nodes)) != len(nodes):
         raise ConfigError(f"certs: expected distinct node names, got {nodes}")
     clash = sorted(n for n in nodes if n.endswith(".pub") and n[: -len(".pub")] in nodes)
     if clash:
-        raise ConfigError(f"certs: expected node names whose key files differ, got {clash} beside "
-                          f"{[n[:-4] for n in clash]} (whose public key would be {clash[0]})")
+        raise ConfigError(
+            f"certs: expected node names whose key files differ, got {clash} beside "
+            f"{[n[:-4] for n in clash]} (whose public key would be {clash[0]})"
+        )
 
 
 def check_node_names_free(out: Path, nodes: list[str]) -> None:
@@ -165,8 +185,10 @@ def make_deployment_pki(out: Path, *, nodes: list[str], hosts: list[str]) -> Non
     check_out(out)
     existing = [f for f in ("ca.crt", "ca.key", "server.crt", "server.key") if (out / f).exists()]
     if existing:
-        raise ConfigError(f"certs: expected a new directory, but {out} holds {existing}; refusing to replace a "
-                          "deployment's CA (add nodes to it with --keys-only)")
+        raise ConfigError(
+            f"certs: expected a new directory, but {out} holds {existing}; refusing to replace a "
+            "deployment's CA (add nodes to it with --keys-only)"
+        )
     check_node_names_free(out, nodes)
     with staged(out) as tmp:
         (tmp / "nodes").mkdir()
@@ -216,7 +238,9 @@ class staged:
                 path.unlink(missing_ok=True)
             for folder in reversed(made):
                 shutil.rmtree(folder, ignore_errors=True) if folder == self.out else _rmdir_if_empty(folder)
-            raise ConfigError(f"certs: could not write {self.out} ({err.strerror or err}); nothing was written") from None
+            raise ConfigError(
+                f"certs: could not write {self.out} ({err.strerror or err}); nothing was written"
+            ) from None
 
 
 def _rmdir_if_empty(folder: Path) -> None:

@@ -36,22 +36,27 @@ def checkpoint_for(run_dir: Path, which: str) -> Path:
     folder = run_dir / "checkpoints"
     rounds = checkpoints_by_round(folder)
     if not rounds:
-        raise CheckpointError(f"evaluate: expected checkpoints in {folder}, found none (is {str(run_dir)!r} a fedtune "
-                              "run directory?)")
+        raise CheckpointError(
+            f"evaluate: expected checkpoints in {folder}, found none (is {str(run_dir)!r} a fedtune run directory?)"
+        )
     if which == "final":
         return rounds[max(rounds)]
     if which == "best":
         marker = run_dir / "best.json"
         if not marker.exists():
-            raise CheckpointError(f"evaluate --round best: expected {marker} (written by every round since fedtune "
-                                  "kept a best round), found none; give a round number or final")
+            raise CheckpointError(
+                f"evaluate --round best: expected {marker} (written by every round since fedtune "
+                "kept a best round), found none; give a round number or final"
+            )
         try:
             number = json.loads(marker.read_text())["round"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             number = None
         if isinstance(number, bool) or not isinstance(number, int):
-            raise CheckpointError(f"evaluate --round best: expected {marker} to name a round ({{\"round\": N, ...}}), "
-                                  "got a damaged file; give a round number or final")
+            raise CheckpointError(
+                f'evaluate --round best: expected {marker} to name a round ({{"round": N, ...}}), '
+                "got a damaged file; give a round number or final"
+            )
     else:
         try:
             number = int(which)
@@ -62,9 +67,18 @@ def checkpoint_for(run_dir: Path, which: str) -> Path:
     return rounds[number]
 
 
-def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), which: str = "final",
-                 out: str | Path | None = None, perturbations: list[str] = (), rate: float = 0.1,
-                 seed: int = 0, progress=None) -> tuple[Path, dict]:
+def evaluate_run(
+    run_dir: str | Path,
+    data: str,
+    *,
+    overrides: list[str] = (),
+    which: str = "final",
+    out: str | Path | None = None,
+    perturbations: list[str] = (),
+    rate: float = 0.1,
+    seed: int = 0,
+    progress=None,
+) -> tuple[Path, dict]:
     """Score the run's adapter of round `which` on `data`; returns (output folder, evaluation.json)."""
     run_dir = Path(run_dir)
     unknown = [k for k in perturbations if k not in PERTURBATIONS]
@@ -80,8 +94,9 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     allowed = (*task.data_keys, *OPTIONS)
     wrong = sorted(k for k in options if k not in allowed)
     if wrong:
-        raise ConfigError(f"evaluate -c: expected keys among {', '.join(allowed)} (the scored file's data options), "
-                          f"got {wrong}")
+        raise ConfigError(
+            f"evaluate -c: expected keys among {', '.join(allowed)} (the scored file's data options), got {wrong}"
+        )
     moved = {k: options.pop(k) for k in OPTIONS if k in options}
     if moved:
         cfg = parse_run_config({**cfg.to_run_config(), **moved})
@@ -101,12 +116,22 @@ def evaluate_run(run_dir: str | Path, data: str, *, overrides: list[str] = (), w
     def score(texts: list[str] | None, what: str) -> dict:
         part = dataset if texts is None else replace(dataset, texts=texts, cache={})
         encoded = task.encode(part, tokenizer, labels, where=repr(data))
-        return task.score(model, encoded, pad_id=tokenizer.pad_token_id, num_labels=len(labels),
-                          progress=(lambda d, n: progress(what, d, n)) if progress else None)
+        return task.score(
+            model,
+            encoded,
+            pad_id=tokenizer.pad_token_id,
+            num_labels=len(labels),
+            progress=(lambda d, n: progress(what, d, n)) if progress else None,
+        )
 
     clean = score(None, "clean")
-    report = {"run_dir": str(run_dir.resolve()), "data": str(data), "round": ckpt.server_round, "task": cfg.task,
-              **task.evaluation_report(clean, labels)}
+    report = {
+        "run_dir": str(run_dir.resolve()),
+        "data": str(data),
+        "round": ckpt.server_round,
+        "task": cfg.task,
+        **task.evaluation_report(clean, labels),
+    }
     if perturbations:
         report["perturbations"] = {"rate": rate, "seed": seed}
         for kind in perturbations:
@@ -125,17 +150,20 @@ def output_folder(run_dir: Path, data: str, server_round: int, out) -> Path:
     scoring is never lost to a folder that holds files, a file of that name or a read-only place."""
     folder = Path(out) if out else run_dir / "evaluations" / f"{Path(data).stem}-round-{server_round:04d}"
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ConfigError(f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which "
-                          f"{'is a file' if not folder.is_dir() else 'holds files'}; refusing to overwrite "
-                          f"{'it' if not folder.is_dir() else 'them'} (give another --out)")
+        raise ConfigError(
+            f"evaluate --out: expected a new or empty directory, got {str(folder)!r}, which "
+            f"{'is a file' if not folder.is_dir() else 'holds files'}; refusing to overwrite "
+            f"{'it' if not folder.is_dir() else 'them'} (give another --out)"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"evaluate --out: expected a folder fedtune can write, got {str(folder)!r} "
-                          f"({err.strerror or err})") from None
+        raise ConfigError(
+            f"evaluate --out: expected a folder fedtune can write, got {str(folder)!r} ({err.strerror or err})"
+        ) from None
     return folder
 
 

@@ -18,6 +18,7 @@ from flwr.app import Context, Message, MetricRecord
 
 from client.messages import client_record, message_config
 from common.errors import PrivacyBudgetError
+from common.fields import as_float, as_int
 from common.quantize import encode_update, flatten, randomized_round
 from common.records import record_to_state
 from common.secagg import ClientRound, SecAggError
@@ -41,20 +42,26 @@ def weighted_update(msg: Message, context: Context) -> tuple[np.ndarray, dict]:
     if t.refusal is not None:
         raise PrivacyBudgetError(
             f"client {s.data.client_id}: its privacy budget refuses round {s.server_round} "
-            f"(epsilon would reach {t.refusal['epsilon-projected']:.3f})"
+            f"(epsilon would reach {as_float(t.refusal, 'epsilon-projected'):.3f})"
         )
-    start = flatten(record_to_state(msg.content["arrays"]), names := sorted(msg.content["arrays"].keys()))
+    arrays = msg.content.array_records["arrays"]
+    start = flatten(record_to_state(arrays), names := sorted(arrays.keys()))
     update = flatten(get_adapter_state(s.model), names) - start
-    loss = t.result.loss if math.isfinite(t.result.loss) else 0.0
+    result = t.trained()
+    loss = result.loss if math.isfinite(result.loss) else 0.0
     rng = np.random.default_rng(
-        dp_seed(dict(context.node_config), s.cfg, s.server_round, s.data.client_id, msg.content["arrays"])
+        dp_seed(dict(context.node_config), s.cfg, s.server_round, s.data.client_id, msg.content.array_records["arrays"])
     )
     vector = encode_update(
-        update, examples=t.examples, loss=loss, scale=float(msg.content["secagg"]["update-scale"]), rng=rng
+        update,
+        examples=t.examples,
+        loss=loss,
+        scale=as_float(msg.content.config_records["secagg"], "update-scale"),
+        rng=rng,
     )
     extra = {
         "client": client_record(s.data, s.server_round),
-        "metrics": MetricRecord({"train-seconds": t.result.seconds}),
+        "metrics": MetricRecord({"train-seconds": result.seconds}),
     }
     if t.privacy is not None:
         extra["privacy"] = t.privacy
@@ -70,7 +77,7 @@ def distributed_step(msg: Message, context: Context, state: ClientRound) -> tupl
     start = time.perf_counter()
     s = open_session(msg, context)
     cfg, node = s.cfg, dict(context.node_config)
-    announced = msg.content["dp"]
+    announced = msg.content.config_records["dp"]
     mechanism = distributed_mechanism(cfg, announced, s.data)
     decision = decide(cfg, s.data.train, node, planned=mechanism)
     if not decision.allowed:
@@ -78,7 +85,7 @@ def distributed_step(msg: Message, context: Context, state: ClientRound) -> tupl
             f"client {s.data.client_id}: its privacy budget refuses round {s.server_round} "
             f"(epsilon would reach {decision.projected:.3f}, budget {decision.budget:.3f})"
         )
-    seed = dp_seed(node, cfg, s.server_round, s.data.client_id, msg.content["arrays"], announced)
+    seed = dp_seed(node, cfg, s.server_round, s.data.client_id, msg.content.array_records["arrays"], announced)
     sums, _ = clipped_gradient_sum(
         s.model,
         s.encode(s.data.train),
@@ -90,13 +97,13 @@ def distributed_step(msg: Message, context: Context, state: ClientRound) -> tupl
         compute_dtype=cfg.compute_dtype,
     )
     names = sorted(sums)
-    if sum(sums[n].size for n in names) != int(announced["dimension"]):
+    if sum(sums[n].size for n in names) != (dimension := as_int(announced, "dimension")):
         raise SecAggError(
-            f"distributed DP: the server announced {announced['dimension']} values, this client's "
+            f"distributed DP: the server announced {dimension} values, this client's "
             f"adapter has {sum(sums[n].size for n in names)}"
         )
     rounding, noise = np.random.default_rng(seed).spawn(2)
-    vector = randomized_round(float(announced["scale"]) * flatten(sums, names), rounding)
+    vector = randomized_round(as_float(announced, "scale") * flatten(sums, names), rounding)
     vector += skellam_noise(noise_share_variance(mechanism.variance, threshold=state.threshold), vector.size, noise)
     privacy = spend(decision, mechanism, cfg.dp_clipping_norm, run=str(context.run_id), server_round=s.server_round)
     return vector, {

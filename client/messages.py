@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord, Context, Message
 from common.config import DEVICE_SPEC, FedtuneConfig, parse_run_config
 from common.errors import ConfigError
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
+from common.fields import as_int
 from common.flower import KEY_CLIPPING_NORM
 from common.records import FROZEN_KEY
 from common.task import DATA_KEYS
@@ -22,8 +23,8 @@ TRANSPORT_KEYS = ("server-round", KEY_CLIPPING_NORM, FROZEN_KEY)  # added by Flo
 
 def message_config(msg: Message) -> tuple[FedtuneConfig, int]:
     """The run config and round the server sent with this message."""
-    raw = dict(msg.content["config"])
-    return parse_run_config(raw, ignore=TRANSPORT_KEYS), int(raw.get("server-round", 0))
+    raw = dict(msg.content.config_records["config"])
+    return parse_run_config(raw, ignore=TRANSPORT_KEYS), as_int(raw, "server-round") if "server-round" in raw else 0
 
 
 # What a node config may hold, with the check of each value. A key the node does not know is

@@ -41,10 +41,10 @@ def check_node(args: list[str]) -> dict:
         path = _flag(args, flag)
         if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK)):
             raise ConfigError(f"{flag}: expected a readable file, got {path!r} (missing, unreadable or a directory)")
-    if _flag(args, "--root-certificates"):
+    if (roots := _flag(args, "--root-certificates")) is not None:
         from cryptography import x509
 
-        pem = Path(_flag(args, "--root-certificates")).read_bytes()
+        pem = Path(roots).read_bytes()
         try:
             x509.load_pem_x509_certificate(pem)
         except ValueError:

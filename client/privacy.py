@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord
 
@@ -20,6 +21,9 @@ from common.privacy_plan import dp_batch_size, plan_for_config
 
 BUDGET_EXHAUSTED = "budget-exhausted"
 TRAINED = "trained"
+
+if TYPE_CHECKING:
+    from common.train import TrainResult
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,7 +109,7 @@ def train_private(
     run: str,
     server_round: int,
     progress,
-) -> tuple[object, ConfigRecord]:
+) -> tuple[TrainResult, ConfigRecord]:
     """Run DP-SGD, record the mechanism on disk, and describe it for the server's ledger."""
     from common.dp_train import dp_train  # Opacus loads only in runs with sample-level DP
     from common.train import round_schedule  # torch: not for the secure rounds' key and share stages

@@ -9,9 +9,12 @@ depends on the data leaves the node: no loss, no count, no norm.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.messages import client_record, message_config, node_data
+from common.fields import as_bytes, as_int, as_list, as_str
 from common.secagg import (
     ClientRound,
     SecAggError,
@@ -43,10 +46,10 @@ def keys_reply(msg: Message, context: Context) -> Message:
             )
     state = client_keys(
         node=msg.metadata.dst_node_id,
-        run=str(spec["run"]),
+        run=as_str(spec, "run"),
         server_round=server_round,
-        threshold=int(spec["threshold"]),
-        clients=int(spec["clients"]),
+        threshold=as_int(spec, "threshold"),
+        clients=as_int(spec, "clients"),
     )
     save_state(context, state)
     reply = ConfigRecord({"mask-public": state.mask_public, "seal-public": state.seal_public})
@@ -56,10 +59,9 @@ def keys_reply(msg: Message, context: Context) -> Message:
 def shares_reply(msg: Message, context: Context) -> Message:
     """Stage 2: Shamir-share this round's self-mask seed and mask key among the announced peers."""
     state = load_state(context, msg)
-    spec = msg.content["secagg"]
-    peers = dict(
-        zip((int(n) for n in spec["nodes"]), zip(spec["mask-publics"], spec["seal-publics"], strict=True), strict=True)
-    )
+    spec = msg.content.config_records["secagg"]
+    publics = zip(as_list(spec, "mask-publics", bytes), as_list(spec, "seal-publics", bytes), strict=True)
+    peers = dict(zip(as_list(spec, "nodes", int), publics, strict=True))
     sealed = client_shares(state, peers)
     save_state(context, state)
     reply = ConfigRecord({"destinations": [d for d, _ in sealed], "ciphertexts": [c for _, c in sealed]})
@@ -71,8 +73,14 @@ def masked_reply(msg: Message, context: Context) -> Message:
     from client.contribution import contribute
 
     state = load_state(context, msg)
-    spec = msg.content["secagg"]
-    received = list(zip((int(n) for n in spec.get("sources", [])), spec.get("ciphertexts", []), strict=True))
+    spec = msg.content.config_records["secagg"]
+    received = list(
+        zip(
+            as_list(spec, "sources", int, empty_if_absent=True),
+            as_list(spec, "ciphertexts", bytes, empty_if_absent=True),
+            strict=True,
+        )
+    )
     vector, extra = contribute(msg, context, state)
     masked = client_mask(state, received, to_field(vector))
     save_state(context, state)
@@ -83,9 +91,11 @@ def masked_reply(msg: Message, context: Context) -> Message:
 def unmask_reply(msg: Message, context: Context) -> Message:
     """Stage 4: the shares that let the server remove every mask, once."""
     state = load_state(context, msg)
-    spec = msg.content["secagg"]
+    spec = msg.content.config_records["secagg"]
     shares = client_unmask(
-        state, active=[int(n) for n in spec.get("active", [])], dropped=[int(n) for n in spec.get("dropped", [])]
+        state,
+        active=as_list(spec, "active", int, empty_if_absent=True),
+        dropped=as_list(spec, "dropped", int, empty_if_absent=True),
     )
     save_state(context, state)
     reply = ConfigRecord({"owners": [n for n, _ in shares], "shares": [s for _, s in shares]})
@@ -96,7 +106,7 @@ def unmask_reply(msg: Message, context: Context) -> Message:
 
 
 def save_state(context: Context, state: ClientRound) -> None:
-    record = {
+    record: dict[str, Any] = {
         "node": state.node,
         "run": state.run,
         "round": state.server_round,
@@ -127,26 +137,38 @@ def load_state(context: Context, msg: Message) -> ClientRound:
     round this node never started) is refused, as is one that repeats or skips a stage."""
     _, server_round = message_config(msg)
     r = context.state.config_records.get(STATE_KEY)
-    if r is None or int(r["round"]) != server_round or str(r["run"]) != str(msg.content["secagg"]["run"]):
+    if r is None or r["round"] != server_round or r["run"] != msg.content.config_records["secagg"].get("run"):
         raise SecAggError(
             f"secure aggregation: a {msg.metadata.message_type} message for round {server_round}, but "
             f"this node holds no keys of that round"
         )
     return ClientRound(
-        node=int(r["node"]),
-        run=str(r["run"]),
-        server_round=int(r["round"]),
-        threshold=int(r["threshold"]),
-        mask_key=r["mask-key"],
-        mask_public=r["mask-public"],
-        seal_key=r["seal-key"],
-        seal_public=r["seal-public"],
-        stage=str(r["stage"]),
-        seed=r["seed"],
+        node=as_int(r, "node"),
+        run=as_str(r, "run"),
+        server_round=as_int(r, "round"),
+        threshold=as_int(r, "threshold"),
+        mask_key=as_bytes(r, "mask-key"),
+        mask_public=as_bytes(r, "mask-public"),
+        seal_key=as_bytes(r, "seal-key"),
+        seal_public=as_bytes(r, "seal-public"),
+        stage=as_str(r, "stage"),
+        seed=as_bytes(r, "seed"),
         peers=dict(
-            zip(r.get("peer-nodes", []), zip(r.get("peer-mask", []), r.get("peer-seal", []), strict=True), strict=True)
+            zip(ints(r, "peer-nodes"), zip(blobs(r, "peer-mask"), blobs(r, "peer-seal"), strict=True), strict=True)
         ),
-        seed_shares=dict(zip(r.get("seed-share-nodes", []), r.get("seed-shares", []), strict=True)),
-        key_shares=dict(zip(r.get("key-share-nodes", []), r.get("key-shares", []), strict=True)),
-        masked_with=list(r.get("masked-with", [])),
+        seed_shares=dict(zip(ints(r, "seed-share-nodes"), blobs(r, "seed-shares"), strict=True)),
+        key_shares=dict(zip(ints(r, "key-share-nodes"), blobs(r, "key-shares"), strict=True)),
+        masked_with=ints(r, "masked-with"),
     )
+
+
+def ints(record: ConfigRecord, key: str) -> list[int]:
+    return as_list(record, key, int, empty_if_absent=True)
+
+
+def blobs(record: ConfigRecord, key: str) -> list[bytes]:
+    return as_list(record, key, bytes, empty_if_absent=True)
+
+
+def pairs(first: list[bytes], second: list[bytes]) -> list[tuple[bytes, bytes]]:
+    return list(zip(first, second, strict=True))

@@ -11,6 +11,7 @@ import zlib
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,7 +27,7 @@ from common.federation_data import ClientData
 from common.model import frozen_fingerprint, get_adapter_state, set_adapter_state
 from common.records import FROZEN_KEY, TRAIN_METRICS, record_to_state, state_to_record
 from common.task import Task, task_for
-from common.train import round_schedule, train
+from common.train import TrainResult, round_schedule, train
 
 PROGRESS_EVERY = 10
 
@@ -68,7 +69,7 @@ class Session:
     data: ClientData
     labels: LabelMap
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: Any  # the model's Hugging Face tokenizer
 
     def encode(self, split: TextDataset):
         return self.task.encode(split, self.tokenizer, self.labels, where=f"client {self.data.client_id}")
@@ -87,8 +88,8 @@ def open_session(msg: Message, context: Context) -> Session:
     bound_memory(device)
     model = task.model(len(labels), device=device)
     if cfg.lora_freeze_a:
-        check_frozen(str(msg.content["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
-    set_adapter_state(model, record_to_state(msg.content["arrays"]))
+        check_frozen(str(msg.content.config_records["config"].get(FROZEN_KEY, "")), frozen_fingerprint(model))
+    set_adapter_state(model, record_to_state(msg.content.array_records["arrays"]))
     return Session(
         cfg=cfg,
         task=task,
@@ -116,9 +117,15 @@ class Trained:
 
     session: Session
     examples: int
-    result: object = None
+    result: TrainResult | None = None
     privacy: ConfigRecord | None = None
     refusal: ConfigRecord | None = None
+
+    def trained(self) -> TrainResult:
+        """The training result, for a round the budget did not refuse."""
+        if self.result is None:
+            raise RuntimeError("a round the privacy budget refused has no training result")
+        return self.result
 
 
 def train_locally(msg: Message, context: Context) -> Trained:
@@ -131,7 +138,9 @@ def train_locally(msg: Message, context: Context) -> Trained:
         if not decision.allowed:
             log_refusal(decision, s)
             return Trained(session=s, examples=len(encoded), refusal=decision.refusal())
-        seed = dp_seed(dict(context.node_config), cfg, s.server_round, s.data.client_id, msg.content["arrays"])
+        seed = dp_seed(
+            dict(context.node_config), cfg, s.server_round, s.data.client_id, msg.content.array_records["arrays"]
+        )
         result, privacy = train_private(
             decision,
             cfg,
@@ -181,10 +190,11 @@ def log_refusal(decision, s: Session) -> None:
 
 def train_reply(msg: Message, context: Context) -> Message:
     t = train_locally(msg, context)
-    s, result = t.session, t.result
+    s = t.session
     if t.refusal is not None:
         content = RecordDict({"privacy": t.refusal, "client": client_record(s.data, s.server_round)})
         return Message(content=content, reply_to=msg)
+    result = t.trained()
     metrics = MetricRecord(
         dict(zip(TRAIN_METRICS, (t.examples, result.loss, result.steps, result.seconds), strict=True))
     )

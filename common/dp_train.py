@@ -15,7 +15,7 @@ weights unchanged or non-finite.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -270,8 +270,8 @@ def clipped_gradient_sum(
                 chunking.shrink(len(labels))
         sums = {
             n: (
-                clipped_sum(p).detach().to("cpu", torch.float64).numpy()
-                if clipped_sum(p) is not None
+                summed.detach().to("cpu", torch.float64).numpy()
+                if (summed := clipped_sum(p)) is not None
                 else np.zeros(tuple(p.shape))
             )
             for n, p in named
@@ -349,7 +349,7 @@ def _check_same_parameters(gsm: GradSampleModule, optimizer: DPOptimizer) -> Non
         )
 
 
-def _check_weights_moved(params: list[torch.Tensor], before: list[torch.Tensor]) -> None:
+def _check_weights_moved(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> None:
     if not all(torch.isfinite(p).all() for p in params):
         raise DPTrainingError("DP step: expected finite adapter weights, got NaN or Inf")
     if all(torch.equal(p, b) for p, b in zip(params, before, strict=True)):

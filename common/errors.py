@@ -27,3 +27,7 @@ class CheckpointError(FedtuneError, RuntimeError):
 
 class PrivacyBudgetError(FedtuneError, RuntimeError):
     """A privacy budget would be exceeded."""
+
+
+class FieldError(FedtuneError, ValueError):
+    """A message record's field is missing or holds another type than the protocol's (common/fields.py)."""

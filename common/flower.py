@@ -3,18 +3,21 @@
 Flower's strategies keep their round-to-round state in attributes and cannot be checkpointed;
 its client-level DP wrappers fix the number of sampled clients when they are built; its node
 sampling and its DP noise draw from the process-wide `random` and `np.random`; the clipping-norm
-key and the federation accountant live in `flwr.supercore`. fedtune relies on each of these
-here and nowhere else, and `tests/test_flower_adapter.py` checks each one against the installed
-Flower, so an upgrade that changes one fails there, by name, instead of as a wrong result.
+key and the federation accountant live in `flwr.supercore`; a message that arrived from no node
+(the server's own stand-in reply) needs Message's metadata keyword, outside its public overloads.
+fedtune relies on each of these here and nowhere else, and `tests/test_flower_adapter.py` checks
+each one against the installed Flower, so an upgrade that changes one fails there, by name,
+instead of as a wrong result.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 
 import numpy as np
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message, Metadata, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
@@ -34,6 +37,7 @@ __all__ = [
     "STATEFUL_ATTRS",
     "OrderedGrid",
     "agreed_key",
+    "server_made_reply",
     "dp_clipping_norm",
     "federation_epsilon",
     "find_strategy",
@@ -220,3 +224,20 @@ def seal_share(key: bytes, *, src: int, dst: int, seed_share: bytes, key_share: 
 def open_share(key: bytes, ciphertext: bytes) -> tuple[int, int, bytes, bytes]:
     """(src, dst, seed share, key share) of a sealed share; raises when it was not sealed with `key`."""
     return share_keys_plaintext_separate(decrypt(key, ciphertext))
+
+
+def server_made_reply(content: RecordDict, *, message_id: str, group_id: str) -> Message:
+    """A training reply the server builds itself (no node sent it), for a strategy's aggregate_train:
+    Flower builds received messages with a `metadata` keyword its public constructors do not offer."""
+    metadata = Metadata(
+        run_id=0,
+        message_id=message_id,
+        src_node_id=0,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id=group_id,
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    return Message(content, metadata=metadata)  # type: ignore[call-overload]  # the constructor's internal form

@@ -74,6 +74,8 @@ def build_lora_causal_lm(
     if load_in == "none":
         base = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
     else:
+        if device is None:
+            raise ConfigError(f"load-in = {load_in}: expected a CUDA device to quantize onto, got none")
         base = quantized_base(model, load_in, torch.device(device), compute_dtype)
     torch.manual_seed(seed)  # LoRA's A matrices: the same whichever way the base was loaded (lora-freeze-a)
     peft_model = with_lora(
@@ -206,7 +208,7 @@ def pack(ids: list[list[int]], labels: list[list[int]], block: int) -> tuple[lis
 
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module, tokenizer, prompts: list[str], *, template: str, max_new_tokens: int, max_length: int
+    model: PeftModel, tokenizer, prompts: list[str], *, template: str, max_new_tokens: int, max_length: int
 ) -> list[str]:
     """Greedy continuations of each prompt (one at a time, so no left-padding is needed)."""
     model.eval()

@@ -88,7 +88,7 @@ def plot_confusion(path: Path, confusion: np.ndarray, names: Sequence[str], titl
                     ax.text(
                         j,
                         i,
-                        int(confusion[i, j]),
+                        str(int(confusion[i, j])),
                         ha="center",
                         va="center",
                         fontsize=7,

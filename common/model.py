@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -109,7 +110,11 @@ def with_lora(
     if base.config.pad_token_id is None:
         base.config.pad_token_id = load_tokenizer(model).pad_token_id
     config = LoraConfig(
-        task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules) or None
+        task_type=task_type,
+        r=r,
+        lora_alpha=cast(int, alpha),  # PEFT annotates int; scale = alpha / r takes any
+        lora_dropout=dropout,
+        target_modules=list(target_modules) or None,
     )
     try:
         peft_model = get_peft_model(base, config)

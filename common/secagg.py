@@ -296,6 +296,8 @@ class ServerRound:
             for owner, share in items:
                 if owner in held:
                     held[owner].append(share)
+        if self.total is None:
+            raise SecAggError("secure aggregation: expected masked vectors to unmask, got none")
         total = self.total.copy()
         for node in self.masked:
             seed = self._rebuild(node, held[node], "self-mask seed")

@@ -170,7 +170,9 @@ class Classification(Task):
     def check_labels(
         self, labels: LabelMap, pool: TextDataset | None = None, heldout: TextDataset | None = None
     ) -> None:
-        unlearnable = sorted(set(heldout.labels) - set(pool.labels)) if pool is not None and heldout is not None else []
+        if pool is None or heldout is None:
+            return
+        unlearnable = sorted(set(heldout.labels) - set(pool.labels))
         if unlearnable:
             raise DataError(
                 f"held-out set: expected its labels among the training data's {sorted(set(pool.labels))}, "

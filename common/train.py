@@ -6,9 +6,11 @@ data set and process (`encode`), so a round never re-tokenizes.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -305,9 +307,10 @@ def train(
     return run_steps(epoch, step, optimizer, total=total, lr_at=lr_at, progress=progress)
 
 
-def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor], *, mu: float) -> torch.Tensor:
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], *, mu: float) -> torch.Tensor:
     """mu/2 * sum ||p - p0||^2 (FedProx)."""
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    squares = (((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    return 0.5 * mu * functools.reduce(operator.add, squares)
 
 
 @torch.no_grad()
@@ -347,9 +350,9 @@ def evaluate(
     return {
         "loss": loss_sum / len(data),
         "accuracy": float((preds == data.labels).mean()),
-        "macro_f1": macro_f1(data.labels, preds),
+        "macro_f1": macro_f1(labels := np.asarray(data.labels), preds),
         "examples": len(data),
-        "confusion": confusion_matrix(data.labels, preds, num_labels),
+        "confusion": confusion_matrix(labels, preds, num_labels),
     }
 
 

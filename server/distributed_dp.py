@@ -74,7 +74,9 @@ class ServerAdamW:
         out = {}
         for name, p in zip(self.names, self.params, strict=True):
             for key, value in self.optimizer.state.get(p, {}).items():
-                out[f"{name}|{key}"] = value.detach().numpy().copy() if torch.is_tensor(value) else np.float64(value)
+                out[f"{name}|{key}"] = (
+                    value.detach().numpy().copy() if torch.is_tensor(value) else np.asarray(value, dtype=np.float64)
+                )
         return out
 
     def load(self, state: dict[str, np.ndarray]) -> None:

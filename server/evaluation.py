@@ -3,8 +3,10 @@ on their local validation slices."""
 
 from __future__ import annotations
 
+import math
 from logging import INFO
 
+from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -48,8 +50,17 @@ def federated_evaluation(grid: Grid, state: ServerState, strategy, server_round:
     )
     replies = grid.send_and_receive(messages, timeout=state.cfg.round_timeout)
     replies = sort_replies(replies, state.clients, sent_to(messages))
-    ok = [r for r in replies if not r.has_error() and r.content["metrics"]["num-examples"] > 0]
+    ok = [r for r in replies if evaluated(r)]
     metrics = strategy.aggregate_evaluate(server_round, ok) if ok else None
     if metrics is None:
         return {}
     return {f"clients_{k.replace('-', '_')}": float(v) for k, v in metrics.items() if k != "num-examples"}
+
+
+def evaluated(reply: Message) -> bool:
+    """Whether a client's evaluation reply counts: no error, and a metrics record with a positive,
+    finite num-examples (a client without validation data sends 0; anything else is ignored)."""
+    if reply.has_error() or "metrics" not in reply.content.metric_records:
+        return False
+    examples = reply.content.metric_records["metrics"].get("num-examples")
+    return isinstance(examples, (int, float)) and math.isfinite(examples) and examples > 0

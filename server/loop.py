@@ -277,7 +277,7 @@ def federation_budget_exhausted(state: ServerState, server_round: int, *, popula
     budget? Then the run stops."""
     cfg = state.cfg
     if cfg.dp_sample and cfg.dp_mode == "distributed":
-        projected, budget = would_exceed(state.ledger, cfg, state.dp_plan), cfg.sample_epsilon_budget
+        projected, budget = would_exceed(state.ledger, cfg, state.distributed_plan), cfg.sample_epsilon_budget
     else:
         projected = federation_would_exceed(state.ledger, cfg, population=population, sampled=sampled)
         budget = cfg.dp_client_epsilon_budget
@@ -323,7 +323,7 @@ def record_privacy(state: ServerState, strategy, server_round: int, outcome: Rou
             distributed_entry(
                 state.ledger,
                 cfg,
-                state.dp_plan,
+                state.distributed_plan,
                 server_round=server_round,
                 sampled=len(entry["sampled"]),
                 threshold=secure["threshold"],

@@ -15,12 +15,14 @@ effective value is what is accounted.
 from __future__ import annotations
 
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp import strategy as fl
 
 from common.config import FedtuneConfig
+from common.fields import as_int, as_list, as_str
 from common.ledger import Ledger
 from common.privacy import SKELLAM, WITHOUT_REPLACEMENT, Mechanism, epsilon_rdp
 from common.privacy_plan import batch_alternatives, plan_for_config, suggested
@@ -33,7 +35,7 @@ def wrap_client_dp(cfg: FedtuneConfig, strategy, num_sampled: int):
     """Flower's client-level DP wrapper around the strategy, or the strategy itself when off."""
     if cfg.dp_client == "off":
         return strategy
-    args = dict(noise_multiplier=cfg.dp_client_noise_multiplier, num_sampled_clients=num_sampled)
+    args: dict[str, Any] = dict(noise_multiplier=cfg.dp_client_noise_multiplier, num_sampled_clients=num_sampled)
     if cfg.dp_client == "server-fixed":
         return fl.DifferentialPrivacyServerSideFixedClipping(
             strategy, clipping_norm=cfg.dp_client_clipping_norm, **args
@@ -107,14 +109,21 @@ def client_entries(
 ) -> list[dict]:
     """One ledger entry per sampled client under sample-level DP."""
     entries = []
-    for client_id, reply in trained:
-        p = reply.content["privacy"]
-        history = [
-            {"noise_multiplier": z, "sample_rate": q, "steps": int(s)}
-            for z, q, s in zip(p["history-noise"], p["history-rate"], p["history-steps"], strict=True)
+    for client_id, reply in trained:  # records checked by server/replies.privacy_problem
+        p = reply.content.config_records["privacy"]
+        kinds = as_list(p, "history-kind", str, empty_if_absent=True)
+        history: list[dict] = [
+            {"noise_multiplier": z, "sample_rate": q, "steps": s}
+            for z, q, s in zip(
+                as_list(p, "history-noise", float),
+                as_list(p, "history-rate", float),
+                as_list(p, "history-steps", int),
+                strict=True,
+            )
         ]
-        if SKELLAM in p.get("history-kind", []):  # distributed DP steps in the history: their noise and sensitivity
-            for h, kind, l2, l1 in zip(history, p["history-kind"], p["history-l2"], p["history-l1"], strict=True):
+        if SKELLAM in kinds:  # distributed DP steps in the history: their noise and sensitivity
+            l2s, l1s = as_list(p, "history-l2", float), as_list(p, "history-l1", float)
+            for h, kind, l2, l1 in zip(history, kinds, l2s, l1s, strict=True):
                 if kind == SKELLAM:
                     h.update(noise=kind, l2_sensitivity=l2, l1_sensitivity=l1)
         skellam = p.get("noise") == SKELLAM
@@ -128,7 +137,7 @@ def client_entries(
                 "noise_multiplier": p["noise-multiplier"],
                 "clipping_norm": p["clipping-norm"],
                 "sample_rate": p["sample-rate"],
-                "steps": int(p["steps"]),
+                "steps": as_int(p, "steps"),
                 **(
                     {"noise": SKELLAM, "l2_sensitivity": p["l2-sensitivity"], "l1_sensitivity": p["l1-sensitivity"]}
                     if skellam
@@ -143,14 +152,14 @@ def client_entries(
             }
         )
     for client_id, reply in refused:
-        p = reply.content["privacy"]
+        p = reply.content.config_records["privacy"]
         entries.append(
             {
                 "round": server_round,
                 "kind": "client",
                 "client_id": client_id,
                 "status": "refused",
-                "reason": str(p["status"]),
+                "reason": as_str(p, "status"),
                 "fingerprint": p["fingerprint"],
                 "epsilon": p["epsilon-spent"],
                 "epsilon_projected": p["epsilon-projected"],
@@ -165,7 +174,7 @@ def client_entries(
                 "kind": "client",
                 "client_id": client_id,
                 "status": "failed",
-                "reason": "no reply or error reply; spend unknown to the server",
+                "reason": "no reply, an error reply or an unreadable privacy record; spend unknown to the server",
             }
         )
     return entries

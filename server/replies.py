@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from common.errors import FieldError
+from common.fields import as_float, as_int, as_list, as_str
 from common.privacy import SKELLAM
 from server.state import ServerState
 
@@ -79,49 +82,48 @@ def describe(reply: Message) -> dict | str:
     """A node's answer to the query as its clients.json entry, or what is wrong with it."""
     info = reply.content.config_records.get("client")
     try:
-        names, counts = list(info["label-names"]), [int(c) for c in info["label-counts"]]
+        names, counts = as_list(info, "label-names", str), as_list(info, "label-counts", int)
         if len(names) != len(counts):
-            raise ValueError(f"{len(names)} label names for {len(counts)} counts")
-        summary = {
-            "client_id": str(info["client-id"]),
-            "train_examples": int(info["train-examples"]),
-            "val_examples": int(info["val-examples"]),
+            raise FieldError(f"expected a count for each label, got {len(names)} names and {len(counts)} counts")
+        summary: dict[str, Any] = {
+            "client_id": as_str(info, "client-id"),
+            "train_examples": as_int(info, "train-examples"),
+            "val_examples": as_int(info, "val-examples"),
             "label_histogram": dict(zip(names, counts, strict=True)),
         }
-    except (KeyError, TypeError, ValueError) as err:
-        return (
-            "expected a client record with client-id, train-examples, val-examples, label-names and "
-            f"label-counts, got {str(info)[:120]} ({type(err).__name__}: {err})"
-        )
+    except FieldError as err:
+        return f"{err} (a client record has client-id, train-examples, val-examples, label-names, label-counts)"
     if summary["train_examples"] < 0 or summary["val_examples"] < 0:
         return f"expected example counts >= 0, got {summary['train_examples']} and {summary['val_examples']}"
     return summary
 
 
-# What a client's privacy record holds (client/privacy.py writes it), by its status.
-_NUMBER = (int, float)
-PRIVACY_FIELDS = {
+# What a client's privacy record holds (client/privacy.py writes it), by its status: each field's reader.
+PRIVACY_FIELDS: dict[str, dict[str, Callable[[ConfigRecord, str], object]]] = {
     "trained": {
-        "fingerprint": str,
-        "noise-multiplier": _NUMBER,
-        "sample-rate": _NUMBER,
-        "steps": int,
-        "clipping-norm": _NUMBER,
-        "epsilon": _NUMBER,
-        "epsilon-rdp": _NUMBER,
-        "accountant": str,
-        "delta": _NUMBER,
-        "epsilon-budget": _NUMBER,
-        "history-noise": list,
-        "history-rate": list,
-        "history-steps": list,
+        "fingerprint": as_str,
+        "noise-multiplier": as_float,
+        "sample-rate": as_float,
+        "steps": as_int,
+        "clipping-norm": as_float,
+        "epsilon": as_float,
+        "epsilon-rdp": as_float,
+        "accountant": as_str,
+        "delta": as_float,
+        "epsilon-budget": as_float,
+        "history-noise": lambda r, k: as_list(r, k, float),
+        "history-rate": lambda r, k: as_list(r, k, float),
+        "history-steps": lambda r, k: as_list(r, k, int),
+        "history-kind": lambda r, k: as_list(r, k, str, empty_if_absent=True),
+        "history-l2": lambda r, k: as_list(r, k, float, empty_if_absent=True),
+        "history-l1": lambda r, k: as_list(r, k, float, empty_if_absent=True),
     },
     "refused": {
-        "fingerprint": str,
-        "epsilon-spent": _NUMBER,
-        "epsilon-projected": _NUMBER,
-        "epsilon-budget": _NUMBER,
-        "delta": _NUMBER,
+        "fingerprint": as_str,
+        "epsilon-spent": as_float,
+        "epsilon-projected": as_float,
+        "epsilon-budget": as_float,
+        "delta": as_float,
     },
 }
 HISTORY_LISTS = ("history-noise", "history-rate", "history-steps", "history-kind", "history-l2", "history-l1")
@@ -134,30 +136,19 @@ def privacy_problem(reply: Message) -> str | None:
     if record is None:
         return None
     status = record.get("status")
-    fields = PRIVACY_FIELDS["trained" if status == "trained" else "refused"]
     if not isinstance(status, str):
         return f"privacy record: expected a status string, got {status!r}"
-    for key, kind in fields.items():
-        value = record.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"privacy record ({status}): expected {key} of type {_kind_name(kind)}, got {value!r}"[:200]
-    if status != "trained":
-        return None
-    present = [key for key in HISTORY_LISTS if key in record]
-    if any(not isinstance(record[key], list) for key in present):
-        return f"privacy record: expected {', '.join(present)} to be lists"
-    lengths = {key: len(record[key]) for key in present}
-    if len(set(lengths.values())) != 1:
+    try:
+        for key, read in PRIVACY_FIELDS["trained" if status == "trained" else "refused"].items():
+            read(record, key)
+        if status == "trained" and record.get("noise") == SKELLAM:
+            as_float(record, "l2-sensitivity"), as_float(record, "l1-sensitivity")
+    except FieldError as err:
+        return f"privacy record ({status}): {err}"
+    lengths = {key: len(as_list(record, key, object)) for key in HISTORY_LISTS if key in record}
+    if len(set(lengths.values())) > 1:
         return f"privacy record: expected history lists of one length, got lengths {lengths}"
-    if record.get("noise") == SKELLAM and not all(
-        isinstance(record.get(k), _NUMBER) for k in ("l2-sensitivity", "l1-sensitivity")
-    ):
-        return "privacy record (skellam): expected numbers l2-sensitivity and l1-sensitivity"
     return None
-
-
-def _kind_name(kind) -> str:
-    return "number" if kind == _NUMBER else kind.__name__
 
 
 def classify_replies(replies: list[Message], clients: dict[int, str], sent: dict[str, int]):
@@ -184,11 +175,11 @@ def round_entry(server_round: int, messages, replies, failed, refused, rejected,
         m.metadata.dst_node_id: clients.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}") for m in messages
     }
     replied = {node_of(r, sent) for r in replies}
-    rejected_first = {}
+    rejected_first: dict[str, str] = {}
     for client_id, reason in rejected:  # a node's duplicate replies are extra; its first verdict counts
         rejected_first.setdefault(client_id, reason)
     refused_ids = {c for c, _ in refused}
-    entry = {
+    entry: dict[str, Any] = {
         "round": server_round,
         "sampled": sorted(name.values()),
         "failed": sorted(set(failed)),
@@ -208,14 +199,16 @@ def train_summary(replies: list[Message], *, sampled: int) -> dict:
     """Per-round training figures; computed before any weight policy rewrites num-examples."""
     if not replies:
         return {"clients_sampled": sampled, "clients_ok": 0}
-    m = [r.content["metrics"] for r in replies]
-    n = sum(x["num-examples"] for x in m)
+    m = [r.content.metric_records["metrics"] for r in replies]
+    n = sum(as_float(x, "num-examples") for x in m)
     return {
         "clients_sampled": sampled,
         "clients_ok": len(replies),
-        "train_loss": sum(x["train-loss"] * x["num-examples"] for x in m) / n if n else float("nan"),
+        "train_loss": sum(as_float(x, "train-loss") * as_float(x, "num-examples") for x in m) / n
+        if n
+        else float("nan"),
         "train_examples": int(n),
-        "train_seconds_max": max(x["train-seconds"] for x in m),
+        "train_seconds_max": max(as_float(x, "train-seconds") for x in m),
     }
 
 

@@ -136,7 +136,7 @@ class RunDir:
         handles = [h for a in axes for h in a.get_legend_handles_labels()[0]]
         fig.legend(
             handles,
-            [h.get_label() for h in handles],
+            [str(h.get_label()) for h in handles],
             loc="lower center",
             ncol=min(4, len(handles)),
             frameon=False,

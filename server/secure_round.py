@@ -22,12 +22,15 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from common.errors import FieldError
+from common.fields import as_bytes, as_list
 from common.secagg import ACTIONS, SecAggError, ServerRound, from_field, threshold_for
 from server.replies import node_of, sent_to
 from server.state import ServerState
@@ -121,17 +124,16 @@ class _Stages:
                 out.refusals[node] = reply
                 out.drop(node, "refused")
                 continue
-            keys = _fields(reply, "secagg", {"mask-public": bytes, "seal-public": bytes})
-            if keys is None:
+            try:
+                secagg = reply.content.config_records.get("secagg")
+                mask_public, seal_public = as_bytes(secagg, "mask-public"), as_bytes(secagg, "seal-public")
+            except FieldError:
                 out.drop(node, "rejected:malformed-keys")
-            elif (
-                _seen(self.state, keys["mask-public"])
-                or _seen(self.state, keys["seal-public"])
-                or keys["mask-public"] == keys["seal-public"]
-            ):
+                continue
+            if _seen(self.state, mask_public) or _seen(self.state, seal_public) or mask_public == seal_public:
                 out.drop(node, "rejected:reused-key")
             else:
-                protocol.add_keys(node, keys["mask-public"], keys["seal-public"])
+                protocol.add_keys(node, mask_public, seal_public)
         self.state.secagg_keys.extend(_digest(k) for pair in protocol.keys.values() for k in pair)
         return _still_enough(out, protocol, list(protocol.keys), "keys")
 
@@ -150,15 +152,11 @@ class _Stages:
         replies = self.exchange("shares", {n: RecordDict({**self.base, "secagg": announce}) for n in peers})
         sealed = {}
         for node, reply in replies.items():
-            shares = _fields(reply, "secagg", {"destinations": (list, int), "ciphertexts": (list, bytes)})
-            if (
-                shares is None
-                or len(shares["destinations"]) != len(shares["ciphertexts"])
-                or sorted(shares["destinations"]) != [p for p in peers if p != node]
-            ):
+            pairs = _pairs(reply, ("destinations", int), ("ciphertexts", bytes))
+            if pairs is None or sorted(d for d, _ in pairs) != [p for p in peers if p != node]:
                 out.drop(node, "rejected:malformed-shares")
                 continue
-            sealed[node] = list(zip(shares["destinations"], shares["ciphertexts"], strict=True))
+            sealed[node] = pairs
         self.inbox = protocol.route(sealed)
         return _still_enough(out, protocol, list(sealed), "shares")
 
@@ -200,11 +198,11 @@ class _Stages:
         )
         shares = {}
         for node, reply in replies.items():
-            got = _fields(reply, "secagg", {"owners": (list, int), "shares": (list, bytes)})
-            if got is None or len(got["owners"]) != len(got["shares"]):
+            pairs = _pairs(reply, ("owners", int), ("shares", bytes))
+            if pairs is None:
                 out.drop(node, "rejected:malformed-unmask-shares")
                 continue
-            shares[node] = list(zip(got["owners"], got["shares"], strict=True))
+            shares[node] = pairs
         for node in protocol.masked:  # a client that fails now is still in the sum: its fate is its vector's
             out.fates.pop(node, None)
         try:
@@ -273,24 +271,15 @@ def _still_enough(out: SecureRound, protocol: ServerRound, survivors: list[int],
     return False
 
 
-def _fields(reply: Message, record: str, types: dict[str, type]) -> dict | None:
-    """The record's fields of the given types (a list of them, for a (list, type) pair), or None
-    when one is missing or of another type."""
-    got = reply.content.config_records.get(record)
-    if got is None:
+def _pairs(reply: Message, first: tuple[str, type[int]], second: tuple[str, type[bytes]]):
+    """The reply's secagg record as (int, bytes) pairs from two lists of one length, or None when
+    either is missing, holds another type, or the lengths differ."""
+    record = reply.content.config_records.get("secagg")
+    try:
+        ints, blobs = as_list(record, *first), as_list(record, *second)
+    except FieldError:
         return None
-    out = {}
-    for key, kind in types.items():
-        value = got.get(key)
-        if isinstance(kind, tuple):
-            if not isinstance(value, list) or not all(
-                isinstance(v, kind[1]) and not isinstance(v, bool) for v in value
-            ):
-                return None
-        elif not isinstance(value, kind):
-            return None
-        out[key] = value
-    return out
+    return list(zip(ints, blobs, strict=True)) if len(ints) == len(blobs) else None
 
 
 def _masked_vector(reply: Message):
@@ -312,7 +301,7 @@ def round_entry(server_round: int, result: SecureRound, clients: dict[int, str])
     """The round ledger entry of a secure round: every sampled client in exactly one category (I4)."""
     name = {n: clients.get(n, f"node-{n}") for n in result.nodes}
     fates = result.fates
-    entry = {
+    entry: dict[str, Any] = {
         "round": server_round,
         "sampled": sorted(name.values()),
         "failed": sorted(name[n] for n, f in fates.items() if f == "failed"),

@@ -9,12 +9,12 @@
 
 from __future__ import annotations
 
-import time
 from logging import WARNING
 
-from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
+from common.flower import server_made_reply
 from common.quantize import HEADER, decode_update, flatten, unflatten, update_scale
 from common.records import record_to_state, state_to_record
 from server.distributed_dp import announcement, dp_step
@@ -30,7 +30,7 @@ def secure_train(grid, state: ServerState, strategy, server_round: int, messages
     dimension = sum(state.arrays[n].size for n in names)
     distributed, scale = cfg.dp_sample and cfg.dp_mode == "distributed", 0.0
     if distributed:
-        extra = {"dp": ConfigRecord(announcement(state.dp_plan))}
+        extra = {"dp": ConfigRecord(announcement(state.distributed_plan))}
         length = dimension
     else:
         total_weight = sum(state.declared.get(m.metadata.dst_node_id, 0) for m in messages)
@@ -82,16 +82,5 @@ def apply_mean_update(
 
 def _as_reply(arrays, examples: float, server_round: int) -> Message:
     """The unmasked mean as one training reply, weighted by the examples of every client in the sum."""
-    metadata = Metadata(
-        run_id=0,
-        message_id=f"secure-sum-{server_round}",
-        src_node_id=0,
-        dst_node_id=0,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
     content = RecordDict({"arrays": state_to_record(arrays), "metrics": MetricRecord({WEIGHT_KEY: examples})})
-    return Message(content=content, metadata=metadata)
+    return server_made_reply(content, message_id=f"secure-sum-{server_round}", group_id=str(server_round))

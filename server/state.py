@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord
 
@@ -14,6 +15,11 @@ from common.model import check_adapter_state, frozen_fingerprint, get_adapter_st
 from common.records import FROZEN_KEY
 from common.task import Task, task_for
 from server.rundir import RunDir
+
+if TYPE_CHECKING:
+    from common.privacy_plan import DistributedPlan
+    from server.distributed_dp import ServerAdamW
+    from server.tensorboard import Scalars
 
 
 @dataclass
@@ -31,11 +37,18 @@ class ServerState:
     status: str = "running"
     frozen: str = ""  # fingerprint of the frozen LoRA A matrices (lora-freeze-a), sent to every client
     data: str = ""  # fingerprint of the training data and held-out set (data_fingerprint): resume checks it
-    scalars: object = None  # server.tensorboard.Scalars, once the run knows its first round
+    scalars: Scalars | None = None  # once the run knows its first round
     run_id: int = 0  # Flower's run id (a resumed run gets a new one): clients' own privacy records name it
     secagg_keys: list[str] = field(default_factory=list)  # digests of every public key a secure round accepted
-    dp_plan: object = None  # common.privacy_plan.DistributedPlan, with dp-mode = distributed
-    dp_optimizer: object = None  # server.distributed_dp.ServerAdamW, likewise
+    dp_plan: DistributedPlan | None = None  # with dp-mode = distributed
+    dp_optimizer: ServerAdamW | None = None  # likewise
+
+    @property
+    def distributed_plan(self) -> DistributedPlan:
+        """The distributed DP plan the ledger accounts; only a run with dp-mode = distributed has one."""
+        if self.dp_plan is None:
+            raise RuntimeError("distributed DP: the run has no plan (dp-mode is not distributed)")
+        return self.dp_plan
 
     @property
     def task(self) -> Task:

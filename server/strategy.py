@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp import strategy as fl
 
 from common.config import FedtuneConfig
@@ -23,7 +25,7 @@ def robust_capacity_problem(cfg: FedtuneConfig, sampled: int) -> str | None:
 
 
 def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_clients,
@@ -31,7 +33,7 @@ def build_strategy(cfg: FedtuneConfig) -> fl.FedAvg:
         min_available_nodes=cfg.min_available_clients,
         weighted_by_key=WEIGHT_KEY,
     )
-    opt = dict(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=cfg.tau)
+    opt: dict[str, Any] = dict(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=cfg.tau)
     if cfg.strategy == "fedavg":
         return fl.FedAvg(**common)
     if cfg.strategy == "fedprox":

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.errors import AdapterMismatchError
+from common.fields import as_float
 from common.model import check_adapter_state
 from common.records import TRAIN_METRICS, record_to_state
 
@@ -159,7 +160,7 @@ class ValidatedStrategy(Strategy):
         if not accepted:
             return None, None
         for v in accepted:
-            v.reply.content["metrics"][WEIGHT_KEY] = v.weight
+            v.reply.content.metric_records["metrics"][WEIGHT_KEY] = v.weight
         return self.strategy.aggregate_train(server_round, [v.reply for v in accepted])
 
     def validate(self, server_round: int, replies: list[Message]) -> list[Verdict]:
@@ -170,13 +171,14 @@ class ValidatedStrategy(Strategy):
             v.reason = "duplicate-node" if node in seen else None
             seen.add(node)
             v.reason = v.reason or check_structure(reply) or check_round(reply, server_round)
-            v.reason = v.reason or check_metrics(reply.content["metrics"])
+            v.reason = v.reason or check_metrics(reply.content.metric_records["metrics"])
             if v.reason is None:
-                raw = reply.content["metrics"].get(WEIGHT_KEY)
-                v.reason = check_weight(raw, self.declared.get(node), self.policy.max_client_weight)
-                v.weight = 1.0 if self.policy.uniform_weights else raw
+                metrics = reply.content.metric_records["metrics"]
+                v.reason = check_weight(metrics.get(WEIGHT_KEY), self.declared.get(node), self.policy.max_client_weight)
             if v.reason is None:
-                state, v.reason = check_arrays(reply.content["arrays"], self.initial)
+                v.weight = 1.0 if self.policy.uniform_weights else as_float(metrics, WEIGHT_KEY)
+            if v.reason is None:
+                state, v.reason = check_arrays(reply.content.array_records["arrays"], self.initial)
                 if state is not None:
                     v.norm = update_norm(state, self.current)
                     v.reason = check_norm(v.norm, self.policy)

@@ -46,15 +46,13 @@ def _fault_for(msg: Message, context: Context) -> dict | None:
     node = context.node_config
     client_id = f"partition-{node['partition-id']}" if "partition-id" in node else str(node.get("client-id", ""))
     fault = faults.get(client_id)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    server_round = msg.content.config_records["config"].get("server-round", 0)
     if fault and (not fault.get("rounds") or server_round in fault["rounds"]):
         return fault
     return None
 
 
-def _applies(fault: dict | None, message_type: str) -> bool:
-    if fault is None:
-        return False
+def _applies(fault: dict, message_type: str) -> bool:
     if message_type.startswith(f"{MessageType.TRAIN}.secagg_"):  # a secure round's stage
         return message_type == f"{MessageType.TRAIN}.{ACTIONS[fault.get('stage', 'masked')]}"
     return message_type == MessageType.TRAIN
@@ -62,7 +60,7 @@ def _applies(fault: dict | None, message_type: str) -> bool:
 
 def inject_faults(msg: Message, context: Context, call_next) -> Message:
     fault = _fault_for(msg, context) if msg.metadata.message_type.startswith(MessageType.TRAIN) else None
-    if not _applies(fault, msg.metadata.message_type):
+    if fault is None or not _applies(fault, msg.metadata.message_type):
         return call_next(msg, context)
     kind = fault["kind"]
     if fault.get("mark"):
@@ -76,9 +74,9 @@ def inject_faults(msg: Message, context: Context, call_next) -> Message:
         return call_next(msg, context)
     if msg.metadata.message_type != MessageType.TRAIN:
         raise ValueError(f"FEDTUNE_FAULTS: {kind!r} changes an update; a secure round's stages take raise, exit, hang")
-    global_state = record_to_state(msg.content["arrays"])
+    global_state = record_to_state(msg.content.array_records["arrays"])
     reply = call_next(msg, context)
-    local = record_to_state(reply.content["arrays"])
+    local = record_to_state(reply.content.array_records["arrays"])
     factor = float(fault.get("factor", 100.0))
     if kind == "nan":
         bad = {k: np.full_like(v, np.nan) for k, v in local.items()}

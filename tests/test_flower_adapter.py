@@ -11,7 +11,7 @@ import copy
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import strategy as fl
 
 from common.config import FedtuneConfig
@@ -194,3 +194,20 @@ def test_flowers_accountant_agrees_with_fedtunes_for_the_federation():
                        delta=1e-5)
     assert federation_epsilon(rounds, 1e-5) == pytest.approx(ours, rel=0.05)
     assert federation_epsilon([], 1e-5) == 0.0
+
+
+def test_a_server_made_reply_reads_as_a_received_one_for_flowers_strategies():
+    """The secure round's unmasked mean goes through the strategy as one reply the server built:
+    it needs Message's internal metadata form, and FedAvg must aggregate it like a received reply."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from common.flower import server_made_reply
+
+    arrays = {"w": np.arange(4, dtype=np.float32)}
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(arrays["w"])}), "metrics": MetricRecord({"num-examples": 3.0})})
+    reply = server_made_reply(content, message_id="secure-sum-2", group_id="2")
+    assert reply.metadata.message_id == "secure-sum-2" and reply.metadata.group_id == "2"
+    assert not reply.has_error() and reply.metadata.message_type == "train"
+    aggregated, _ = FedAvg().aggregate_train(2, [reply])
+    np.testing.assert_array_equal(aggregated["w"].numpy(), arrays["w"])

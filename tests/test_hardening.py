@@ -313,13 +313,13 @@ def _privacy_reply(node: int, **changes):
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"epsilon": None}, "expected epsilon of type number, got None"),
-    ({"epsilon": "0.5"}, "expected epsilon of type number, got '0.5'"),
-    ({"steps": 2.5}, "expected steps of type int"),
+    ({"epsilon": None}, "expected a field 'epsilon', got none"),
+    ({"epsilon": "0.5"}, "expected 'epsilon' as a number, got '0.5'"),
+    ({"steps": 2.5}, "expected 'steps' as an integer, got 2.5"),
     ({"history_rate": [0.1, 0.2]}, "expected history lists of one length"),
-    ({"history_l2": 1.0}, "to be lists"),
-    ({"noise": "skellam", "l1_sensitivity": None}, "expected numbers l2-sensitivity and l1-sensitivity"),
-    ({"status": "budget-exhausted"}, "expected epsilon-spent of type number, got None"),  # a refusal's fields
+    ({"history_l2": 1.0}, "expected 'history-l2' as a list of float, got 1.0"),
+    ({"noise": "skellam", "l1_sensitivity": None}, "expected a field 'l1-sensitivity', got none"),
+    ({"status": "budget-exhausted"}, "expected a field 'epsilon-spent', got none"),  # a refusal's fields
     ({"status": 3}, "expected a status string, got 3"),
 ])
 def test_a_privacy_record_the_ledger_cannot_be_written_from_makes_the_reply_failed(changes, expected):
@@ -356,3 +356,24 @@ def test_a_nodes_malformed_self_description_is_named_and_skipped(client):
     assert describe(reply_from(1, RecordDict({"client": ConfigRecord(ok)}), message_type=MessageType.QUERY)) == {
         "client_id": "c1", "train_examples": 10, "val_examples": 2, "label_histogram": {"a": 10}}
     count("bad_inputs_rejected", "node's malformed answer to the server's query")
+
+
+@pytest.mark.parametrize("content", [
+    {},  # no metrics record
+    {"metrics": {"val-accuracy": 0.5}},  # no num-examples
+    {"metrics": {"num-examples": float("nan"), "val-accuracy": 0.5}},
+    {"metrics": {"num-examples": -3, "val-accuracy": 0.5}},
+    {"metrics": {"num-examples": 0, "val-accuracy": 0.0}},  # a client without validation data
+])
+def test_an_evaluation_reply_without_a_usable_example_count_is_left_out(content):
+    """Federated evaluation used to index num-examples of every reply: one without it was a KeyError."""
+    from flwr.app import MessageType, MetricRecord, RecordDict
+
+    from server.evaluation import evaluated
+    from tests.flower_messages import reply_from
+
+    record = RecordDict({k: MetricRecord(v) for k, v in content.items()})
+    assert not evaluated(reply_from(1, record, message_type=MessageType.EVALUATE))
+    good = RecordDict({"metrics": MetricRecord({"num-examples": 12, "val-accuracy": 0.5})})
+    assert evaluated(reply_from(1, good, message_type=MessageType.EVALUATE))
+    count("bad_inputs_rejected", "evaluation reply without a usable num-examples")

@@ -34,6 +34,7 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,7 +261,7 @@ def _audit_federation(e: dict, federation: list[dict], problems: list[str]) -> d
     }
 
 
-def run_audit(run_dir: Path, *, records: list[Path] = ()) -> AuditResult:
+def run_audit(run_dir: Path, *, records: Sequence[Path] = ()) -> AuditResult:
     """Audit a run directory's ledger; `records` are folders of the clients' own privacy records
     (a simulation's privacy dir, or what a node hands over) to hold the ledger against too."""
     ledger_path = run_dir / "privacy-ledger.jsonl"
@@ -269,12 +270,12 @@ def run_audit(run_dir: Path, *, records: list[Path] = ()) -> AuditResult:
     lines, problems = read_jsonl(ledger_path)
     entries = [e for _, e in lines]
     result = AuditResult(problems=[*problems, *verify_chain([e if isinstance(e, dict) else {} for e in entries])])
-    sound = []
+    sound: list[dict] = []
     for line, e in lines:
         shape = shape_problem(e)
         if shape:
             result.problems.append(f"{ledger_path.name}:{line}: {shape}")
-        else:
+        elif isinstance(e, dict):  # shape_problem says so; the check tells the type checker
             sound.append(e)
     checked = audit_entries(sound, chain=False)
     result.rows, result.notes = checked.rows, checked.notes
@@ -319,7 +320,7 @@ def anchor_problems(run_dir: Path, entries: list[dict]) -> list[str]:
             "rounds.jsonl: expected the round ledger of this DP run beside its privacy ledger, found none (removed)"
         )
     elif dp_sample:
-        clients_in = {}
+        clients_in: dict[object, set[object]] = {}
         for e in entries:
             if e.get("kind") == "client":
                 clients_in.setdefault(e.get("round"), set()).add(e.get("client_id"))
@@ -418,7 +419,7 @@ def shape_problem(e: object) -> str | None:
     status = (
         e.get("status") if kind == "client" else ("distributed" if e.get("mode") == "distributed" else "client-level")
     )
-    fields = FIELDS.get((kind, status))
+    fields = FIELDS.get((str(kind), str(status)))
     if fields is None:
         return f"expected a client (trained, refused, failed) or federation entry, got kind {kind!r} status {status!r}"
     missing = [f for f in fields if f not in e]
@@ -452,7 +453,7 @@ def adapter_problems(run_dir: Path, entries: list[dict]) -> list[str]:
     hash when it was trained; a ledger shorter than that, or holding another entry there, was rolled back."""
     from server.rundir import ADAPTER_RECORD
 
-    folder, problems = run_dir / "adapters", []
+    folder, problems = run_dir / "adapters", list[str]()
     if not folder.is_dir():
         return problems
     for adapter in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.endswith((".tmp", ".old"))):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,10 +72,10 @@ def evaluate_run(
     run_dir: str | Path,
     data: str,
     *,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     which: str = "final",
     out: str | Path | None = None,
-    perturbations: list[str] = (),
+    perturbations: Sequence[str] = (),
     rate: float = 0.1,
     seed: int = 0,
     progress=None,

@@ -31,6 +31,7 @@ directory and exits non-zero on any mismatch, overspend or broken chain.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import sys
@@ -74,14 +75,43 @@ def agrees(check: float, e: dict, key: str = "epsilon") -> bool:
 
 def opacus_epsilons(history: list[dict], delta: float) -> tuple[float, float]:
     """(PRV, RDP) epsilon of a Poisson-sampled DP-SGD history, with Opacus' accountants."""
-    from common.opacus import PRVAccountant, RDPAccountant, accountant_with_history
+    steps = _steps(history)
+    return _opacus_prv(steps, delta), _opacus_rdp(steps, delta)
+
+
+def _steps(history: list[dict]) -> tuple[tuple[float, float, int], ...]:
+    """The history as Opacus' (noise multiplier, sample rate, steps), the steps of identical
+    mechanisms added up in order of first appearance: composition does not depend on the order, so
+    the epsilon is the same, and the accountants pay per distinct mechanism instead of per round."""
+    steps: dict[tuple[float, float], int] = {}
+    for h in history:
+        if h["steps"] > 0:
+            key = (h["noise_multiplier"], h["sample_rate"])
+            steps[key] = steps.get(key, 0) + h["steps"]
+    return tuple((z, q, n) for (z, q), n in steps.items())
+
+
+# Clients that took part in the same rounds at the same rate share a history (every client of a
+# distributed DP run does): each distinct history is accounted once per audit.
+@functools.lru_cache(maxsize=4096)
+def _opacus_prv(steps: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    from common.opacus import PRVAccountant, accountant_with_history
+
+    return (
+        float(accountant_with_history(PRVAccountant(), list(steps)).get_epsilon(delta, eps_error=PRV_ERROR))
+        if steps
+        else 0.0
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _opacus_rdp(steps: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    from common.opacus import RDPAccountant, accountant_with_history
     from common.privacy import RDP_ORDERS
 
-    steps = [(h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in history if h["steps"] > 0]
     if not steps:
-        return 0.0, 0.0
-    prv, rdp = accountant_with_history(PRVAccountant(), steps), accountant_with_history(RDPAccountant(), steps)
-    return float(prv.get_epsilon(delta, eps_error=PRV_ERROR)), float(rdp.get_epsilon(delta, alphas=list(RDP_ORDERS)))
+        return 0.0
+    return float(accountant_with_history(RDPAccountant(), list(steps)).get_epsilon(delta, alphas=list(RDP_ORDERS)))
 
 
 def flower_federation_epsilon(mechanisms: list[dict], delta: float) -> float:
@@ -176,12 +206,10 @@ def _check_skellam(where: str, history: list[dict], recorded: float, delta: floa
     bound, the same code as the run: this catches a ledger that does not match its mechanisms), and
     bounded below by Opacus' RDP of Gaussian noise with the same multipliers (an independent library:
     Skellam's bound can only be larger, so a smaller record understates the spend)."""
-    from common.privacy import Mechanism, epsilon_rdp
+    from common.privacy import Mechanism
 
-    again = epsilon_rdp([Mechanism.from_dict(h) for h in history], delta=delta)
-    _, gaussian = opacus_epsilons(
-        [{k: h[k] for k in ("noise_multiplier", "sample_rate", "steps")} for h in history], delta
-    )
+    again = _skellam_epsilon(tuple(Mechanism.from_dict(h) for h in history), delta)
+    gaussian = _opacus_rdp(_steps(history), delta)  # RDP only: PRV of a long history is what took minutes
     if abs(again - recorded) > PRV_ERROR:  # the same bound, recomputed: only rounding may differ
         problems.append(f"{where}: recorded epsilon {recorded:.4f} but its mechanisms give {again:.4f} (Skellam RDP)")
     if recorded < gaussian * (1 - RDP_VS_RDP_REL) - ABS_SLACK:
@@ -190,6 +218,13 @@ def _check_skellam(where: str, history: list[dict], recorded: float, delta: floa
             "Gaussian noise with the same multipliers, which a Skellam step can only exceed"
         )
     return {"check_rdp": again, "check_gaussian": gaussian}
+
+
+@functools.lru_cache(maxsize=4096)
+def _skellam_epsilon(mechanisms: tuple, delta: float) -> float:
+    from common.privacy import epsilon_rdp
+
+    return epsilon_rdp(list(mechanisms), delta=delta)
 
 
 def _audit_distributed(e: dict, federation: list[dict], problems: list[str]) -> dict:

@@ -55,7 +55,7 @@ def test_on_a_gpu_the_clients_that_train_at_once_share_it(monkeypatch):
 
     import common.device
 
-    monkeypatch.setattr(common.device, "resolve_device", lambda spec: torch.device("cuda:0"))
+    monkeypatch.setattr(common.device, "resolve_device", lambda spec, **where: torch.device("cuda:0"))
     cpus = len(os.sched_getaffinity(0))
     for clients, overrides in [(10, {}), (3, {}), (10, {"fraction-train": 0.1, "min-train-clients": 1})]:
         cfg = prepare(overrides, clients)

@@ -249,8 +249,8 @@ def test_ffa_lora_run_exports_its_seeded_a_and_resume_refuses_another_a(tmp_path
     (["-c", "labels=a,b"], "are not in the federation's labels ['a', 'b']"),
     (["-c", "strategy=krum"], "strategy krum with num-malicious-clients = 1: expected at least 5 clients sampled a "
                               "round, got 3"),  # Krum cannot tolerate f = 1 among 3 (hardening class 5)
-    (["-c", "run-dir=TMP"], "expected an empty folder or a fedtune run directory for a new run, but it holds files "
-                            "fedtune did not write: ['wrong.csv']"),  # the user's file stays (hardening class 6)
+    (["-c", "run-dir=TMP"], "expected an empty folder or a run folder fedtune made (it holds .fedtune-run), got a "
+                            "folder of files fedtune did not mark: ['wrong.csv']"),  # the user's file stays (hardening class 6)
     # Hardening class 7: these came only after the engine's start-up and left an empty run dir.
     (["-c", "model=/no/such/model", "-c", "run-dir=NEWRUN"],
      "model: expected an existing directory, got '/no/such/model' which does not exist"),

@@ -118,13 +118,7 @@ def dp_train(
     are cast to the parameters' float32 before clipping, so clipping, noise and the update are
     computed in float32 as without it. float16 is refused (its loss scaling would scale what is clipped).
     """
-    if compute_dtype == "float16":
-        raise DPTrainingError(
-            "DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
-            "would scale the per-sample gradients before they are clipped)"
-        )
-    if len(data) == 0:
-        raise DPTrainingError("DP training: expected at least one example, got none")
+    _check_inputs(data, compute_dtype)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
@@ -230,13 +224,7 @@ def clipped_gradient_sum(
     Returns (clipped sum by adapter tensor name, float64 on the CPU; examples sampled). The count
     stays on the client: it depends on the data, so it must not travel unprotected.
     """
-    if compute_dtype == "float16":
-        raise DPTrainingError(
-            "DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
-            "would scale the per-sample gradients before they are clipped)"
-        )
-    if len(data) == 0:
-        raise DPTrainingError("DP training: expected at least one example, got none")
+    _check_inputs(data, compute_dtype)
     if not 0 < sample_rate <= 1:
         raise DPTrainingError(f"DP training: expected a sample rate in (0, 1], got {sample_rate}")
     torch.manual_seed(seed)
@@ -347,6 +335,16 @@ def _check_same_parameters(gsm: GradSampleModule, optimizer: DPOptimizer) -> Non
             f"{len(opt_params & model_params)} of them and {len(opt_params - model_params)} others "
             "(was the model moved to a device after the optimizer or PEFT wrapper was built?)"
         )
+
+
+def _check_inputs(data, compute_dtype: str) -> None:
+    if compute_dtype == "float16":
+        raise DPTrainingError(
+            "DP training: expected compute-dtype float32 or bfloat16, got float16 (loss scaling "
+            "would scale the per-sample gradients before they are clipped)"
+        )
+    if len(data) == 0:
+        raise DPTrainingError("DP training: expected at least one example, got none")
 
 
 def _check_weights_moved(params: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> None:

@@ -112,7 +112,7 @@ def run_rounds(grid: Grid, state: ServerState, strategy, start_round: int) -> No
         state.history = [evaluation_row(state, 0)]
         commit_round(state, strategy, 0)
     else:
-        keep_best(state)  # a crash may have come between a round's checkpoint and its best adapter
+        publish_round(state)  # a crash may have come between a round's checkpoint and its adapter or best
     for server_round in range(start_round + 1, cfg.num_server_rounds + 1):
         if should_stop_early(state):
             state.status = "early-stopped"
@@ -373,15 +373,23 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
             optimizer=state.dp_optimizer.state() if state.dp_optimizer else {},
         ),
     )
+    publish_round(state)
+    if state.scalars is not None:
+        state.scalars.add_round(state.history[-1], state.ledger.entries)
+
+
+def publish_round(state: ServerState) -> None:
+    """What follows from the last checkpoint: rounds.jsonl, the ledger, the round's adapter, adapters/best,
+    metrics and plot. A resume calls it again, so a kill between the checkpoint and these leaves nothing
+    missing (each write is whole, and writing it twice writes the same)."""
+    run = state.run
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:
         state.ledger.write(run.path / "privacy-ledger.jsonl")
-    release_adapter(state.task.model(len(state.labels)), state, f"round-{server_round:04d}")
+    release_adapter(state.task.model(len(state.labels)), state, f"round-{state.history[-1]['round']:04d}")
     best = keep_best(state)
     run.write_metrics(state.history)
     run.plot(state.history, best_round=best["round"])
-    if state.scalars is not None:
-        state.scalars.add_round(state.history[-1], state.ledger.entries)
 
 
 def finish(state: ServerState) -> None:

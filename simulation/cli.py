@@ -33,6 +33,19 @@ NO_CALLS_HOME = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated LoRA fine-tuning on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_simulate(sub)
+    sub.add_parser("config", help="List every config key with its default and help.")
+    add_plan(sub)
+    add_audit(sub)
+    add_certs(sub)
+    add_export(sub)
+    add_evaluate(sub)
+    node = sub.add_parser("supernode", help="Check a node's data and keys, then start flower-supernode with ARGS.")
+    node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments.")
+    return parser
+
+
+def add_simulate(sub) -> None:
     sim = sub.add_parser("simulate", help="Run N simulated clients on this machine (offline by default).")
     sim.add_argument("--num-clients", type=int, default=3, help="Simulated clients (default 3).")
     sim.add_argument(
@@ -54,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE:ATTR",
         help="ClientApp to simulate (e.g. simulation.faults:app for fault injection).",
     )
-    sub.add_parser("config", help="List every config key with its default and help.")
+
+
+def add_plan(sub) -> None:
     plan = sub.add_parser("plan", help="DP-SGD noise, batch and noise/signal for a privacy target, before training.")
     plan.add_argument("--target-epsilon", type=float, required=True)
     plan.add_argument("--delta", type=float, default=1e-5)
@@ -98,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="distributed: secagg-max-dropouts, the clients a round may lose (default 1).",
     )
+
+
+def add_audit(sub) -> None:
     audit = sub.add_parser("audit", help="Verify a run's privacy ledger; exit 1 on any problem.")
     audit.add_argument("run_dir", help="A fedtune run directory.")
     audit.add_argument(
@@ -108,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="A folder of clients' own privacy records (a node's privacy-dir; in simulation "
         "$FEDTUNE_PRIVACY_DIR) to hold the ledger against (repeatable).",
     )
+
+
+def add_certs(sub) -> None:
     certs = sub.add_parser("certs", help="Create a CA, the SuperLink's TLS certificate and one key pair per node.")
     certs.add_argument("out", help="A new directory for the certificates and keys.")
     certs.add_argument("--nodes", required=True, help="Comma-separated node names, e.g. site-a,site-b.")
@@ -118,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Only the node key pairs, into OUT/nodes/ (a data owner's own pair, or a node added "
         "to an existing deployment); the CA and server files are not touched.",
     )
+
+
+def add_export(sub) -> None:
     export = sub.add_parser("export", help="Save a run's global adapter, alone or merged into the base model.")
     export.add_argument("run_dir", help="A fedtune run directory.")
     export.add_argument("out", help="Output directory.")
@@ -126,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Merge the adapter into the base model (a plain transformers model directory).",
     )
+
+
+def add_evaluate(sub) -> None:
     score = sub.add_parser(
         "evaluate",
         help="Score a run's adapter on a labelled file: per-class metrics, confusion "
@@ -147,9 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--perturb", default="", help="Comma-separated noise kinds to score too: typo, case, punct.")
     score.add_argument("--rate", type=float, default=0.1, help="Noise rate of --perturb (default 0.1).")
     score.add_argument("--seed", type=int, default=0, help="Seed of --perturb's noise (default 0).")
-    node = sub.add_parser("supernode", help="Check a node's data and keys, then start flower-supernode with ARGS.")
-    node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments.")
-    return parser
 
 
 def print_plan(args) -> None:

@@ -108,7 +108,7 @@ MUTANTS = [
     ("client/privacy.py", "return private_seed(node_secret(privacy_dir(node_config)),", "return private_seed(b\"\",",
      "DP randomness not keyed by the node secret (the server can redraw it)", DISTRIBUTED),
     # Hardening, second pass (issue 39): what no test checked closely enough
-    ("common/train.py", "return 0.5 * mu * sum(", "return 0.5 * mu / 3000 * sum(",
+    ("common/train.py", "return 0.5 * mu * functools.reduce(", "return 0.5 * mu / 3000 * functools.reduce(",
      "FedProx's term 3,000x too weak", NOTICE),
     ("server/best.py", 'return state.history[-1]["round"] - best_row(state)["round"]',
      'return state.history[-1]["round"] - state.history[0]["round"]',

@@ -56,6 +56,8 @@ def traffic(secure: bool, tmp: Path) -> dict:
     from server.secure_train import secure_train
     from server.state import initial_state
     from server.strategy import build_strategy
+    from flwr.supercore.task_identity import TaskIdentity
+
     from tests.inprocess_grid import InProcessGrid
 
     cfg = FedtuneConfig(run_dir=str(tmp / ("secure" if secure else "plain")), secure_aggregation=secure,
@@ -67,6 +69,7 @@ def traffic(secure: bool, tmp: Path) -> dict:
     state.clients = {n: f"partition-{i}" for i, n in enumerate(nodes)}
     state.declared = {n: len(simulated_client_data(cfg, i, 3).train) for i, n in enumerate(nodes)}
     strategy = build_strategy(cfg)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Flower stamps messages with it
     seed_sampling_and_noise(1)
     messages = list(strategy.configure_train(1, state_to_record(state.arrays), state.message_config(),
                                              OrderedGrid(grid, state.clients)))

@@ -15,6 +15,7 @@ RELIABILITY privacy checks: the calibrated target is never overshot (every clien
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -24,7 +25,17 @@ from tests.conftest import require_shared
 from tests.invariants import check_run_invariants
 from tests.procs import run_cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.minutes(6)]
+# A 7-minute accuracy measurement (400 s of the suite's 1,294 s on a fresh clone, its longest test): longer
+# measurements stay out of the default suite, which is to take about 15 minutes on 2 cores. The settings
+# that made the difference (auto batch, noise/signal verdicts, mean pooling) are pinned by quick tests in
+# test_privacy.py and test_model.py; this end-to-end check runs on request, and CI-style before a release.
+LONG = os.environ.get("FEDTUNE_LONG_TESTS") == "1"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.minutes(6),
+    pytest.mark.skipif(not LONG, reason="a 7-minute accuracy measurement outside the default suite: "
+                       "FEDTUNE_LONG_TESTS=1 .venv/bin/python -m pytest tests/test_dp_learns.py"),
+]
 
 MAJORITY = 0.509  # SST-2 dev: 444 of 872 positive
 

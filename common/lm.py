@@ -12,8 +12,10 @@ common/task.py's CausalLM reaches these; the apps reach them through it.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from peft import PeftModel, TaskType
@@ -245,3 +247,188 @@ def export_model(peft_model: PeftModel, tokenizer, out: str | Path, *, merged: b
 def sample_prompts(spec: str, heldout: TextDataset) -> list[str]:
     prompts = [p.strip() for p in spec.split("|") if p.strip()]
     return prompts or list(dict.fromkeys(heldout.texts))[:3]
+
+
+def choice_list(spec: str) -> tuple[str, ...]:
+    """The closed set of responses a `choices` setting names ('|'-separated)."""
+    return tuple(c.strip() for c in spec.split("|") if c.strip())
+
+
+@dataclass
+class ChoiceData(EncodedData):
+    """Encoded instruction data whose responses come from a closed set: besides the training encoding,
+    each example's prompt alone (cut from the left to leave room for the longest choice), the token ids
+    of each choice followed by EOS, and the index of each example's own response among the choices."""
+
+    prompts: list[list[int]] = field(default_factory=list)
+    choices: tuple[str, ...] = ()
+    options: list[list[int]] = field(default_factory=list)
+    eos: int = 0
+    gold: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def encode_choices(
+    data: TextDataset, tokenizer, choices: tuple[str, ...], *, template: str, max_length: int, where: str
+) -> ChoiceData:
+    """`encode_lm` plus the prompts and choices `score_choices` reads; a response outside the
+    choices is refused, naming it."""
+    key = ("encoded-choices", tokenizer.name_or_path, template, max_length, choices)
+    if key not in data.cache:
+        base = encode_lm(data, tokenizer, template=template, max_length=max_length, packing=False)
+        index = {c: i for i, c in enumerate(choices)}
+        unknown = sorted({r.strip() for r in data.columns["response"]} - set(index))
+        if unknown:
+            raise DataError(
+                f"{where}: expected every response among the choices {list(choices)}, got "
+                f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+            )
+        options = [_ids(tokenizer, c) + [eos_id(tokenizer)] for c in choices]
+        room = max(1, max_length - max(map(len, options)))
+        prompts = [
+            _ids(tokenizer, prompt_text(tokenizer, template, instruction, extra))[-room:]
+            for instruction, extra in zip(data.texts, data.columns["input"], strict=True)
+        ]
+        gold = np.array([index[r.strip()] for r in data.columns["response"]], dtype=np.int64)
+        data.cache[key] = ChoiceData(
+            input_ids=base.input_ids,
+            labels=base.labels,
+            token_labels=True,
+            prompts=prompts,
+            choices=choices,
+            options=options,
+            eos=eos_id(tokenizer),
+            gold=gold,
+        )
+    return data.cache[key]
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The forward argument that takes a KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def score_choices(
+    model: torch.nn.Module,
+    data: ChoiceData,
+    tokenizer,
+    *,
+    pad_id: int,
+    batch_size: int,
+    compute_dtype: str = "float32",
+    progress=None,
+) -> dict:
+    """Multiple-choice scoring of a causal LM, the usual way: each choice's log-likelihood (its tokens
+    and the EOS after them) given the prompt; the prediction is the most likely choice. Besides,
+    `exact_match`: the share of examples whose greedy answer (up to the longest choice's length) is
+    their own response, after trimming whitespace and case.
+
+    Each batch runs its prompts once, left-padded with explicit positions, and continues the cache
+    with every choice, so k choices cost one prompt pass and k short continuations.
+    """
+    from common.device import autocast, model_device
+    from common.metrics import confusion_matrix
+    from common.train import macro_f1
+
+    model.eval()
+    device, k = model_device(model), len(data.options)
+    n = len(data.prompts)
+    width = max(map(len, data.options))
+    option_ids = torch.full((k, width), pad_id, dtype=torch.long)
+    option_mask = torch.zeros((k, width), dtype=torch.long)
+    for j, option in enumerate(data.options):
+        option_ids[j, : len(option)] = torch.tensor(option)
+        option_mask[j, : len(option)] = 1
+    targets = option_ids.clone()
+    targets[option_mask == 0] = 0
+    scores = np.zeros((n, k))
+    greedy = np.zeros(n, dtype=bool)
+    order = np.argsort([len(p) for p in data.prompts], kind="stable")
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        ids, mask = _left_padded([data.prompts[i] for i in rows], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        b = len(rows)
+        with autocast(device, compute_dtype):
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,  # the last position only: projecting every token onto the vocabulary is a fifth
+            )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (b, vocab): each choice's first token
+        answers = greedy_answers(model, out.past_key_values, first, mask, data, tokenizer, compute_dtype)
+        own = [data.choices[data.gold[r]].casefold() for r in rows]
+        greedy[rows] = [a.strip().casefold() == o for a, o in zip(answers, own, strict=True)]
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(k)
+        lengths = mask.sum(-1).repeat_interleave(k)
+        with autocast(device, compute_dtype):
+            cont = model(
+                input_ids=option_ids.repeat(b, 1).to(device),
+                attention_mask=torch.cat([mask.repeat_interleave(k, 0), option_mask.repeat(b, 1).to(device)], dim=1),
+                position_ids=lengths[:, None] + torch.arange(width, device=device),
+                **{_cache_keyword(model): cache},
+                use_cache=False,
+            )
+        rest = torch.log_softmax(cont.logits[:, :-1].float(), dim=-1)  # (b*k, width-1, vocab): tokens 2..
+        picked = rest.gather(-1, targets.repeat(b, 1)[:, 1:, None].to(device)).squeeze(-1)
+        total = picked.mul(option_mask.repeat(b, 1)[:, 1:].to(device)).sum(-1).view(b, k)
+        total += first.gather(-1, option_ids[:, 0].repeat(b, 1).to(device))
+        scores[rows] = total.cpu().numpy()
+        if progress is not None:
+            progress(min(start + batch_size, n), n)
+    preds = scores.argmax(axis=1)
+    return {
+        "accuracy": float((preds == data.gold).mean()) if n else float("nan"),
+        "macro_f1": macro_f1(data.gold, preds) if n else float("nan"),
+        "exact_match": float(greedy.mean()) if n else float("nan"),
+        "confusion": confusion_matrix(data.gold, preds, k),
+        "choice_log_likelihood": scores,
+    }
+
+
+def greedy_answers(model, cache, first, mask, data: ChoiceData, tokenizer, compute_dtype: str) -> list[str]:
+    """Each prompt's greedy answer, up to the longest choice's length and cut at EOS, decoded. It continues
+    a copy of the prompts' cache from `first` (the last position's log-probabilities), so the prompts are
+    not run again; the same tokens as `model.generate` on each prompt alone."""
+    import copy
+
+    from common.device import autocast, model_device
+
+    device, width = model_device(model), max(map(len, data.options))
+    cache = copy.deepcopy(cache)
+    token = first.argmax(-1)
+    answer, done = [token], token == data.eos
+    position = mask.sum(-1)
+    for _ in range(width - 1):
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        with autocast(device, compute_dtype):
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                **{_cache_keyword(model): cache},
+                use_cache=True,
+            )
+        cache, position = out.past_key_values, position + 1
+        token = torch.where(done, torch.full_like(token, data.eos), out.logits[:, -1].argmax(-1))
+        answer.append(token)
+        done = done | (token == data.eos)
+    return tokenizer.batch_decode(torch.stack(answer, dim=1).cpu(), skip_special_tokens=True)

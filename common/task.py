@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 class Task(ABC):
     name: ClassVar[str]
     data_keys: ClassVar[tuple[str, ...]]  # the run-config (and node-config) keys that say how to read its data
-    metrics: ClassVar[tuple[str, ...]]  # held-out figures of a round, in the order they are reported
+    metrics: tuple[str, ...]  # held-out figures of a round, in the order they are reported
 
     def __init__(self, cfg: FedtuneConfig) -> None:
         self.cfg = cfg
@@ -156,6 +156,48 @@ class Task(ABC):
         return LabelMap.from_labels(data.labels)
 
 
+def write_class_report(folder: Path, server_round: int, result: dict, names) -> None:
+    """heldout/round-NNNN.json (per-class precision, recall, F1, support; the confusion matrix) and
+    heldout/round-NNNN-confusion.csv."""
+    from common.metrics import class_report, write_confusion_csv
+
+    out = folder / "heldout"
+    out.mkdir(exist_ok=True)
+    extra = {"exact_match": result["exact_match"]} if "exact_match" in result else {}
+    (out / f"round-{server_round:04d}.json").write_text(
+        json.dumps({"round": server_round, **class_report(result, names), **extra}, indent=1) + "\n"
+    )
+    write_confusion_csv(out / f"round-{server_round:04d}-confusion.csv", result["confusion"], names)
+
+
+def plot_last_confusion(folder: Path, last_round: int) -> None:
+    """heldout/confusion.png of the last round, for a look at which classes fail."""
+    import numpy as np
+
+    from common.metrics import plot_confusion
+
+    report = json.loads((folder / "heldout" / f"round-{last_round:04d}.json").read_text())
+    plot_confusion(
+        folder / "heldout" / "confusion.png",
+        np.array(report["confusion"]["counts"]),
+        report["confusion"]["labels"],
+        f"held-out set, round {last_round}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}",
+    )
+
+
+def write_confusion(folder: Path, result: dict, names, *, title: str) -> None:
+    """`fedtune evaluate`'s confusion.csv and confusion.png."""
+    from common.metrics import plot_confusion, write_confusion_csv
+
+    write_confusion_csv(folder / "confusion.csv", result["confusion"], names)
+    plot_confusion(
+        folder / "confusion.png",
+        result["confusion"],
+        names,
+        f"{title}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
+    )
+
+
 class Classification(Task):
     """Sequence classification: a text and its label; a linear head on the pooled states."""
 
@@ -225,30 +267,10 @@ class Classification(Task):
     def report(
         self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap, heldout: TextDataset
     ) -> None:
-        """heldout/round-NNNN.json (per-class precision, recall, F1, support; the confusion matrix) and
-        heldout/round-NNNN-confusion.csv."""
-        from common.metrics import class_report, write_confusion_csv
-
-        out = folder / "heldout"
-        out.mkdir(exist_ok=True)
-        (out / f"round-{server_round:04d}.json").write_text(
-            json.dumps({"round": server_round, **class_report(result, labels.names)}, indent=1) + "\n"
-        )
-        write_confusion_csv(out / f"round-{server_round:04d}-confusion.csv", result["confusion"], labels.names)
+        write_class_report(folder, server_round, result, labels.names)
 
     def final_report(self, folder: Path, last_round: int) -> None:
-        """heldout/confusion.png of the last round, for a look at which classes fail."""
-        import numpy as np
-
-        from common.metrics import plot_confusion
-
-        report = json.loads((folder / "heldout" / f"round-{last_round:04d}.json").read_text())
-        plot_confusion(
-            folder / "heldout" / "confusion.png",
-            np.array(report["confusion"]["counts"]),
-            report["confusion"]["labels"],
-            f"held-out set, round {last_round}: accuracy {report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f}",
-        )
+        plot_last_confusion(folder, last_round)
 
     def evaluation_report(self, result: dict, labels: LabelMap) -> dict:
         from common.metrics import class_report
@@ -256,15 +278,7 @@ class Classification(Task):
         return class_report(result, labels.names)
 
     def write_evaluation(self, folder: Path, result: dict, labels: LabelMap, *, title: str) -> None:
-        from common.metrics import plot_confusion, write_confusion_csv
-
-        write_confusion_csv(folder / "confusion.csv", result["confusion"], labels.names)
-        plot_confusion(
-            folder / "confusion.png",
-            result["confusion"],
-            labels.names,
-            f"{title}: accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
-        )
+        write_confusion(folder, result, labels.names, title=title)
 
     def export_extras(self, out: Path) -> None:
         """The label names, so a user can read the predictions."""
@@ -277,7 +291,16 @@ class CausalLM(Task):
 
     name = "causal-lm"
     data_keys = ("data-format", "column-names", "instruction-column", "input-column", "response-column", "group-column")
-    metrics = ("loss", "perplexity")
+    metrics: tuple[str, ...] = ("loss", "perplexity")
+    choice_metrics = ("accuracy", "macro_f1", "exact_match")
+
+    def __init__(self, cfg: FedtuneConfig) -> None:
+        super().__init__(cfg)
+        from common.lm import choice_list
+
+        self.choices = choice_list(cfg.choices)
+        if self.choices:  # a closed set of responses: scored as classification too
+            self.metrics = (*CausalLM.metrics, *self.choice_metrics)
 
     @classmethod
     def _read(cls, source: str, data_format: str, options: dict) -> TextDataset:
@@ -304,16 +327,20 @@ class CausalLM(Task):
         return model if quantized or device is None else model.to(device)
 
     def encode(self, data: TextDataset, tokenizer, labels: LabelMap, *, where: str) -> EncodedData:
-        from common.lm import encode_lm
+        from common.lm import encode_choices, encode_lm
 
+        if self.choices:
+            template, length = self.cfg.prompt_template, self.cfg.max_length
+            return encode_choices(data, tokenizer, self.choices, template=template, max_length=length, where=where)
         return encode_lm(
             data, tokenizer, template=self.cfg.prompt_template, max_length=self.cfg.max_length, packing=self.cfg.packing
         )
 
     def score(self, model, data: EncodedData, *, pad_id: int, num_labels: int, progress=None) -> dict:
+        from common.lm import ChoiceData, score_choices
         from common.train import evaluate_lm
 
-        return evaluate_lm(
+        result = evaluate_lm(
             model,
             data,
             pad_id=pad_id,
@@ -321,15 +348,28 @@ class CausalLM(Task):
             compute_dtype=self.cfg.compute_dtype,
             progress=progress,
         )
+        if isinstance(data, ChoiceData):
+            chosen = score_choices(
+                model,
+                data,
+                self.tokenizer(),
+                pad_id=pad_id,
+                batch_size=self.cfg.eval_batch_size,
+                compute_dtype=self.cfg.compute_dtype,
+            )
+            result |= {k: v for k, v in chosen.items() if k != "choice_log_likelihood"}
+        return result
 
     def report(
         self, folder: Path, server_round: int, result: dict, *, model, tokenizer, labels: LabelMap, heldout: TextDataset
     ) -> None:
         """Generations for the fixed sample prompts, appended to samples.jsonl (a resumed run rewrites
-        the rounds after its checkpoint)."""
+        the rounds after its checkpoint); with choices, the classification report too."""
         from common.lm import generate, sample_prompts
 
         cfg = self.cfg
+        if self.choices:
+            write_class_report(folder, server_round, result, self.choices)
         prompts = sample_prompts(cfg.sample_prompts, heldout)
         outputs = generate(
             model,
@@ -351,13 +391,26 @@ class CausalLM(Task):
         ]
         path.write_text("".join(line + "\n" for line in kept + rows))
 
+    def final_report(self, folder: Path, last_round: int) -> None:
+        if self.choices:
+            plot_last_confusion(folder, last_round)
+
     def evaluation_report(self, result: dict, labels: LabelMap) -> dict:
-        return {
+        from common.metrics import class_report
+
+        report = {
             "examples": result["examples"],
             "tokens": result["tokens"],
             "loss": result["loss"],
             "perplexity": result["perplexity"],
         }
+        if self.choices:
+            report |= {**class_report(result, self.choices), "exact_match": result["exact_match"]}
+        return report
+
+    def write_evaluation(self, folder: Path, result: dict, labels: LabelMap, *, title: str) -> None:
+        if self.choices:
+            write_confusion(folder, result, self.choices, title=title)
 
 
 TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Classification, CausalLM)}

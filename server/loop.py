@@ -439,6 +439,8 @@ def summary_line(row: dict, num_rounds: int) -> str:
         text += f" | train loss {row['train_loss']:.4f}"
     if "heldout_perplexity" in row:
         text += f" | held-out loss {row['heldout_loss']:.4f} perplexity {row['heldout_perplexity']:.2f}"
+        if "heldout_accuracy" in row:  # a causal LM scored on a closed set of responses (choices)
+            text += f" acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}"
     else:
         text += f" | held-out acc {row['heldout_accuracy']:.4f} macro-F1 {row['heldout_macro_f1']:.4f}"
     if "epsilon_client_max" in row:

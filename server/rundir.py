@@ -122,6 +122,13 @@ class RunDir:
             ax.plot(rounds, [r["heldout_loss"] for r in rows], marker="o", label="held-out loss (per token)")
             ax.set_ylabel("loss")
             axes = [ax]
+            if "heldout_accuracy" in rows[0]:  # scored on a closed set of responses (choices)
+                score_ax = ax.twinx()
+                score_ax.plot(rounds, [r["heldout_accuracy"] for r in rows], color="C1", marker="s", label="accuracy")
+                score_ax.plot(rounds, [r["heldout_macro_f1"] for r in rows], color="C2", marker="^", label="macro-F1")
+                score_ax.set_ylabel("score")
+                score_ax.set_ylim(0, 1)
+                axes.append(score_ax)
         else:
             ax.plot(rounds, [r["heldout_accuracy"] for r in rows], marker="o", label="held-out accuracy")
             ax.plot(rounds, [r["heldout_macro_f1"] for r in rows], marker="s", label="held-out macro-F1")

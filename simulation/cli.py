@@ -167,7 +167,7 @@ def add_evaluate(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="The file's data options (data-format, column-names, text-column, label-column, ...), "
-        "eval-batch-size, device and compute-dtype; the rest comes from the run.",
+        "eval-batch-size, device, compute-dtype and (causal-lm) choices; the rest comes from the run.",
     )
     score.add_argument("--round", default="final", help="A round number, best (best.json) or final (default).")
     score.add_argument("--out", default=None, help="Output directory (default RUN_DIR/evaluations/<file>-round-N).")

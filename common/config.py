@@ -61,7 +61,9 @@ class TaskRules:
 TASK_RULES = {
     "classification": TaskRules(only={}, best_metrics=("macro-f1", "accuracy", "loss"), labelled=True),
     "causal-lm": TaskRules(
-        only={"load_in": "none", "packing": False, "choices": ""}, best_metrics=("loss",), labelled=False
+        only={"load_in": "none", "packing": False, "choices": ""},
+        best_metrics=("loss", "accuracy", "macro-f1"),  # the last two with choices
+        labelled=False,
     ),
 }
 # Strategies that aggregate by a weighted mean alone: the only ones a secure sum can feed.
@@ -459,7 +461,7 @@ class Outputs:
     best_metric: BestMetric = _f(
         "auto",
         "Held-out metric that picks adapters/best and drives early stopping; auto = macro-f1 for classification, loss "
-        "for causal-lm.",
+        "for causal-lm (accuracy or macro-f1 there need choices).",
     )
     early_stopping_rounds: int = _f(
         0, "End the run (status early-stopped) after this many rounds without a better best-metric; 0 = off."
@@ -576,6 +578,11 @@ def check_across(cfg: FedtuneConfig) -> None:
         raise ConfigError(
             "compute-dtype: expected float32 or bfloat16 with dp-sample = true, got 'float16' (its loss "
             "scaling would scale the per-sample gradients that DP-SGD clips to dp-clipping-norm)"
+        )
+    if cfg.task == "causal-lm" and cfg.best_metric in ("accuracy", "macro-f1") and not cfg.choices:
+        raise ConfigError(
+            f"best-metric: expected loss or auto with task = 'causal-lm' and no choices (free-text responses have "
+            f"no accuracy), got {cfg.best_metric!r}; set choices to score a closed set of responses"
         )
     if cfg.packing and cfg.choices:
         raise ConfigError(

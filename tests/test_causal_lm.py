@@ -24,27 +24,17 @@ from common.lm import IGNORE, build_lora_causal_lm, encode_example, encode_lm, p
 from common.task import task_for
 from common.model import get_adapter_state, load_tokenizer
 from common.train import batch_loss, collate, evaluate_lm
-from tests.conftest import save_tiny_llama
+from tests.conftest import save_tiny_gpt2, save_tiny_llama
 from tests.invariants import check_run_invariants
 from tests.procs import fedtune
 
 pytestmark = pytest.mark.minutes(3)  # two end-to-end federations; see tests/conftest.py
 
-TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = load_tokenizer("packaged:all-MiniLM-L6-v2")
-    out = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.cls_token_id,
-                        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, **TINY)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="session")

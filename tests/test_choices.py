@@ -17,7 +17,7 @@ from common.data import TextDataset
 from common.errors import ConfigError, DataError
 from common.lm import _left_padded, build_lora_causal_lm, encode_choices, greedy_answers, score_choices
 from common.model import load_tokenizer
-from tests.conftest import save_tiny_llama
+from tests.conftest import save_tiny_gpt2, save_tiny_llama
 
 CHOICES = ("yes", "no", "maybe later")
 
@@ -29,17 +29,7 @@ def tiny_llama(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory) -> str:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = load_tokenizer("packaged:all-MiniLM-L6-v2")
-    out = tmp_path_factory.mktemp("tiny-gpt2")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.cls_token_id,
-                        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
-                        n_layer=2, n_head=2, n_embd=64, n_positions=256)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def questions(n: int = 7) -> TextDataset:

@@ -74,12 +74,24 @@ def private_seed(secret: bytes, *parts: object) -> int:
 
 
 def data_fingerprint(data: TextDataset) -> str:
-    """SHA-256 over the (text, label) pairs in order; the data never leaves the client."""
+    """SHA-256 over the (text, label) pairs in order and, for instruction data, each example's input and
+    response; the data never leaves the client.
+
+    Instruction data keeps its instruction in `texts` and its group in `labels`, which many examples
+    share (one instruction for a whole task): without the input and response, clients holding different
+    examples of one task got one fingerprint, hence one privacy record, and each was charged the
+    others' rounds (bench/README.md, issue 41). Classification data hashes as before, so existing
+    records keep their names.
+    """
     digest = hashlib.sha256()
-    for text, label in zip(data.texts, data.labels, strict=True):
+    extra = [data.columns["input"], data.columns["response"]] if "response" in data.columns else []
+    for i, (text, label) in enumerate(zip(data.texts, data.labels, strict=True)):
         digest.update(text.encode("utf-8"))
         digest.update(b"\x1f")
         digest.update(label.encode("utf-8"))
+        for column in extra:
+            digest.update(b"\x1f")
+            digest.update(column[i].encode("utf-8"))
         digest.update(b"\x1e")
     return digest.hexdigest()
 

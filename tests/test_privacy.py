@@ -141,6 +141,22 @@ def test_fingerprint_depends_on_texts_and_labels():
     assert data_fingerprint(a) != data_fingerprint(TextDataset(texts=["ab", ""], labels=["x", "y"]))
 
 
+def test_instruction_data_with_one_instruction_is_told_apart_by_input_and_response():
+    """Issue 41's finding: four AG News clients share one instruction and the group 'all'; their records
+    must differ, or each client is charged the others' rounds. Classification fingerprints are unchanged
+    (a deployed node's existing record keeps its name): the value below is the one before the change."""
+    def instructions(inputs, responses):
+        return TextDataset(texts=["Topic?"] * len(inputs), labels=["all"] * len(inputs),
+                           columns={"input": inputs, "response": responses})
+
+    a = instructions(["rates rise", "team wins"], ["business", "sports"])
+    assert data_fingerprint(a) == data_fingerprint(instructions(["rates rise", "team wins"], ["business", "sports"]))
+    assert data_fingerprint(a) != data_fingerprint(instructions(["rates fall", "team wins"], ["business", "sports"]))
+    assert data_fingerprint(a) != data_fingerprint(instructions(["rates rise", "team wins"], ["business", "world"]))
+    plain = TextDataset(texts=["a", "b"], labels=["x", "y"], columns={"category": ["x", "y"]})
+    assert data_fingerprint(plain) == "3367b0b4b3298c24ab01b9e04082a4b49f9e19fda633f0dadfba3dcfb83cc6ee"
+
+
 @settings(max_examples=15, deadline=None)
 @given(target=st.floats(0.5, 10.0), q=st.floats(0.005, 0.3), steps=st.integers(10, 500))
 def test_calibrated_noise_never_overshoots_its_target(target, q, steps):

@@ -40,7 +40,6 @@ AG_SETTINGS = (
     f"model={MODEL}",
     "max-length=160",
     "max-heldout-examples=200",
-    "local-steps=12",
     "batch-size=8",
     "eval-batch-size=16",
     "learning-rate=1e-3",
@@ -101,10 +100,13 @@ class ClientMemory:
         self.thread.join()
 
 
-def federated_job(name: str, out: Path, train: Path, test: Path, classes, rounds: int, full_test: bool) -> dict:
+def federated_job(
+    name: str, out: Path, train: Path, test: Path, classes, rounds: int, full_test: bool, local_steps: int
+) -> dict:
     run_dir = out / name
     settings = [
         *AG_SETTINGS,
+        f"local-steps={local_steps}",  # the DP job sets its own below
         f"num-server-rounds={rounds}",
         f"data={train}",
         f"heldout-data={test}",
@@ -363,6 +365,9 @@ def main() -> None:
     )
     parser.add_argument("--data-dir", type=Path, help="where the instruction files go (default OUT/data)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of the AG News jobs (the issue: at most 5)")
+    parser.add_argument(
+        "--local-steps", type=int, default=12, help="local steps of batch 8 a round in the non-DP AG News jobs"
+    )
     args = parser.parse_args()
     if not AG_NEWS.is_dir():
         sys.exit(f"bench/causal_lm.py: expected AG News in {AG_NEWS} (see ../shared/data/README.md); not found")
@@ -372,7 +377,9 @@ def main() -> None:
     train, test, classes = ag_news_instructions(args.data_dir or args.out / "data")
     for part in args.only.split(","):
         if part in JOBS:
-            results[part] = federated_job(part, args.out, train, test, classes, args.rounds, not args.heldout_only)
+            results[part] = federated_job(
+                part, args.out, train, test, classes, args.rounds, not args.heldout_only, args.local_steps
+            )
         elif part == "chatterbot":
             results[part] = chatterbot_job(args.out)
         elif part == "throughput":

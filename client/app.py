@@ -9,18 +9,32 @@ vector (client/secagg.py).
 The server's first message to a node is a query (who are you, how much data); it is
 answered without loading the model. Train and evaluate messages run client/training.py,
 which loads torch, transformers and PEFT: in deployment a SuperNode starts a ClientApp
-process for every message, and those libraries cost several seconds of CPU to import.
+process for every message, and those libraries cost several seconds of CPU to import. A node
+started by `fedtune supernode` therefore runs every message in its warm worker (client/warm.py),
+which keeps them imported and the model and data loaded: the `warm_path` mod hands it the message.
 """
 
 from __future__ import annotations
+
+import os
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
+from client import warm
 from client.messages import message_config, node_data
 from common.flower import KEY_CLIPPING_NORM
 from common.secagg import ACTIONS
+
+
+def warm_path(msg: Message, context: Context, call_next) -> Message:
+    """On a node started by `fedtune supernode`, run the message in the node's warm worker; elsewhere
+    (simulation, `--cold`, inside the worker itself) run it here."""
+    path = os.environ.get(warm.WARM_SOCKET_ENV)
+    if not path or warm.IN_WORKER:
+        return call_next(msg, context)
+    return warm.forward(path, msg, context, call_next)
 
 
 def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -34,7 +48,7 @@ def client_side_clipping(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[client_side_clipping])
+app = ClientApp(mods=[warm_path, client_side_clipping])
 
 
 @app.query()

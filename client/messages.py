@@ -3,11 +3,14 @@ data, and the record that says who replies (client/app.py and client/training.py
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 from flwr.app import ConfigRecord, Context, Message
 
 from common.config import DEVICE_SPEC, FedtuneConfig, parse_run_config
+from common.data import forget_read_files
 from common.errors import ConfigError
 from common.federation_data import ClientData, deployed_client_data, simulated_client_data
 from common.fields import as_int
@@ -68,13 +71,28 @@ def check_node_config(node) -> dict:
 def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
     node = check_node_config(context.node_config)
     if "data-path" in node:
-        return deployed_client_data(cfg, node)
+        info = os.stat(str(node["data-path"]))
+        stamp = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)  # a changed file is read again
+        return _deployed(cfg, tuple(sorted(node.items())), stamp)
     if "partition-id" in node and "num-partitions" in node:
         return simulated_client_data(cfg, int(node["partition-id"]), int(node["num-partitions"]))
     raise ConfigError(
         f"node config: expected 'data-path' (deployment) or 'partition-id' and 'num-partitions' "
         f"(simulation), got keys {sorted(node)}"
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _deployed(cfg: FedtuneConfig, node: tuple, stamp: tuple) -> ClientData:
+    """The node's file read and split once per run config and file version: a warm worker (client/warm.py)
+    serves every message of a run from it; a cold ClientApp process reads it once anyway."""
+    del stamp  # only keys the cache
+    forget_read_files()  # the file may have changed since a read cached by its path alone
+    return deployed_client_data(cfg, dict(node))
+
+
+def node_data_cache_clear() -> None:
+    _deployed.cache_clear()
 
 
 def node_threads(node_config) -> int:

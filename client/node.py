@@ -1,4 +1,6 @@
-"""`fedtune supernode ARGS...`: check a node's setup, then exec `flower-supernode ARGS...`.
+"""`fedtune supernode [--cold] ARGS...`: check a node's setup, then run `flower-supernode ARGS...` beside
+the node's warm worker (client/warm.py), restarting the worker whenever it ends; with `--cold`, exec
+`flower-supernode ARGS...` alone (Flower's own behaviour: each message loads everything in its process).
 
 Flower starts a SuperNode even when its data file is missing and fails only when the first
 message arrives. This refuses to start, with a message, when the node config's data file is
@@ -11,9 +13,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 from client.messages import check_node_config
+from client.warm import WARM_SOCKET_ENV
 from common.config import parse_key_values
 from common.errors import ConfigError, DataError
 from common.task import TASKS
@@ -108,9 +116,72 @@ def check_key_pair(private_path: str | None, public_path: str | None) -> None:
         )
 
 
-def exec_supernode(args: list[str]) -> None:
+RESTARTS_PER_MINUTE = 5  # a worker that keeps dying (a broken install, memory) is restarted more slowly
+
+
+def run_supernode(args: list[str], *, cold: bool = False) -> int:
+    """Check the node, then run flower-supernode (and, unless cold, the warm worker) until it ends."""
     check_node(args)
     binary = shutil.which("flower-supernode")
     if binary is None:
         raise ConfigError("flower-supernode: expected it on PATH (activate the environment fedtune is installed in)")
-    os.execv(binary, [binary, *args])
+    if cold:
+        os.execv(binary, [binary, *args])
+    folder = tempfile.mkdtemp(prefix="fedtune-node-")  # mode 0700: only this user reaches the socket
+    path = os.path.join(folder, "worker.sock")
+    supervisor = Supervisor(path)
+    try:
+        supervisor.start_worker()
+        node = subprocess.Popen([binary, *args], env={**os.environ, WARM_SOCKET_ENV: path})
+        supervisor.node = node
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, supervisor.forward_signal)
+        while node.poll() is None:
+            supervisor.keep_worker()
+            time.sleep(0.5)
+        return node.returncode
+    finally:
+        supervisor.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Supervisor:
+    """Keeps one warm worker running beside the SuperNode; the worker exits by itself when this process is gone."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.worker: subprocess.Popen | None = None
+        self.node: subprocess.Popen | None = None
+        self.starts: list[float] = []
+
+    def start_worker(self) -> None:
+        self.starts = [t for t in self.starts if t > time.monotonic() - 60] + [time.monotonic()]
+        command = [sys.executable, "-m", "client.warm", "--socket", self.path, "--parent", str(os.getpid())]
+        self.worker = subprocess.Popen(command)
+
+    def keep_worker(self) -> None:
+        if self.worker is None or self.worker.poll() is None:
+            return
+        print(
+            f"fedtune: the warm worker ended (exit {self.worker.returncode}); starting it again",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.worker = None
+        if len(self.starts) >= RESTARTS_PER_MINUTE:
+            time.sleep(10)  # its messages wait (the ClientApp waits for the socket) or run cold
+        self.start_worker()
+
+    def forward_signal(self, signum, _frame) -> None:
+        for proc in (self.node, self.worker):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signum)
+
+    def stop(self) -> None:
+        for proc in (self.node, self.worker):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()

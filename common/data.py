@@ -105,6 +105,13 @@ def load_source(
     )
 
 
+def forget_read_files() -> None:
+    """Drop every file read and parsed so far: a long-lived process (a node's warm worker) reads a file that
+    changed on disk again instead of serving it from these path-keyed caches."""
+    load_source.cache_clear()
+    load_instructions.cache_clear()
+
+
 def load_chatterbot() -> TextDataset:
     """Every English utterance of chatterbot-corpus, labelled with its file's category.
 

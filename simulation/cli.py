@@ -40,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_certs(sub)
     add_export(sub)
     add_evaluate(sub)
-    node = sub.add_parser("supernode", help="Check a node's data and keys, then start flower-supernode with ARGS.")
-    node.add_argument("args", nargs=argparse.REMAINDER, help="flower-supernode arguments.")
+    node = sub.add_parser(
+        "supernode",
+        help="Check a node's data and keys, then start flower-supernode with ARGS beside a warm worker that keeps "
+        "the model and data loaded across messages (--cold: without it, one process per message).",
+    )
+    node.add_argument("args", nargs=argparse.REMAINDER, help="[--cold] flower-supernode arguments.")
     return parser
 
 
@@ -376,10 +380,10 @@ def run_certs(args) -> int:
 
 
 def run_supernode(args) -> int:
-    from client.node import exec_supernode
+    from client.node import run_supernode as run
 
-    exec_supernode([a for a in args.args if a != "--"])
-    return 0
+    rest = [a for a in args.args if a != "--"]
+    return run([a for a in rest if a != "--cold"], cold="--cold" in rest)
 
 
 def run_export(args) -> int:

@@ -179,10 +179,12 @@ class Federation:
 
 
 def start_node(fed: Federation, name: str, *, ca: Path, key: str | None, insecure: bool = False,
-               retries: int = 3, netns: dict | None = None) -> None:
-    """A SuperNode through `fedtune supernode`; inside `netns` (a Namespaces link) when given."""
+               retries: int = 3, netns: dict | None = None, cold: bool = False) -> None:
+    """A SuperNode through `fedtune supernode` (with its warm worker unless `cold`); inside `netns` (a
+    Namespaces link) when given."""
     superlink = netns["host_ip"] if netns else "127.0.0.1"
-    args = [sys.executable, "-m", "simulation.cli", "supernode", "--superlink", f"{superlink}:{fed.port}",
+    args = [sys.executable, "-m", "simulation.cli", "supernode", *(["--cold"] if cold else []),
+            "--superlink", f"{superlink}:{fed.port}",
             "--port", str(free_port()), "--max-retries", str(retries), "--max-wait-time", str(10 * retries),
             "--node-config", f'data-path="{fed.root / (name + ".jsonl")}" client-id="{name}"']
     args += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
@@ -192,8 +194,9 @@ def start_node(fed: Federation, name: str, *, ca: Path, key: str | None, insecur
     fed.start(name, ["ip", "netns", "exec", netns["ns"], *args] if netns else args)
 
 
-def write_client_files(root: Path, names: list[str]) -> None:
-    cfg = FedtuneConfig(partitioner="iid", max_train_examples=480)
+def write_client_files(root: Path, names: list[str], cfg: FedtuneConfig | None = None) -> None:
+    """Each site's file: its IID share (of 480 examples unless `cfg` says otherwise), as a simulated client's."""
+    cfg = cfg or FedtuneConfig(partitioner="iid", max_train_examples=480)
     cfg = cfg.replace(labels=federation_labels(cfg).to_spec())
     for i, name in enumerate(names):
         data = simulated_client_data(cfg, i % 3, 3)
@@ -294,17 +297,20 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
             nets.delete()
 
 
-def bring_up(fed: Federation, sites: list[str], *, retries: int = 3, nets: Namespaces | None = None) -> None:
-    """Keys and data for `sites`, a SuperLink with TLS + auth + database, the sites registered
-    and started, all online: on loopback, or each in its network namespace of `nets`."""
+def bring_up(fed: Federation, sites: list[str], *, retries: int = 3, nets: Namespaces | None = None,
+             cold: bool = False, data: bool = True) -> None:
+    """Keys and data for `sites` (`data`: the tiny IID files), a SuperLink with TLS + auth + database, the
+    sites registered and started (warm unless `cold`), all online: on loopback, or each in its network
+    namespace of `nets`."""
     hosts = ["127.0.0.1", "localhost", *([v["host_ip"] for v in nets.links.values()] if nets else [])]
     make_deployment_pki(fed.root / "pki", nodes=sites, hosts=hosts)
-    write_client_files(fed.root, sites)
+    if data:
+        write_client_files(fed.root, sites)
     fed.start_superlink(host="0.0.0.0" if nets else "127.0.0.1")
     fed.register(sites)
     for site in sites:
         start_node(fed, site, ca=fed.root / "pki" / "ca.crt", key=site, retries=retries,
-                   netns=nets.links[site] if nets else None)
+                   netns=nets.links[site] if nets else None, cold=cold)
     wait_for(lambda: fed.online() == len(sites), 90, f"{len(sites)} SuperNodes online")
 
 
@@ -423,5 +429,69 @@ def test_superlink_restart_keeps_registrations_and_the_run_resumes(tmp_path):
         assert f"resumed from round-{done_before:04d}.safetensors (round {done_before})" in fed.server_log(resumed_id)
         count("faults_survived", "superlink-restart-with-database")
         print(f"superlink restart: killed after {done_before} round(s); runs {run_id} then {resumed_id}")
+    finally:
+        fed.stop()
+
+
+def warm_worker(fed: Federation, site: str) -> psutil.Process:
+    """The warm worker `fedtune supernode` runs beside `site`'s SuperNode."""
+    def is_worker(proc: psutil.Process) -> bool:
+        try:
+            return "client.warm" in " ".join(proc.cmdline())
+        except psutil.Error:  # a ClientApp process that just ended
+            return False
+
+    workers = [p for p in psutil.Process(fed.procs[site].pid).children(recursive=True) if is_worker(p)]
+    assert len(workers) == 1, workers
+    return workers[0]
+
+
+def test_warm_worker_killed_mid_message_fails_that_message_only_and_a_new_run_frees_the_old(tmp_path):
+    """Issue 42's faults on real processes. Run A (sample-level DP): site-1's warm worker is SIGKILLed while
+    it trains in round 2; that message fails (counted failed in rounds.jsonl), `fedtune supernode` starts
+    the worker again and site-1 is aggregated in round 3; no privacy record holds a round twice and the
+    audit passes. Then site-0's data file grows on disk and run B is submitted to the same nodes: each
+    worker frees run A's model and data, and site-0 trains on the new file (noticed without a restart)."""
+    fed = Federation(tmp_path)
+    try:
+        bring_up(fed, SITES)
+        run = tmp_path / "run-a"
+        config = [*(i for i in SMALL_RUN if not i.startswith("local-steps")), "local-steps=30", "num-server-rounds=3",
+                  "min-available-clients=3", "min-train-clients=3", "round-timeout=200.0", "dp-sample=true",
+                  "dp-noise-multiplier=1.0", "dp-batch-size=16", f'run-dir="{run}"']
+        run_id = fed.submit(REPO, config)
+        first = warm_worker(fed, "site-1")
+        wait_for(lambda: "[round 2] site-1 step 10/" in fed.log("site-1"), 400, "site-1 training in round 2")
+        first.kill()
+        fed.wait_for_run(run, run_id, 600)
+        assert json.loads((run / "status.json").read_text())["status"] == "completed", fed.server_log(run_id)
+        check_run_invariants(run, 3)
+        rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
+        assert rounds[1]["failed"] == ["site-1"] and rounds[1]["aggregated"] == ["site-0", "site-2"]
+        assert rounds[0]["aggregated"] == rounds[2]["aggregated"] == SITES  # the restarted worker served round 3
+        assert "the warm worker ended (exit -9); starting it again" in fed.log("site-1")
+        assert warm_worker(fed, "site-1").pid != first.pid
+        for record in (tmp_path / "privacy").glob("*.json"):
+            charged = [(e["run"], e["round"]) for e in json.loads(record.read_text())["entries"]]
+            assert len(charged) == len(set(charged)), (record, charged)  # no round charged twice
+        audit = subprocess.run([sys.executable, "-m", "simulation.cli", "audit", str(run)], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+        assert audit.returncode == 0 and "audit passed" in audit.stdout, audit.stdout[-3000:]
+        count("faults_survived", "warm worker killed mid-message on a deployed node")
+
+        examples_a = {c["client_id"]: c["train_examples"] for c in json.loads((run / "clients.json").read_text())}
+        extra = [json.loads(line) for line in (tmp_path / "site-1.jsonl").read_text().splitlines()][:60]
+        with open(tmp_path / "site-0.jsonl", "a") as data:  # site-0's file changes while its worker runs
+            data.writelines(json.dumps(row) + "\n" for row in extra)
+        run_b = tmp_path / "run-b"
+        run_id_b = fed.submit(REPO, [*SMALL_RUN, "num-server-rounds=1", "min-available-clients=3",
+                                     "round-timeout=200.0", f'run-dir="{run_b}"'])
+        fed.wait_for_run(run_b, run_id_b, 600)
+        assert json.loads((run_b / "status.json").read_text())["status"] == "completed", fed.server_log(run_id_b)
+        examples_b = {c["client_id"]: c["train_examples"] for c in json.loads((run_b / "clients.json").read_text())}
+        assert examples_b["site-0"] > examples_a["site-0"] and examples_b["site-1"] == examples_a["site-1"]
+        for site in SITES:
+            assert "its model and data freed" in fed.log(site), fed.log(site)[-3000:]
+        count("faults_survived", "a deployed node's data file changed between runs: read again by its warm worker")
     finally:
         fed.stop()

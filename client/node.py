@@ -116,6 +116,7 @@ def check_key_pair(private_path: str | None, public_path: str | None) -> None:
         )
 
 
+SUPEREXEC_POLL_S = 0.1
 RESTARTS_PER_MINUTE = 5  # a worker that keeps dying (a broken install, memory) is restarted more slowly
 
 
@@ -125,6 +126,10 @@ def run_supernode(args: list[str], *, cold: bool = False) -> int:
     binary = shutil.which("flower-supernode")
     if binary is None:
         raise ConfigError("flower-supernode: expected it on PATH (activate the environment fedtune is installed in)")
+    # The SuperExec inside flower-supernode looks for a message to start every second by default; a
+    # local call (SuperExec to SuperNode on this machine), so every 0.1 s costs nothing and saves ~0.5 s
+    # a message. Flower's own switch; a value the user set wins.
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S))
     if cold:
         os.execv(binary, [binary, *args])
     folder = tempfile.mkdtemp(prefix="fedtune-node-")  # mode 0700: only this user reaches the socket

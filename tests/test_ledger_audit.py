@@ -350,3 +350,25 @@ def test_the_audit_composes_identical_mechanisms_once_with_the_same_epsilon():
     assert _opacus_rdp(grouped, 1e-5) == pytest.approx(rdp, rel=1e-9)
     prv = accountant_with_history(PRVAccountant(), flat[:40]).get_epsilon(1e-5, eps_error=PRV_ERROR)
     assert abs(_opacus_prv(_steps(history[:40]), 1e-5) - prv) <= 2 * PRV_ERROR
+
+
+def test_the_rdp_cross_check_accepts_dp_accountings_fractional_orders_and_nothing_outside_opacus_bounds():
+    """Found by a deployed run (tests/test_deployment.py): 3 rounds of 40 DP-SGD steps at q 0.125, sigma 1
+    record an RDP epsilon of 10.834 (dp-accounting), where Opacus gives 10.788 over the same orders: the
+    best order is fractional (2.8) and there the two libraries' series differ. An honest entry passes; one
+    below Opacus' tightest value, or above its integer-order value, is still caught."""
+    from server.tools.audit import _opacus_rdp, _steps, tolerance
+
+    entry = client_entry(3, [Mechanism(noise_multiplier=1.0, sample_rate=0.125, steps=40)] * 3)
+    assert entry["epsilon_rdp"] == pytest.approx(10.8336, abs=1e-3)
+    honest = Ledger()
+    honest.append(dict(entry))
+    assert audit_entries(honest.entries).ok, audit_entries(honest.entries).problems
+    floor = _opacus_rdp(_steps(entry["history"]), 1e-5)
+    ceiling = _opacus_rdp(_steps(entry["history"]), 1e-5, integer_orders=True)
+    assert floor < entry["epsilon_rdp"] < ceiling
+    for forged_value in (floor - 2 * tolerance(entry), ceiling + 2 * tolerance(entry)):
+        forged = Ledger()
+        forged.append({**entry, "epsilon_rdp": forged_value})
+        assert any("Opacus RDP gives" in p for p in audit_entries(forged.entries).problems), forged_value
+    count("bad_inputs_rejected", "RDP epsilon outside Opacus' bounds (fractional-order gap allowed)", 2)

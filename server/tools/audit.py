@@ -105,13 +105,30 @@ def _opacus_prv(steps: tuple[tuple[float, float, int], ...], delta: float) -> fl
 
 
 @functools.lru_cache(maxsize=4096)
-def _opacus_rdp(steps: tuple[tuple[float, float, int], ...], delta: float) -> float:
+def _opacus_rdp(steps: tuple[tuple[float, float, int], ...], delta: float, *, integer_orders: bool = False) -> float:
     from common.opacus import RDPAccountant, accountant_with_history
     from common.privacy import RDP_ORDERS
 
     if not steps:
         return 0.0
-    return float(accountant_with_history(RDPAccountant(), list(steps)).get_epsilon(delta, alphas=list(RDP_ORDERS)))
+    orders = [a for a in RDP_ORDERS if not integer_orders or float(a).is_integer()]
+    return float(accountant_with_history(RDPAccountant(), list(steps)).get_epsilon(delta, alphas=orders))
+
+
+def rdp_agrees(history: list[dict], e: dict, rdp: float) -> bool:
+    """Whether the recorded RDP epsilon (dp-accounting's) is what Opacus' RDP accountant allows.
+
+    At integer orders the two libraries give the same RDP; at the fractional ones each sums its own
+    series for the subsampled Gaussian, and dp-accounting's can come out higher (4.527 against 4.458 at
+    order 2.5 for q 0.125, sigma 1, 120 steps, where the best order is fractional: epsilon 10.834
+    against 10.788). So the recorded value must lie between Opacus' epsilon over all the orders (the
+    tightest: below it the ledger understates) and over the integer orders alone (above it, no order
+    the two share supports it), each with the usual tolerance.
+    """
+    if agrees(rdp, e, "epsilon_rdp"):
+        return True
+    ceiling = _opacus_rdp(_steps(history), e["delta"], integer_orders=True)
+    return rdp - tolerance(e) <= e["epsilon_rdp"] <= ceiling + tolerance(e)
 
 
 def flower_federation_epsilon(mechanisms: list[dict], delta: float) -> float:
@@ -181,7 +198,7 @@ def _audit_client(e: dict, histories: dict[str, list[dict]], problems: list[str]
                 f"{where}: recorded epsilon {e['epsilon']:.4f} but the mechanisms give {prv:.4f} (PRV; "
                 f"tolerance {tolerance(e):.4f})"
             )
-        if not agrees(rdp, e, "epsilon_rdp"):
+        if not rdp_agrees(history, e, rdp):
             problems.append(f"{where}: recorded RDP epsilon {e['epsilon_rdp']:.4f} but Opacus RDP gives {rdp:.4f}")
         if e["epsilon_rdp"] + 1e-9 < e["epsilon"]:
             problems.append(f"{where}: RDP epsilon below the tight epsilon (impossible for honest accounting)")

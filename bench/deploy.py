@@ -6,7 +6,7 @@
 
 Deployed: a real SuperLink (TLS, SuperNode authentication, a database) and 3 SuperNodes started by
 `fedtune supernode` (warm: beside the node's warm worker; cold: `--cold`, one process per message as
-Flower does it), each in a network namespace of its own where the machine allows (root, iproute2),
+Flower does it) with one torch thread each (num-threads=1, as each simulated client gets one core), each in a network namespace of its own where the machine allows (root, iproute2),
 else on loopback; the run submitted with `flwr run`. Simulated: `fedtune simulate` with 3 clients.
 The quick work is the deployment tests': 480 examples split IID over 3 sites, 2 local steps of
 batch 16, 60 held-out examples, max-length 32; the default size is the default config's data and
@@ -90,7 +90,7 @@ def deployed(out: Path, settings: list[str], rounds: int, *, cold: bool, netns: 
     try:
         if nets:
             nets.create()
-        bring_up(fed, SITES, nets=nets, cold=cold, data=quick)
+        bring_up(fed, SITES, nets=nets, cold=cold, data=quick, threads=1)  # 1 core a client, as simulated
         if not quick:
             from common.config import FedtuneConfig
 
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--only", default="simulated,warm,cold", help="which of simulated, warm, cold to run")
     parser.add_argument("--loopback", action="store_true", help="no network namespaces even where possible")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the federation's processes run in folders of their own
     settings = SMALL_RUN if args.quick else DEFAULT_RUN
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "deploy.json"

@@ -179,14 +179,14 @@ class Federation:
 
 
 def start_node(fed: Federation, name: str, *, ca: Path, key: str | None, insecure: bool = False,
-               retries: int = 3, netns: dict | None = None, cold: bool = False) -> None:
+               retries: int = 3, netns: dict | None = None, cold: bool = False, threads: int = 0) -> None:
     """A SuperNode through `fedtune supernode` (with its warm worker unless `cold`); inside `netns` (a
-    Namespaces link) when given."""
+    Namespaces link) when given; `threads`: the node's num-threads (0: torch's default)."""
     superlink = netns["host_ip"] if netns else "127.0.0.1"
     args = [sys.executable, "-m", "simulation.cli", "supernode", *(["--cold"] if cold else []),
             "--superlink", f"{superlink}:{fed.port}",
             "--port", str(free_port()), "--max-retries", str(retries), "--max-wait-time", str(10 * retries),
-            "--node-config", f'data-path="{fed.root / (name + ".jsonl")}" client-id="{name}"']
+            "--node-config", f'data-path="{fed.root / (name + ".jsonl")}" client-id="{name}" num-threads={threads}']
     args += ["--insecure"] if insecure else ["--root-certificates", str(ca)]
     if key:
         args += ["--auth-supernode-private-key", str(fed.root / "pki" / "nodes" / key),
@@ -298,7 +298,7 @@ def test_tls_authenticated_federation_runs_and_refuses_intruders(tmp_path):
 
 
 def bring_up(fed: Federation, sites: list[str], *, retries: int = 3, nets: Namespaces | None = None,
-             cold: bool = False, data: bool = True) -> None:
+             cold: bool = False, data: bool = True, threads: int = 0) -> None:
     """Keys and data for `sites` (`data`: the tiny IID files), a SuperLink with TLS + auth + database, the
     sites registered and started (warm unless `cold`), all online: on loopback, or each in its network
     namespace of `nets`."""
@@ -310,7 +310,7 @@ def bring_up(fed: Federation, sites: list[str], *, retries: int = 3, nets: Names
     fed.register(sites)
     for site in sites:
         start_node(fed, site, ca=fed.root / "pki" / "ca.crt", key=site, retries=retries,
-                   netns=nets.links[site] if nets else None, cold=cold)
+                   netns=nets.links[site] if nets else None, cold=cold, threads=threads)
     wait_for(lambda: fed.online() == len(sites), 90, f"{len(sites)} SuperNodes online")
 
 

@@ -32,7 +32,7 @@ from tests.invariants import check_run_invariants
 from tests.procs import kill_group, kill_matching
 from tests.reliability import count
 
-pytestmark = [pytest.mark.slow, pytest.mark.minutes(9)]
+pytestmark = [pytest.mark.slow, pytest.mark.minutes(12)]
 BIN = Path(sys.executable).parent
 SITES = ["site-0", "site-1", "site-2"]
 SMALL_RUN = ["local-steps=2", "max-train-examples=480", "max-heldout-examples=60", "max-length=32",
@@ -470,6 +470,8 @@ def test_warm_worker_killed_mid_message_fails_that_message_only_and_a_new_run_fr
         assert rounds[1]["failed"] == ["site-1"] and rounds[1]["aggregated"] == ["site-0", "site-2"]
         assert rounds[0]["aggregated"] == rounds[2]["aggregated"] == SITES  # the restarted worker served round 3
         assert "the warm worker ended (exit -9); starting it again" in fed.log("site-1")
+        for site in SITES:  # every message ran in the node's warm worker
+            assert fed.log(site).count("train message of run") >= 2, fed.log(site)[-3000:]
         assert warm_worker(fed, "site-1").pid != first.pid
         for record in (tmp_path / "privacy").glob("*.json"):
             charged = [(e["run"], e["round"]) for e in json.loads(record.read_text())["entries"]]

@@ -40,6 +40,7 @@ AG_SETTINGS = (
     f"model={MODEL}",
     "max-length=160",
     "max-heldout-examples=200",
+    "round-timeout=3600",  # a client's round takes minutes here, and more when other work shares the cores
     "batch-size=8",
     "eval-batch-size=16",
     "learning-rate=1e-3",

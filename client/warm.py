@@ -20,7 +20,8 @@ process.
 
 Safety: the socket lives in a folder only the node's user can open (0700, the socket 0600), the
 worker answers only processes of its own user (SO_PEERCRED), and nothing listens on the network.
-Messages are pickled: both ends are this node's own processes of one user and one installation.
+What crosses the socket is Flower's own protobuf wire format for messages, contexts and records
+beside a small JSON header: nothing received can run code (RELIABILITY: no unsafe deserialization).
 State follows the run: a message of another run frees the previous run's model and data first, so
 one model per node and run stays in memory; a data file that changed on disk is read again (its
 size, mtime and inode key the cache); the privacy record is read from and written to disk on every
@@ -34,8 +35,8 @@ import argparse
 import gc
 import hashlib
 import importlib
+import json
 import os
-import pickle
 import socket
 import struct
 import time
@@ -43,18 +44,30 @@ import traceback
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    message_from_proto,
+    message_to_proto,
+    recorddict_from_proto,
+    recorddict_to_proto,
+)
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 WARM_SOCKET_ENV = "FEDTUNE_WARM_SOCKET"  # set by `fedtune supernode` for the SuperNode's ClientApp processes
 CONNECT_WAIT_S = 120.0  # a worker restarting after a crash imports torch and binds again within this
 _HEADER = struct.Struct(">Q")
+_MAX_PARTS = 8  # a request has a header and 2 parts, a reply a header and 2
 _PACKAGES = ("client", "common")  # the code a message runs: the FAB's and the worker's must be the same
 IN_WORKER = False  # True inside the worker: its own ClientApp must not forward to itself
 
 
 class WorkerGone(RuntimeError):
-    """The worker's end of the socket closed before a whole reply arrived."""
+    """The other end of the socket closed, or sent what is not a frame, before a whole frame arrived."""
 
 
 def code_digest(root: Path | None = None) -> str:
@@ -69,14 +82,51 @@ def code_digest(root: Path | None = None) -> str:
     return h.hexdigest()
 
 
-def send_frame(conn: socket.socket, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    conn.sendall(_HEADER.pack(len(data)) + data)
+def send_frame(conn: socket.socket, header: dict, *parts: bytes) -> None:
+    """One frame: a JSON header and any number of binary parts (serialized protobufs), each length-prefixed."""
+    chunks = [json.dumps(header).encode(), *parts]
+    conn.sendall(_HEADER.pack(len(chunks)) + b"".join(_HEADER.pack(len(c)) + c for c in chunks))
 
 
-def recv_frame(conn: socket.socket):
-    size = _HEADER.unpack(_recv_exact(conn, _HEADER.size))[0]
-    return pickle.loads(_recv_exact(conn, size))  # noqa: S301 - our own user's processes only (see the docstring)
+def recv_frame(conn: socket.socket) -> tuple[dict, list[bytes]]:
+    count = _HEADER.unpack(_recv_exact(conn, _HEADER.size))[0]
+    if not 1 <= count <= _MAX_PARTS:
+        raise WorkerGone(f"expected a frame of 1 to {_MAX_PARTS} parts, got {count}")
+    chunks = [_recv_exact(conn, _HEADER.unpack(_recv_exact(conn, _HEADER.size))[0]) for _ in range(count)]
+    header = json.loads(chunks[0])
+    if not isinstance(header, dict):
+        raise WorkerGone(f"expected a JSON object as the frame's header, got {type(header).__name__}")
+    return header, chunks[1:]
+
+
+def _message_bytes(msg: Message) -> bytes:
+    return message_to_proto(msg).SerializeToString()
+
+
+def _message(data: bytes) -> Message:
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    return message_from_proto(proto)
+
+
+def _context_bytes(context: Context) -> bytes:
+    return context_to_proto(context).SerializeToString()
+
+
+def _context(data: bytes) -> Context:
+    proto = ProtoContext()
+    proto.ParseFromString(data)
+    return context_from_proto(proto)
+
+
+def _state_bytes(state: RecordDict) -> bytes:
+    return recorddict_to_proto(state).SerializeToString()
+
+
+def _state(data: bytes) -> RecordDict:
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes:
@@ -122,24 +172,24 @@ def forward(path: str, msg: Message, context: Context, call_next, wait: float = 
         import psutil
 
         now = time.time()  # the age of this process: the start-up Flower's fresh process per message still costs
-        request = {"digest": code_digest(), "message": msg, "context": context, "sent_at": now}
-        send_frame(conn, {**request, "age": now - psutil.Process().create_time()})
+        header = {"digest": code_digest(), "sent_at": now, "age": now - psutil.Process().create_time()}
+        send_frame(conn, header, _message_bytes(msg), _context_bytes(context))
         try:
-            answer = recv_frame(conn)
+            answer, parts = recv_frame(conn)
         except (WorkerGone, ConnectionResetError) as err:
             raise RuntimeError(
                 f"fedtune: the node's warm worker ended while it handled this {msg.metadata.message_type} message "
                 f"({err}); the message fails, `fedtune supernode` restarts the worker for the next one"
             ) from None
-    if "refused" in answer:
+    if answer.get("refused"):
         log(WARNING, "fedtune: warm worker: %s; this message runs cold", answer["refused"])
         return call_next(msg, context)
-    if "raised" in answer:  # the ClientApp raised in the worker: raise here, as a cold ClientApp would
+    if answer.get("raised"):  # the ClientApp raised in the worker: raise here, as a cold ClientApp would
         raise RuntimeError(f"fedtune: the ClientApp raised in the node's warm worker:\n{answer['raised']}")
-    context.state = answer["state"]
-    if answer["error"] is not None:
-        return Message(answer["error"], reply_to=msg)
-    return Message(content=answer["content"], reply_to=msg)
+    reply, context.state = _message(parts[0]), _state(parts[1])
+    if reply.has_error():
+        return Message(reply.error, reply_to=msg)
+    return Message(content=reply.content, reply_to=msg)
 
 
 # The worker.
@@ -166,7 +216,7 @@ class Worker:
         self.run_id = run_id
 
     def handle(self, conn: socket.socket, app) -> None:
-        request = recv_frame(conn)
+        request, parts = recv_frame(conn)
         if request.get("digest") != self.digest:
             refusal = (
                 f"its code (client/, common/ digest {self.digest[:12]}) differs from the run's FAB "
@@ -175,8 +225,8 @@ class Worker:
             log(WARNING, "fedtune: warm worker: refused a message: %s", refusal)
             send_frame(conn, {"refused": refusal})
             return
-        msg, context = request["message"], request["context"]
-        waited = time.time() - request["sent_at"]
+        msg, context = _message(parts[0]), _context(parts[1])
+        waited = time.time() - float(request["sent_at"])
         self.switch_run(context.run_id)
         start = time.perf_counter()
         try:
@@ -184,8 +234,7 @@ class Worker:
         except Exception:  # the thin process raises it again, so Flower replies with an error as it would cold
             send_frame(conn, {"raised": traceback.format_exc()})
             return
-        error: Error | None = reply.error if reply.has_error() else None
-        send_frame(conn, {"content": None if error else reply.content, "error": error, "state": context.state})
+        send_frame(conn, {}, _message_bytes(reply), _state_bytes(context.state))
         log(
             INFO,
             "fedtune: warm worker: %s message of run %d handled in %.2f s (ClientApp process %.2f s old when it "
@@ -193,7 +242,7 @@ class Worker:
             msg.metadata.message_type,
             context.run_id,
             time.perf_counter() - start,
-            request["age"],
+            float(request["age"]),
             waited,
         )
 
@@ -229,6 +278,8 @@ class Worker:
                     self.handle(conn, app)
                 except (WorkerGone, BrokenPipeError, ConnectionResetError) as err:  # the ClientApp process went away
                     log(WARNING, "fedtune: warm worker: the ClientApp process left mid-message (%s)", err)
+                except Exception as err:  # noqa: BLE001 - a malformed request must not end the worker
+                    log(WARNING, "fedtune: warm worker: refused a request that is not a message (%r)", err)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -244,3 +244,27 @@ def test_a_changed_data_file_is_read_again(setup, tmp_path):
     again = node_data(cfg, node)
     assert len(again.train) + len(again.val) == 30 and len(first.train) + len(first.val) == 20
     count("faults_survived", "a node's data file changed between messages of a warm worker")
+
+
+def test_a_malformed_request_is_refused_and_the_worker_serves_on(worker, setup):
+    """RELIABILITY bad input: what reaches the socket is parsed as a JSON header and Flower protobufs, never
+    run as code; garbage, a truncated frame or a header that is not an object leave the worker serving."""
+    import socket as sockets
+    import struct
+
+    cfg, _ = setup
+    frame = struct.Struct(">Q").pack
+    for raw, answer in ((b"\x00" * 3, None), (frame(1) + frame(5) + b"[1,2]", None), (frame(10**6), None),
+                        (frame(3) + frame(2) + b"{}" + frame(4) + b"junk" + frame(0), "refused")):
+        with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as conn:
+            conn.connect(worker.socket)
+            conn.sendall(raw)
+            conn.shutdown(sockets.SHUT_WR)
+            if answer is None:
+                assert conn.recv(1 << 16) == b""  # nothing answered, nothing run
+            else:  # a well-formed frame without the code digest: refused before anything is parsed
+                header, parts = warm.recv_frame(conn)
+                assert "differs from the run's FAB" in header["refused"] and parts == []
+    reply = warm.forward(worker.socket, message(MessageType.QUERY, cfg), context(NODE), never)
+    assert dict(reply.content["client"])["client-id"] == "partition-0"
+    count("bad_inputs_rejected", "malformed requests on a warm worker's socket", 4)

@@ -158,6 +158,7 @@ class Supervisor:
         self.worker: subprocess.Popen | None = None
         self.node: subprocess.Popen | None = None
         self.starts: list[float] = []
+        self.stopping = False  # set by a signal: the worker is not started again
 
     def start_worker(self) -> None:
         self.starts = [t for t in self.starts if t > time.monotonic() - 60] + [time.monotonic()]
@@ -165,7 +166,7 @@ class Supervisor:
         self.worker = subprocess.Popen(command)
 
     def keep_worker(self) -> None:
-        if self.worker is None or self.worker.poll() is None:
+        if self.stopping or self.worker is None or self.worker.poll() is None:
             return
         print(
             f"fedtune: the warm worker ended (exit {self.worker.returncode}); starting it again",
@@ -178,6 +179,7 @@ class Supervisor:
         self.start_worker()
 
     def forward_signal(self, signum, _frame) -> None:
+        self.stopping = True
         for proc in (self.node, self.worker):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signum)

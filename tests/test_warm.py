@@ -268,3 +268,69 @@ def test_a_malformed_request_is_refused_and_the_worker_serves_on(worker, setup):
     reply = warm.forward(worker.socket, message(MessageType.QUERY, cfg), context(NODE), never)
     assert dict(reply.content["client"])["client-id"] == "partition-0"
     count("bad_inputs_rejected", "malformed requests on a warm worker's socket", 4)
+
+
+def test_fedtune_supernode_keeps_a_worker_beside_flower_and_stops_both(tmp_path):
+    """`fedtune supernode`: a worker and flower-supernode run side by side; a killed worker is started
+    again (RELIABILITY fault: the worker dies); SIGTERM ends both, and the socket's private folder goes."""
+    import psutil
+
+    from tests.test_deployment import free_port
+
+    data = tmp_path / "local.jsonl"
+    data.write_text("".join(f'{{"text": "example {i}", "label": "l{i % 2}"}}\n' for i in range(8)))
+    log = tmp_path / "node.log"
+    args = [sys.executable, "-m", "simulation.cli", "supernode", "--superlink", f"127.0.0.1:{free_port()}",
+            "--insecure", "--max-retries", "1000", "--max-wait-time", "600", "--port", str(free_port()),
+            "--node-config", f'data-path="{data}"']
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    node = subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+    def workers() -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process(node.pid).children(recursive=True):
+            try:
+                if "client.warm" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                pass
+        return found
+
+    def wait(condition, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline and node.poll() is None, f"{what}:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+
+    try:
+        wait(lambda: log.read_text().count("warm worker ready") == 1, "a ready worker")
+        first = workers()[0]
+        folder = Path(first.cmdline()[first.cmdline().index("--socket") + 1]).parent
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+        assert any("flower-supernode" in " ".join(p.cmdline()) for p in psutil.Process(node.pid).children())
+        first.kill()
+        wait(lambda: log.read_text().count("warm worker ready") == 2, "a second worker after the first was killed")
+        assert "the warm worker ended (exit -9); starting it again" in log.read_text()
+        assert [w.pid for w in workers()] != [first.pid]
+        children = psutil.Process(node.pid).children(recursive=True)
+        node.send_signal(signal.SIGTERM)
+        node.wait(60)
+        def alive() -> list:
+            running = []
+            for p in children:  # Flower's SuperExec notices its parent's end within a few seconds
+                try:
+                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                        running.append(p.cmdline())
+                except psutil.Error:
+                    pass
+            return running
+
+        deadline = time.monotonic() + 30
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not alive(), alive()
+        assert not folder.exists()
+        count("faults_survived", "warm worker killed beside an idle SuperNode: started again")
+    finally:
+        kill_group(node.pid)

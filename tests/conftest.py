@@ -116,6 +116,18 @@ def pytest_runtest_makereport(item, call):
         settle(item.nodeid, passed=report.passed)
 
 
+@pytest.fixture(scope="module")
+def task_identity():
+    """Flower stamps new messages with the process's task identity; set one as a SuperNode would (for tests
+    that build ClientApp messages in this process: `pytestmark = pytest.mark.usefixtures("task_identity")`)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     import torch

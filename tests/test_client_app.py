@@ -19,6 +19,7 @@ from common.task import task_for
 from common.records import record_to_state, state_to_record
 from tests.reliability import count
 
+pytestmark = pytest.mark.usefixtures("task_identity")
 CFG = FedtuneConfig(partitioner="iid", local_steps=2, batch_size=8, max_length=32)
 
 
@@ -31,17 +32,6 @@ def message(kind: str, cfg: FedtuneConfig, arrays=None) -> Message:
 
 def context(node_config: dict) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    """Flower 1.41 stamps messages with the process's task identity; set one as a SuperNode would."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="module")

@@ -34,20 +34,9 @@ from tests.conftest import REPO
 from tests.procs import kill_group
 from tests.reliability import count
 
-pytestmark = pytest.mark.minutes(2)
+pytestmark = [pytest.mark.minutes(2), pytest.mark.usefixtures("task_identity")]
 CFG = FedtuneConfig(partitioner="iid", local_steps=2, batch_size=8, max_length=32)
 NODE = {"partition-id": 0, "num-partitions": 3, "num-threads": 1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def task_identity():
-    """Flower stamps new messages with the process's task identity; set one as a SuperNode would."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def message(kind: str, cfg: FedtuneConfig, arrays=None) -> Message:

@@ -6,8 +6,9 @@
 
 Deployed: a real SuperLink (TLS, SuperNode authentication, a database) and 3 SuperNodes started by
 `fedtune supernode` (warm: beside the node's warm worker; cold: `--cold`, one process per message as
-Flower does it) with one torch thread each (num-threads=1, as each simulated client gets one core), each in a network namespace of its own where the machine allows (root, iproute2),
-else on loopback; the run submitted with `flwr run`. Simulated: `fedtune simulate` with 3 clients.
+Flower does it) with one torch thread each (num-threads=1, as each simulated client gets one core),
+each in a network namespace of its own where the machine allows (root, iproute2), else on loopback;
+the run submitted with `flwr run`. Simulated: `fedtune simulate` with 3 clients.
 The quick work is the deployment tests': 480 examples split IID over 3 sites, 2 local steps of
 batch 16, 60 held-out examples, max-length 32; the default size is the default config's data and
 steps with 3 IID clients. Seconds per round come from each run's metrics.jsonl (the server's own
@@ -90,11 +91,11 @@ def deployed(out: Path, settings: list[str], rounds: int, *, cold: bool, netns: 
     try:
         if nets:
             nets.create()
-        bring_up(fed, SITES, nets=nets, cold=cold, data=quick, threads=1)  # 1 core a client, as simulated
-        if not quick:
+        if not quick:  # the default config's data split IID over the sites, before the nodes check their files
             from common.config import FedtuneConfig
 
             write_client_files(root, SITES, FedtuneConfig(partitioner="iid"))
+        bring_up(fed, SITES, nets=nets, cold=cold, data=quick, threads=1)  # 1 core a client, as simulated
         memory.thread.start()
         run = root / "run"
         config = [

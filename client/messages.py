@@ -71,7 +71,11 @@ def check_node_config(node) -> dict:
 def node_data(cfg: FedtuneConfig, context: Context) -> ClientData:
     node = check_node_config(context.node_config)
     if "data-path" in node:
-        info = os.stat(str(node["data-path"]))
+        try:
+            info = os.stat(str(node["data-path"]))
+        except OSError:  # gone or unreadable: the reader's own error names what was expected
+            forget_read_files()
+            return deployed_client_data(cfg, node)
         stamp = (info.st_size, info.st_mtime_ns, info.st_ino, info.st_dev)  # a changed file is read again
         return _deployed(cfg, tuple(sorted(node.items())), stamp)
     if "partition-id" in node and "num-partitions" in node:

@@ -323,3 +323,19 @@ def test_fedtune_supernode_keeps_a_worker_beside_flower_and_stops_both(tmp_path)
         count("faults_survived", "warm worker killed beside an idle SuperNode: started again")
     finally:
         kill_group(node.pid)
+
+
+def test_a_data_file_gone_between_messages_is_a_clear_error(setup, tmp_path):
+    """RELIABILITY bad input: the node's file removed after its worker read it is named, not served stale."""
+    from common.errors import DataError
+
+    cfg, _ = setup
+    path = tmp_path / "local.jsonl"
+    names = cfg.labels.split(",")
+    path.write_text("".join(f'{{"text": "example {i}", "label": "{names[i % 3]}"}}\n' for i in range(20)))
+    node = context({"data-path": str(path)})
+    node_data(cfg, node)
+    path.unlink()
+    with pytest.raises(DataError, match="local.jsonl"):
+        node_data(cfg, node)
+    count("bad_inputs_rejected", "a node's data file removed while its warm worker runs")

@@ -59,6 +59,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 WARM_SOCKET_ENV = "FEDTUNE_WARM_SOCKET"  # set by `fedtune supernode` for the SuperNode's ClientApp processes
+REQUEST_WAIT_S = 120.0  # the longest a worker waits on one connection's bytes (a request, or its reply's reader)
 CONNECT_WAIT_S = 120.0  # a worker restarting after a crash imports torch and binds again within this
 _HEADER = struct.Struct(">Q")
 _MAX_PARTS = 8  # a request has a header and 2 parts, a reply a header and 2
@@ -270,6 +271,7 @@ class Worker:
             except TimeoutError:
                 continue
             with conn:
+                conn.settimeout(REQUEST_WAIT_S)  # a ClientApp sends its whole request at once; none blocks the worker
                 pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
                 if uid != os.getuid():
                     log(WARNING, "fedtune: warm worker: refused a connection from pid %d of uid %d", pid, uid)

@@ -44,7 +44,7 @@ import traceback
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.common.logger import log
 from flwr.common.serde import (
     context_from_proto,
@@ -100,34 +100,10 @@ def recv_frame(conn: socket.socket) -> tuple[dict, list[bytes]]:
     return header, chunks[1:]
 
 
-def _message_bytes(msg: Message) -> bytes:
-    return message_to_proto(msg).SerializeToString()
-
-
-def _message(data: bytes) -> Message:
-    proto = ProtoMessage()
+def _parsed(data: bytes, proto, from_proto):
+    """Flower's protobuf wire format back into its object: `proto` an empty message of the right type."""
     proto.ParseFromString(data)
-    return message_from_proto(proto)
-
-
-def _context_bytes(context: Context) -> bytes:
-    return context_to_proto(context).SerializeToString()
-
-
-def _context(data: bytes) -> Context:
-    proto = ProtoContext()
-    proto.ParseFromString(data)
-    return context_from_proto(proto)
-
-
-def _state_bytes(state: RecordDict) -> bytes:
-    return recorddict_to_proto(state).SerializeToString()
-
-
-def _state(data: bytes) -> RecordDict:
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
+    return from_proto(proto)
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes:
@@ -174,7 +150,8 @@ def forward(path: str, msg: Message, context: Context, call_next, wait: float = 
 
         now = time.time()  # the age of this process: the start-up Flower's fresh process per message still costs
         header = {"digest": code_digest(), "sent_at": now, "age": now - psutil.Process().create_time()}
-        send_frame(conn, header, _message_bytes(msg), _context_bytes(context))
+        message, ctx = message_to_proto(msg).SerializeToString(), context_to_proto(context).SerializeToString()
+        send_frame(conn, header, message, ctx)
         try:
             answer, parts = recv_frame(conn)
         except (WorkerGone, ConnectionResetError) as err:
@@ -187,7 +164,10 @@ def forward(path: str, msg: Message, context: Context, call_next, wait: float = 
         return call_next(msg, context)
     if answer.get("raised"):  # the ClientApp raised in the worker: raise here, as a cold ClientApp would
         raise RuntimeError(f"fedtune: the ClientApp raised in the node's warm worker:\n{answer['raised']}")
-    reply, context.state = _message(parts[0]), _state(parts[1])
+    reply, context.state = (
+        _parsed(parts[0], ProtoMessage(), message_from_proto),
+        _parsed(parts[1], ProtoRecordDict(), recorddict_from_proto),
+    )
     if reply.has_error():
         return Message(reply.error, reply_to=msg)
     return Message(content=reply.content, reply_to=msg)
@@ -226,7 +206,10 @@ class Worker:
             log(WARNING, "fedtune: warm worker: refused a message: %s", refusal)
             send_frame(conn, {"refused": refusal})
             return
-        msg, context = _message(parts[0]), _context(parts[1])
+        msg, context = (
+            _parsed(parts[0], ProtoMessage(), message_from_proto),
+            _parsed(parts[1], ProtoContext(), context_from_proto),
+        )
         waited = time.time() - float(request["sent_at"])
         self.switch_run(context.run_id)
         start = time.perf_counter()
@@ -235,7 +218,8 @@ class Worker:
         except Exception:  # the thin process raises it again, so Flower replies with an error as it would cold
             send_frame(conn, {"raised": traceback.format_exc()})
             return
-        send_frame(conn, {}, _message_bytes(reply), _state_bytes(context.state))
+        answer = message_to_proto(reply).SerializeToString(), recorddict_to_proto(context.state).SerializeToString()
+        send_frame(conn, {}, *answer)
         log(
             INFO,
             "fedtune: warm worker: %s message of run %d handled in %.2f s (ClientApp process %.2f s old when it "

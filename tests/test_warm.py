@@ -50,6 +50,12 @@ def context(node_config: dict, run_id: int = 1) -> Context:
     return Context(run_id=run_id, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
+def local_rows(cfg: FedtuneConfig, n: int) -> list[str]:
+    """`n` JSONL lines of a node's own file, cycling through the federation's labels."""
+    names = cfg.labels.split(",")
+    return [f'{{"text": "example {i}", "label": "{names[i % len(names)]}"}}\n' for i in range(n)]
+
+
 def never(msg, ctx):
     raise AssertionError("the message ran in the thin process; it was to run in the worker")
 
@@ -207,10 +213,9 @@ def test_a_new_run_frees_the_previous_runs_model_and_data(setup, tmp_path):
 
     cfg, _ = setup
     path = tmp_path / "local.jsonl"
-    names = cfg.labels.split(",")
-    path.write_text("".join(f'{{"text": "example {i}", "label": "{names[i % 3]}"}}\n' for i in range(20)))
+    path.write_text("".join(local_rows(cfg, 20)))
     node = context({"data-path": str(path)})
-    task_for(cfg).model(len(names))
+    task_for(cfg).model(len(cfg.labels.split(",")))
     node_data(cfg, node)
     assert load_lora_model.cache_info().currsize >= 1 and _deployed.cache_info().currsize == 1
     w = warm.Worker(str(tmp_path / "unused.sock"))
@@ -223,8 +228,7 @@ def test_a_new_run_frees_the_previous_runs_model_and_data(setup, tmp_path):
 def test_a_changed_data_file_is_read_again(setup, tmp_path):
     cfg, _ = setup
     path = tmp_path / "local.jsonl"
-    names = cfg.labels.split(",")
-    rows = [f'{{"text": "example {i}", "label": "{names[i % 3]}"}}\n' for i in range(30)]
+    rows = local_rows(cfg, 30)
     path.write_text("".join(rows[:20]))
     node = context({"data-path": str(path), "client-id": "site-a"})
     first = node_data(cfg, node)
@@ -331,8 +335,7 @@ def test_a_data_file_gone_between_messages_is_a_clear_error(setup, tmp_path):
 
     cfg, _ = setup
     path = tmp_path / "local.jsonl"
-    names = cfg.labels.split(",")
-    path.write_text("".join(f'{{"text": "example {i}", "label": "{names[i % 3]}"}}\n' for i in range(20)))
+    path.write_text("".join(local_rows(cfg, 20)))
     node = context({"data-path": str(path)})
     node_data(cfg, node)
     path.unlink()

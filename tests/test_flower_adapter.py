@@ -24,8 +24,9 @@ from server.privacy import wrap_client_dp
 from server.strategy import build_strategy
 from server.validation import Policy, ValidatedStrategy
 from tests.flower_messages import train_reply
-from tests.test_client_app import task_identity  # noqa: F401  (autouse: Flower stamps messages with it)
 from tests.reliability import count
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower stamps messages with it
 
 SHAPE = (40, 50)
 

@@ -22,7 +22,8 @@ from common.config import FedtuneConfig, parse_run_config
 from common.errors import ConfigError, DataError
 from tests.procs import run_cli
 from tests.reliability import count
-from tests.test_client_app import task_identity  # noqa: F401  (autouse: Flower stamps messages with it)
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Flower stamps messages with it
 
 
 def fedtune(*args: str, timeout: float = 120, env: dict | None = None):

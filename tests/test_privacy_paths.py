@@ -23,9 +23,9 @@ from server.strategy import build_strategy
 from server.validation import Policy, ValidatedStrategy
 from tests.flower_messages import train_reply
 from tests.reliability import count
-from tests.test_client_app import context, message, setup, task_identity  # noqa: F401 (fixtures)
+from tests.test_client_app import context, message, setup  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.minutes(2)
+pytestmark = [pytest.mark.minutes(2), pytest.mark.usefixtures("task_identity")]  # Flower stamps messages with it
 
 
 class OpacusSpy:

@@ -32,9 +32,8 @@ from server.state import initial_state
 from server.strategy import build_strategy
 from tests.inprocess_grid import InProcessGrid
 from tests.reliability import count
-from tests.test_client_app import task_identity  # noqa: F401  (autouse: Flower stamps messages with it)
 
-pytestmark = pytest.mark.minutes(3)
+pytestmark = [pytest.mark.minutes(3), pytest.mark.usefixtures("task_identity")]  # Flower stamps messages with it
 BASE = FedtuneConfig(partitioner="iid", max_train_examples=240, max_heldout_examples=40, max_length=32, local_steps=2,
                      batch_size=8, secure_aggregation=True, validate_updates=False, fraction_evaluate=0.0)
 NODES = [11, 22, 33]

@@ -23,9 +23,9 @@ from common.records import record_to_state
 from common.train import proximal_term
 from server.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from tests.reliability import count
-from tests.test_client_app import context, message, setup, task_identity  # noqa: F401 (fixtures)
+from tests.test_client_app import context, message, setup  # noqa: F401 (fixtures)
 
-pytestmark = pytest.mark.minutes(1)
+pytestmark = [pytest.mark.minutes(1), pytest.mark.usefixtures("task_identity")]  # Flower stamps messages with it
 
 
 def test_the_proximal_term_at_a_realistic_mu_is_mu_over_2_times_the_squared_distance():

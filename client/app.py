@@ -25,6 +25,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from client import warm
 from client.messages import message_config, node_data
 from common.flower import KEY_CLIPPING_NORM
+from common.records import REVEAL_CANARIES
 from common.secagg import ACTIONS
 
 
@@ -53,9 +54,12 @@ app = ClientApp(mods=[warm_path, client_side_clipping])
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Say who this client is and what its data looks like (sizes and label counts only)."""
+    """Say who this client is and what its data looks like (sizes and label counts only); after the
+    last round, asked to, reveal its canaries' seed (dp-audit-canaries, common/canaries.py)."""
     cfg, _ = message_config(msg)
     data = node_data(cfg, context)
+    if REVEAL_CANARIES in msg.content.config_records:
+        return Message(content=RecordDict({REVEAL_CANARIES: revealed(cfg, context, data.client_id)}), reply_to=msg)
     summary = data.summary()
     record = ConfigRecord(
         {
@@ -67,6 +71,15 @@ def query(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content=RecordDict({"client": record}), reply_to=msg)
+
+
+def revealed(cfg, context: Context, client_id: str) -> ConfigRecord:
+    from client.privacy import run_canaries
+
+    canaries = run_canaries(cfg, dict(context.node_config), client_id)
+    if canaries is None:
+        return ConfigRecord({"client-id": client_id, "count": 0})
+    return ConfigRecord({"client-id": client_id, "seed": canaries.seed, "count": canaries.count})
 
 
 @app.train()

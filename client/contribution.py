@@ -69,7 +69,7 @@ def weighted_update(msg: Message, context: Context) -> tuple[np.ndarray, dict]:
 
 
 def distributed_step(msg: Message, context: Context, state: ClientRound) -> tuple[np.ndarray, dict]:
-    from client.privacy import decide, distributed_mechanism, dp_seed, spend
+    from client.privacy import decide, distributed_mechanism, dp_seed, run_canaries, spend
     from client.training import open_session
     from common.dp_train import clipped_gradient_sum
     from common.skellam import noise_share_variance, skellam_noise
@@ -95,6 +95,8 @@ def distributed_step(msg: Message, context: Context, state: ClientRound) -> tupl
         seed=seed,
         physical_batch_size=cfg.dp_physical_batch_size,
         compute_dtype=cfg.compute_dtype,
+        canaries=run_canaries(cfg, node, s.data.client_id),
+        server_round=s.server_round,
     )
     names = sorted(sums)
     if sum(sums[n].size for n in names) != (dimension := as_int(announced, "dimension")):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord
 
 from common.budget import PrivacyRecord, data_fingerprint, node_secret, privacy_dir, private_seed
+from common.canaries import Canaries
 from common.config import FedtuneConfig
 from common.errors import ConfigError
 from common.privacy import Mechanism
@@ -79,6 +80,27 @@ def decide(cfg: FedtuneConfig, train_set, node_config: dict, *, planned: Mechani
 BOOKKEEPING_KEYS = ("resume", "run-dir", "round-timeout", "best-metric", "early-stopping-rounds")
 
 
+def seeded_config(cfg: FedtuneConfig) -> bytes:
+    """The run config less BOOKKEEPING_KEYS, as canonical JSON: the same for a run and its resumption."""
+    import json
+
+    config = {k: v for k, v in cfg.to_run_config().items() if k not in BOOKKEEPING_KEYS}
+    return json.dumps(config, sort_keys=True).encode()
+
+
+def run_canaries(cfg: FedtuneConfig, node_config: dict, client_id: str) -> Canaries | None:
+    """This client's gradient canaries for the run (dp-audit-canaries; common/canaries.py): keyed by the
+    node's secret, so the server learns them only when the client reveals the seed after the last round,
+    and by the run config, so a resumed run keeps them."""
+    if not cfg.dp_audit_canaries:
+        return None
+    import hashlib
+
+    run = hashlib.sha256(seeded_config(cfg)).hexdigest()
+    seed = private_seed(node_secret(privacy_dir(node_config)), "canaries", client_id, run)
+    return Canaries(seed=seed, count=cfg.dp_audit_canaries)
+
+
 def dp_seed(node_config: dict, cfg: FedtuneConfig, server_round: int, client_id: str, arrays, *records) -> int:
     """The seed of this round's DP randomness (Poisson sample, noise, rounding): keyed by this node's
     secret (common/budget.py) and bound to everything the round computes from: the run config (less
@@ -88,8 +110,7 @@ def dp_seed(node_config: dict, cfg: FedtuneConfig, server_round: int, client_id:
     import hashlib
     import json
 
-    config = {k: v for k, v in cfg.to_run_config().items() if k not in BOOKKEEPING_KEYS}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest = hashlib.sha256(seeded_config(cfg))
     for name in sorted(arrays.keys()):
         digest.update(name.encode())
         digest.update(arrays[name].numpy().tobytes())
@@ -109,8 +130,10 @@ def train_private(
     run: str,
     server_round: int,
     progress,
+    canaries: Canaries | None = None,
 ) -> tuple[TrainResult, ConfigRecord]:
-    """Run DP-SGD, record the mechanism on disk, and describe it for the server's ledger."""
+    """Run DP-SGD (with this client's canaries, if any), record the mechanism on disk, and describe it
+    for the server's ledger."""
     from common.dp_train import dp_train  # Opacus loads only in runs with sample-level DP
     from common.train import round_schedule  # torch: not for the secure rounds' key and share stages
 
@@ -129,6 +152,8 @@ def train_private(
         physical_batch_size=cfg.dp_physical_batch_size,
         lr_at=round_schedule(cfg, server_round),
         compute_dtype=cfg.compute_dtype,
+        canaries=canaries,
+        server_round=server_round,
     )
     if not math.isclose(mechanism.sample_rate, decision.planned.sample_rate):
         raise RuntimeError(

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 
 from client.messages import PROGRESS_DIR_ENV, QUIET_ENV, client_record, message_config, node_data, node_threads
-from client.privacy import decide, dp_seed, train_private
+from client.privacy import decide, dp_seed, run_canaries, train_private
 from common.config import FedtuneConfig
 from common.data import LabelMap, TextDataset
 from common.device import bound_memory
@@ -151,6 +151,7 @@ def train_locally(msg: Message, context: Context) -> Trained:
             run=str(context.run_id),
             server_round=s.server_round,
             progress=progress,
+            canaries=run_canaries(cfg, dict(context.node_config), s.data.client_id),
         )
         return Trained(session=s, examples=len(encoded), result=result, privacy=privacy)
     result = train(

@@ -71,6 +71,7 @@ MEAN_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedada
 
 DEFAULT_MODEL = "packaged:all-MiniLM-L6-v2"
 MAX_ROUNDS = 10_000
+MAX_CANARIES = 100_000  # each costs a pass over the adapter per draw and per score
 DEFAULT_DATA = "packaged:chatterbot"
 
 
@@ -406,6 +407,13 @@ class Privacy:
         "A client refuses a round that would take its epsilon above this; 0 = dp-target-epsilon (no limit if that is "
         "0).",
     )
+    dp_audit_canaries: int = _f(
+        0,
+        "Gradient canaries per client for the empirical privacy audit (Steinke et al. 2023): each is included with "
+        "probability 1/2 in the client's DP-SGD, drawn at its sample rate and clipped with its examples; `fedtune "
+        "audit` then bounds the epsilon of what ran from below, beside the recorded epsilon. 0 = none; 1,000 can "
+        "show at most about 3.7.",
+    )
     dp_client: ClientDP = _f(
         "off", "Client-level DP with Flower's wrappers: off, server-fixed, client-fixed or server-adaptive clipping."
     )
@@ -420,6 +428,7 @@ class Privacy:
     def check_privacy(self) -> None:
         _check_min("dp_physical_batch_size", self.dp_physical_batch_size, -1)
         _check_min("dp_batch_size", self.dp_batch_size, 0)
+        _check_range("dp_audit_canaries", self.dp_audit_canaries, 0, MAX_CANARIES)
         for name in ("dp_noise_multiplier", "dp_target_epsilon", "dp_epsilon_budget", "dp_client_epsilon_budget"):
             _check_min(name, getattr(self, name), 0.0)
         for name in ("dp_clipping_norm", "dp_client_noise_multiplier", "dp_client_clipping_norm"):
@@ -432,7 +441,13 @@ class Privacy:
                 "dp-noise-multiplier / dp-target-epsilon: expected one of them > 0 when dp-sample = true, got both 0"
             )
         if not self.dp_sample:  # a privacy setting that would silently not apply
-            for name in ("dp_target_epsilon", "dp_noise_multiplier", "dp_epsilon_budget", "dp_batch_size"):
+            for name in (
+                "dp_target_epsilon",
+                "dp_noise_multiplier",
+                "dp_epsilon_budget",
+                "dp_batch_size",
+                "dp_audit_canaries",
+            ):
                 if getattr(self, name) != 0:
                     raise ConfigError(
                         f"{name.replace('_', '-')}: set to {getattr(self, name)}, but dp-sample = false, so no "

@@ -14,14 +14,16 @@ weights unchanged or non-finite.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from common.canaries import Canaries, Layout, canary_gradients
 from common.device import autocast, model_device, noise_generator
 from common.errors import FedtuneError
 from common.opacus import (
@@ -37,6 +39,7 @@ from common.opacus import (
     grad_samples_in_param_dtype,
     remove_hooks,
     reset_forward_counters,
+    set_grad_sample,
 )
 from common.privacy import Mechanism
 from common.train import EncodedData, StepOutcome, TrainResult, batch_loss, collate, run_steps
@@ -103,6 +106,8 @@ def dp_train(
     physical_batch_size: int = 0,
     lr_at: Callable[[float], float] | None = None,
     compute_dtype: str = "float32",
+    canaries: Canaries | None = None,
+    server_round: int = 0,
 ) -> tuple[TrainResult, Mechanism]:
     """`steps` DP-SGD steps (per-sample clipping to `clipping_norm`, Gaussian noise).
 
@@ -117,10 +122,14 @@ def dp_train(
     With `compute_dtype` bfloat16 the forward pass runs under autocast; the per-sample gradients
     are cast to the parameters' float32 before clipping, so clipping, noise and the update are
     computed in float32 as without it. float16 is refused (its loss scaling would scale what is clipped).
+
+    `canaries` (common/canaries.py): the included ones drawn for each step at the loader's rate join
+    that step's per-example gradients before clipping; `server_round` keys their draws.
     """
     _check_inputs(data, compute_dtype)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = [p.detach().clone() for p in params]
     loader = poisson_loader(data, batch_size=batch_size, pad_id=pad_id, seed=seed)
     device = model_device(model)  # placed before the optimizer is built (see _check_same_parameters)
@@ -136,19 +145,33 @@ def dp_train(
         _check_same_parameters(gsm, optimizer)
 
         chunking = Chunking.for_device(physical_batch_size, device)
+        steps_taken = itertools.count()
+
+        def add_canaries(index: int) -> None:
+            if canaries is not None:
+                _add_canaries(optimizer, named, canaries, clipping_norm, loader.sample_rate, server_round, index)
 
         def step(batch) -> StepOutcome:  # the learning rate (set by run_steps) is post-processing
+            index = next(steps_taken)
             optimizer.zero_grad(set_to_none=True)
             if len(batch[-1]) == 0:  # an empty Poisson batch still releases a noisy (zero-sum) update; one
-                _release(optimizer)  # before any example was drawn is a single empty tensor (Opacus)
+                add_canaries(index)  # before any example was drawn is a single empty tensor (Opacus)
+                _release(optimizer)
                 return StepOutcome(float("nan"), 0, 0, 0)
             ids, mask, labels = batch  # on the CPU: lengths and chunks are planned there, without syncs
             while True:
                 try:
-                    return _logical_step(gsm, optimizer, ids, mask, labels, device, chunking.size, compute_dtype)
+                    outcome = _accumulate(gsm, optimizer, ids, mask, labels, device, chunking.size, compute_dtype)
+                    break
                 except torch.cuda.OutOfMemoryError:
                     _discard_partial_step(gsm, optimizer)
                     chunking.shrink(len(labels))
+            add_canaries(index)
+            try:
+                _release(optimizer)
+            except torch.cuda.OutOfMemoryError as err:  # not retried: the noise may have been drawn
+                raise DPTrainingError("DP step: out of GPU memory while noising and applying the update") from err
+            return outcome
 
         gsm.train()
         result = run_steps(lambda: loader, step, optimizer, total=steps, lr_at=lr_at, progress=progress)
@@ -158,19 +181,6 @@ def dp_train(
     _check_weights_moved(params, before)
     mechanism = Mechanism(noise_multiplier=noise_multiplier, steps=result.steps, sample_rate=loader.sample_rate)
     return result, mechanism
-
-
-def _logical_step(
-    gsm, optimizer: DPOptimizer, ids, mask, labels, device: torch.device, physical: int, compute_dtype: str = "float32"
-) -> StepOutcome:
-    """One DP-SGD step on a logical (Poisson) batch: clip and accumulate it (`_accumulate`), then
-    noise the sum and apply the update once (`_release`)."""
-    outcome = _accumulate(gsm, optimizer, ids, mask, labels, device, physical, compute_dtype)
-    try:
-        _release(optimizer)
-    except torch.cuda.OutOfMemoryError as err:  # not retried: the noise may have been drawn
-        raise DPTrainingError("DP step: out of GPU memory while noising and applying the update") from err
-    return outcome
 
 
 def _accumulate(
@@ -205,6 +215,31 @@ def _accumulate(
     return StepOutcome(loss_sum.item() / max(1, len(order)), len(order), real, processed)
 
 
+def _add_canaries(
+    optimizer: DPOptimizer,
+    named: Mapping[str, torch.Tensor],
+    canaries: Canaries,
+    clipping_norm: float,
+    sample_rate: float,
+    server_round: int,
+    step: int,
+) -> None:
+    """Add the canaries drawn for this step to its logical batch as per-example gradients: Opacus
+    clips them with the batch's examples and adds them to the clipped sums; the noise comes later,
+    once, in `_release`."""
+    layout = Layout.of({n: tuple(p.shape) for n, p in named.items()})
+    grads = canary_gradients(
+        canaries, layout, clipping_norm, sample_rate=sample_rate, server_round=server_round, step=step
+    )
+    if grads is None:
+        return
+    for name, p in named.items():
+        set_grad_sample(p, torch.from_numpy(grads[name]).to(device=p.device, dtype=p.dtype))
+    optimizer.signal_skip_step(do_skip=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum (the step was skipped)
+
+
 def clipped_gradient_sum(
     model: torch.nn.Module,
     data: EncodedData,
@@ -215,6 +250,8 @@ def clipped_gradient_sum(
     seed: int,
     physical_batch_size: int = AUTO_CHUNK,
     compute_dtype: str = "float32",
+    canaries: Canaries | None = None,
+    server_round: int = 0,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Distributed DP-SGD's client step: draw one Poisson sample of `data` at `sample_rate` and sum
     its per-example gradients, each clipped to `clipping_norm`. No noise and no update: the client
@@ -222,7 +259,8 @@ def clipped_gradient_sum(
     server, which sees only the secure sum of every client's, takes the step.
 
     Returns (clipped sum by adapter tensor name, float64 on the CPU; examples sampled). The count
-    stays on the client: it depends on the data, so it must not travel unprotected.
+    stays on the client: it depends on the data, so it must not travel unprotected. `canaries` drawn
+    at `sample_rate` join the sum as examples do (common/canaries.py); they are not counted.
     """
     _check_inputs(data, compute_dtype)
     if not 0 < sample_rate <= 1:
@@ -256,6 +294,8 @@ def clipped_gradient_sum(
             except torch.cuda.OutOfMemoryError:
                 _discard_partial_step(gsm, optimizer)
                 chunking.shrink(len(labels))
+        if canaries is not None:
+            _add_canaries(optimizer, dict(named), canaries, clipping_norm, sample_rate, server_round, 0)
         sums = {
             n: (
                 summed.detach().to("cpu", torch.float64).numpy()

@@ -41,6 +41,7 @@ __all__ = [
     "grad_samples_in_param_dtype",
     "remove_hooks",
     "reset_forward_counters",
+    "set_grad_sample",
     "accountant_with_history",
 ]
 
@@ -80,6 +81,12 @@ def empty_grad_samples(optimizer: DPOptimizer) -> None:
     chunks accumulated."""
     for p in optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def set_grad_sample(p: torch.Tensor, rows: torch.Tensor) -> None:
+    """Per-sample gradients computed outside the model (canaries, common/canaries.py), for DPOptimizer
+    to clip and sum as it does the examples'."""
+    p.grad_sample = rows  # type: ignore[attr-defined]
 
 
 def clipped_sum(p: torch.nn.Parameter) -> torch.Tensor | None:

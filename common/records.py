@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the server's and the client's query paths use this module w
 TRAIN_METRICS = ("num-examples", "train-loss", "train-steps", "train-seconds")
 # With lora-freeze-a, the server's fingerprint of the frozen A matrices, beside the run config.
 FROZEN_KEY = "frozen-fingerprint"
+REVEAL_CANARIES = "reveal-canaries"  # a query record: after the last round, each client reveals its canary seed
 
 
 def state_to_record(state: AdapterState) -> ArrayRecord:

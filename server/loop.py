@@ -36,6 +36,7 @@ from common.records import record_to_state, state_to_record
 from common.secagg import SecAggError, threshold_for
 from common.task import task_for
 from server.best import best_row, keep_best, rounds_without_improvement, should_stop_early
+from server.canaries import reveal_canaries
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.distributed_dp import ServerAdamW, make_plan, plan_to_dict, would_exceed
 from server.distributed_dp import federation_entry as distributed_entry
@@ -99,6 +100,7 @@ def run_server(grid: Grid, cfg: FedtuneConfig) -> list[dict]:
     try:
         run_rounds(grid, state, strategy, start_round)
         release_adapter(model, state, "final")
+        reveal_canaries(grid, state)
     except OSError as err:  # a full disk, a folder made read-only mid-run: named, nothing half-written
         end_run(state, "write-failed", f"{err.strerror or err}{f': {err.filename}' if err.filename else ''}")
     finish(state)

@@ -57,6 +57,7 @@ class AuditResult:
     rows: list[dict] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts a reader should see that are not failures
+    canaries: dict | None = None  # the empirical lower bound from the run's canaries (server/canaries.py)
 
     @property
     def ok(self) -> bool:
@@ -335,6 +336,12 @@ def run_audit(run_dir: Path, *, records: Sequence[Path] = ()) -> AuditResult:
     dicts = [e for e in entries if isinstance(e, dict)]
     result.problems.extend(anchor_problems(run_dir, dicts))
     result.problems.extend(adapter_problems(run_dir, dicts))
+    from server.canaries import audit_canaries
+
+    canaries = audit_canaries(run_dir, sound)
+    result.canaries = canaries.summary
+    result.problems.extend(canaries.problems)
+    result.notes.extend(canaries.notes)
     for folder in records:
         result.problems.extend(record_problems(Path(folder), sound))
     write_outputs(run_dir, result)
@@ -605,7 +612,16 @@ def write_outputs(run_dir: Path, result: AuditResult) -> None:
         writer.writeheader()
         writer.writerows(result.rows)
     (run_dir / "audit.json").write_text(
-        json.dumps({"ok": result.ok, "problems": result.problems, "notes": result.notes, "rows": result.rows}, indent=1)
+        json.dumps(
+            {
+                "ok": result.ok,
+                "problems": result.problems,
+                "notes": result.notes,
+                "empirical_epsilon_lower_bound": result.canaries,
+                "rows": result.rows,
+            },
+            indent=1,
+        )
     )
     if result.rows:
         plot_epsilon(run_dir, result.rows)
@@ -704,6 +720,14 @@ def render_table(result: AuditResult) -> None:
         console.print(
             "[green]audit passed[/green]: chain intact, every epsilon re-derived, no overspend "
             "(binding: PLD for local DP-SGD, RDP for client-level DP, Skellam RDP for distributed DP)"
+        )
+    if result.canaries:
+        b = result.canaries
+        console.print(
+            f"canaries: empirical epsilon lower bound {b['epsilon']:.3f} over {b['canaries']} canaries "
+            f"(confidence {b['family_confidence']:.2f} for all bounds together; recorded epsilon up to "
+            f"{b['recorded_epsilon']:.3f}); per client: "
+            + ", ".join(f"{c} {v['epsilon']:.3f} / {v['recorded_epsilon']:.3f}" for c, v in b["per_client"].items())
         )
     for note in result.notes:
         console.print(f"note: {note}")

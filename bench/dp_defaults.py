@@ -7,7 +7,8 @@
 review: 4 IID clients on 8,000 training examples, 3 rounds, epsilon 8 (the reviewer's check;
   `-c` overrides are appended, e.g. `-c dp-batch-size=16` for the old batch).
 table: 10 IID clients on a 20,000-example subset, 3 rounds: no DP, epsilon 1 / 3 / 8, and
-  epsilon 3 with FFA-LoRA (`lora-freeze-a`).
+  epsilon 3 with FFA-LoRA (`lora-freeze-a`). With `-c dp-audit-canaries=1000 --only eps1,eps3,eps8`:
+  the canary audit (issue 43), its bound in the audit column.
 headline: 10 IID clients on all of SST-2 train (67,349), epsilon 3, 5 rounds.
 distributed: the headline's data and clients under distributed DP (issue 38): one DP-SGD step a
   round over the federation, expected batch 1,024, 198 rounds (3 epochs of 67,349: the clients
@@ -95,6 +96,15 @@ def run_one(name: str, clients: int, rounds: int, config: list[str], out: Path) 
         audit = subprocess.run([sys.executable, "-m", "simulation.cli", "audit", str(run_dir)], cwd=REPO,
                                capture_output=True, text=True)
         result["audit"] = "passed" if audit.returncode == 0 else f"failed: {audit.stdout[-500:]}"
+        report = json.loads((run_dir / "audit.json").read_text()) if (run_dir / "audit.json").exists() else {}
+        bound = report.get("empirical_epsilon_lower_bound")
+        if bound:  # dp-audit-canaries (issue 43): the pooled bound and each client's
+            result["canaries"] = {k: bound[k] for k in ("epsilon", "canaries", "recorded_epsilon", "score", "guesses",
+                                                        "correct")}
+            result["canaries"]["per_client_max"] = max(v["epsilon"] for v in bound["per_client"].values())
+            result["audit"] += (f" (canary bound {bound['epsilon']:.3f} over {bound['canaries']} canaries, "
+                                f"per client up to {result['canaries']['per_client_max']:.3f}; recorded "
+                                f"{bound['recorded_epsilon']:.3f})")
     print(json.dumps(result), flush=True)
     return result
 

@@ -56,7 +56,7 @@ def tensorboard_epsilons(run_dir) -> list[tuple]:
 
 
 def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path):
-    out = simulate(tmp_path / "full", tmp_path / "priv-full", "num-server-rounds=2")
+    out = simulate(tmp_path / "full", tmp_path / "priv-full", "num-server-rounds=2", "dp-audit-canaries=200")
     assert "client eps max" in out
     # ~97 examples a client at epsilon 4: said before round 1, with the numbers, without refusing
     assert "DP-SGD settings: the noise drowns the signal: noise/signal" in out
@@ -68,6 +68,8 @@ def test_dp_run_is_audited_and_resume_neither_forgets_nor_double_counts(tmp_path
     audit = fedtune("audit", str(tmp_path / "full"), "--records", str(tmp_path / "priv-full"), privacy_dir=tmp_path)
     assert audit.returncode == 0, audit.stdout  # the ledger agrees with the clients' own records too
     assert "audit passed" in audit.stdout
+    bound = json.loads((tmp_path / "full" / "audit.json").read_text())["empirical_epsilon_lower_bound"]
+    assert bound["canaries"] == 600 and bound["epsilon"] <= bound["recorded_epsilon"] <= 4.0  # issue 43
 
     # The same data again with the same privacy records: every client refuses round 1, and the run
     # fails (non-zero) naming where the records are, rather than "completing" untrained (hardening class 4).

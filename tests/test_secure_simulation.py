@@ -29,6 +29,7 @@ SMALL = ["max-train-examples=360", "max-heldout-examples=120", "local-steps=3", 
          "partitioner=iid", "fraction-evaluate=0.0"]
 DISTRIBUTED = ["secure-aggregation=true", "validate-updates=false", "dp-sample=true", "dp-mode=distributed", "dp-target-epsilon=6", "dp-batch-size=120",
                "dp-clipping-norm=0.7", "local-steps=0"]
+CANARIES = "dp-audit-canaries=200"
 
 
 def simulate_args(run_dir, *config: str) -> list[str]:
@@ -50,7 +51,7 @@ def adapter(run_dir, server_round: int) -> dict:
 
 def test_a_distributed_dp_run_is_audited_and_resumes_bit_for_bit_without_counting_twice(tmp_path):
     full = tmp_path / "full"
-    out = simulate(full, *DISTRIBUTED, "num-server-rounds=3", privacy=tmp_path / "priv-full")
+    out = simulate(full, *DISTRIBUTED, "num-server-rounds=3", CANARIES, privacy=tmp_path / "priv-full")
     assert "distributed DP-SGD over" in out and "federation eps" in out
     check_run_invariants(full, 3)
     entries = Ledger.read(full / "privacy-ledger.jsonl").entries
@@ -63,6 +64,9 @@ def test_a_distributed_dp_run_is_audited_and_resumes_bit_for_bit_without_countin
         assert e["epsilon"] == pytest.approx(federation[e["round"] - 1]["epsilon"], rel=1e-9)
     audit = run_cli([sys.executable, "-m", "simulation.cli", "audit", str(full)], timeout=300)
     assert audit.returncode == 0 and "audit passed" in audit.stdout, audit.stdout[-3000:]
+    bound = json.loads((full / "audit.json").read_text())["empirical_epsilon_lower_bound"]
+    assert bound["canaries"] == 600 and bound["epsilon"] <= bound["recorded_epsilon"] <= 6.0  # issue 43
+    assert set(bound["per_client"]) == {"partition-0", "partition-1", "partition-2"}
     records = list((tmp_path / "priv-full").glob("*.json"))
     assert len(records) == 3 and (tmp_path / "priv-full" / "node-secret").stat().st_mode & 0o077 == 0
 
@@ -71,13 +75,16 @@ def test_a_distributed_dp_run_is_audited_and_resumes_bit_for_bit_without_countin
     # same inputs (a node resuming its own run keeps its secret).
     (tmp_path / "priv-cut").mkdir()
     (tmp_path / "priv-cut" / "node-secret").write_bytes((tmp_path / "priv-full" / "node-secret").read_bytes())
-    args = simulate_args(cut, *DISTRIBUTED, "num-server-rounds=3")
+    args = simulate_args(cut, *DISTRIBUTED, "num-server-rounds=3", CANARIES)
     killed = run_until(args, condition=lambda: (cut / "checkpoints" / "round-0001.safetensors").exists(), timeout=300,
                        env={"FEDTUNE_PRIVACY_DIR": str(tmp_path / "priv-cut")})
     assert killed and not (cut / "checkpoints" / "round-0002.safetensors").exists()
-    simulate(cut, *DISTRIBUTED, "num-server-rounds=3", "resume=true", privacy=tmp_path / "priv-cut")
+    simulate(cut, *DISTRIBUTED, "num-server-rounds=3", CANARIES, "resume=true", privacy=tmp_path / "priv-cut")
     final_full, final_cut = adapter(full, 3), adapter(cut, 3)
     assert all(np.array_equal(final_full[k], final_cut[k]) for k in final_full)
+    # The resumed run kept its canaries (seeds from the node secret and the run config less `resume`).
+    assert (json.loads((cut / "canaries.json").read_text())["clients"]
+            == json.loads((full / "canaries.json").read_text())["clients"])
     again = [e["epsilon"] for e in Ledger.read(cut / "privacy-ledger.jsonl").entries if e["kind"] == "federation"]
     assert again == [e["epsilon"] for e in federation]
     for record in (tmp_path / "priv-cut").glob("*.json"):

@@ -25,8 +25,9 @@ respect to each canary, the number of correct guesses is dominated by Binomial(k
 up to a delta term (the paper's Theorem 5.2, `p_value`). The lower bound is the largest epsilon that
 the observed count rejects at the confidence asked, Bonferroni-corrected over the guess counts
 (`guess_counts`) and the two scores tried. The bound is valid whatever the scores are; a weak score
-only makes it small. With m canaries it cannot exceed about 3.7 at m = 1,000 (every one of the 256
-highest-scored canaries included), so auditing large epsilons needs more canaries.
+only makes it small. It has a ceiling: at delta 1e-5 a perfect score shows about 3.3 with 300
+canaries, 4.4 with 1,000 and 4.9 with 3,000, and no more with more canaries (the delta term grows
+with m); a recorded epsilon above ~5 cannot be contradicted, so bugs show at small epsilons.
 """
 
 from __future__ import annotations
@@ -163,13 +164,14 @@ def largest_rejected_epsilon(m: int, guesses: int, correct: int, delta: float, s
 
 
 def guess_counts(m: int) -> list[int]:
-    """How many of the highest-scored canaries the auditor guesses "included": 1, 2, 4, ... and m.
-    Fixed before any score is seen, so a Bonferroni correction over them keeps the bound valid."""
-    counts, k = [], 1
+    """How many of the highest-scored canaries the auditor guesses "included": 1, 2, 4, ..., m / 2 (about
+    as many as are included: a perfect score gets them all right) and m. Fixed before any score is
+    seen, so a Bonferroni correction over them keeps the bound valid."""
+    counts, k = {m, max(1, m // 2)}, 1
     while k < m:
-        counts.append(k)
+        counts.add(k)
         k *= 2
-    return [*counts, m]
+    return sorted(counts)
 
 
 @dataclass(frozen=True)

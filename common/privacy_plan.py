@@ -389,13 +389,17 @@ def distributed_plan(
     delta: float,
     target_epsilon: float = 0.0,
     noise_multiplier: float = 0.0,
+    canaries: int = 0,
 ) -> DistributedPlan:
     """The plan for a run: the given noise multiplier, or the smallest whose Skellam epsilon after
-    `rounds` steps meets `target_epsilon` (common/skellam.py)."""
+    `rounds` steps meets `target_epsilon` (common/skellam.py). `canaries` (expected included, over
+    the federation) are drawn at the examples' rate into the same sum: the integer scale leaves
+    room for them too."""
     from common.privacy import epsilon_rdp
 
     batch = dp_batch_size(batch_size, examples)
-    scale = distributed_scale(dimension=dimension, clipping_norm=clipping_norm, batch_size=batch)
+    records = batch + math.ceil(batch * canaries / examples)
+    scale = distributed_scale(dimension=dimension, clipping_norm=clipping_norm, batch_size=records)
 
     def plan(z: float) -> DistributedPlan:
         return DistributedPlan(
@@ -415,7 +419,7 @@ def distributed_plan(
     return plan(noise_multiplier)
 
 
-def distributed_plan_for_config(cfg, examples: int, *, dimension: int) -> DistributedPlan:
+def distributed_plan_for_config(cfg, examples: int, *, dimension: int, canaries: int = 0) -> DistributedPlan:
     """`distributed_plan` with a run's settings (a FedtuneConfig)."""
     return distributed_plan(
         examples=examples,
@@ -426,4 +430,5 @@ def distributed_plan_for_config(cfg, examples: int, *, dimension: int) -> Distri
         delta=cfg.dp_delta,
         target_epsilon=cfg.dp_target_epsilon,
         noise_multiplier=cfg.dp_noise_multiplier,
+        canaries=canaries,
     )

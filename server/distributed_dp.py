@@ -25,8 +25,15 @@ ACCOUNTANT = "rdp-skellam"
 
 
 def make_plan(cfg: FedtuneConfig, declared: dict[int, int], *, dimension: int) -> DistributedPlan:
-    """The run's plan from the clients' declared training examples and the adapter's size."""
-    return distributed_plan_for_config(cfg, sum(n for n in declared.values() if n > 0), dimension=dimension)
+    """The run's plan from the clients' declared training examples and the adapter's size (and the
+    canaries, half of which each client includes: dp-audit-canaries)."""
+    clients = sum(1 for n in declared.values() if n > 0)
+    return distributed_plan_for_config(
+        cfg,
+        sum(n for n in declared.values() if n > 0),
+        dimension=dimension,
+        canaries=cfg.dp_audit_canaries * clients // 2,
+    )
 
 
 def plan_from_dict(d: dict) -> DistributedPlan:

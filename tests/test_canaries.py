@@ -282,3 +282,17 @@ def test_the_audit_passes_honest_canaries_and_catches_edits_and_leaks(tmp_path):
     leaky = audit_canaries(tmp_path / "leaky", entries)
     assert any("exceeds the recorded epsilon 1.000" in p for p in leaky.problems), leaky.problems
     assert leaky.summary is not None and leaky.summary["epsilon"] > 1.0
+
+
+def test_distributed_dps_integer_scale_leaves_room_for_the_canaries_in_the_secure_sum():
+    """Where the modulus bounds the scale (a large batch and adapter), the canaries drawn into the sum
+    count as records: 5,000 included at rate 0.2048 add 1,024 to the expected 4,096."""
+    from common.privacy_plan import distributed_plan
+    from common.secagg import MODULUS
+
+    settings = dict(examples=20_000, batch_size=4096, rounds=3, clipping_norm=0.7, dimension=10**8, delta=1e-5,
+                    noise_multiplier=1.0)
+    plain, with_canaries = distributed_plan(**settings), distributed_plan(**settings, canaries=5000)
+    records = 4096 + 1024
+    assert with_canaries.scale < plain.scale
+    assert with_canaries.scale * 0.7 == pytest.approx(MODULUS / (8 * (records + 10 * math.sqrt(records) + 10)))

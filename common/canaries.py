@@ -64,7 +64,7 @@ class Canaries:
     def direction(self, i: int, dimension: int) -> np.ndarray:
         """Canary i's unit direction in a `dimension`-sized flat adapter (float64)."""
         u = np.random.default_rng([self.seed, 1, i]).standard_normal(dimension)
-        return u / np.linalg.norm(u)
+        return u / math.sqrt(float(np.square(u).sum()))  # not np.linalg.norm: BLAS threads would spin in clients
 
     def drawn(self, sample_rate: float, server_round: int, step: int) -> np.ndarray:
         """The included canaries drawn (Poisson, at `sample_rate`) for one step of one round."""

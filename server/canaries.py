@@ -51,8 +51,15 @@ def reveal_canaries(grid: Grid, state: ServerState) -> None:
                 revealed.append((client, Canaries(seed=as_int(record, "seed"), count=count)))
         except FieldError as err:
             log(WARNING, "fedtune: node %d revealed unreadable canaries: %s", reply.metadata.src_node_id, err)
-    rounds = adapters(state.run.path)
-    clients = score_clients(rounds, sorted(revealed, key=lambda c: c[0]))
+    revealed.sort(key=lambda c: c[0])
+    try:
+        rounds = adapters(state.run.path)
+    except CheckpointError as err:  # the run itself is done: keep the seeds, let the audit say what is missing
+        log(WARNING, "fedtune: canaries revealed but not scored: %s", err)
+        clients = [{"client_id": c, "seed": k.seed, "count": k.count, "scores": None} for c, k in revealed]
+        state.run.write_json(FILE, {"rounds": None, "scores": list(SCORES), "clients": clients})
+        return
+    clients = score_clients(rounds, revealed)
     state.run.write_json(FILE, {"rounds": len(rounds) - 1, "scores": list(SCORES), "clients": clients})
     log(INFO, "fedtune: %d clients revealed their canaries; scores in %s", len(clients), state.run.path / FILE)
 

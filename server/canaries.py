@@ -21,6 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.canaries import CONFIDENCE, SCORES, Canaries, CanaryError, canary_scores, epsilon_lower_bound
+from common.config import MAX_CANARIES
 from common.errors import CheckpointError, FieldError
 from common.fields import as_int, as_str
 from common.records import REVEAL_CANARIES
@@ -44,13 +45,12 @@ def reveal_canaries(grid: Grid, state: ServerState) -> None:
             why = reply.error.reason if reply.has_error() else f"no {REVEAL_CANARIES} record"
             log(WARNING, "fedtune: node %d did not reveal its canaries: %s", reply.metadata.src_node_id, why)
             continue
-        record = reply.content.config_records[REVEAL_CANARIES]
         try:
-            client, count = as_str(record, "client-id"), as_int(record, "count")
-            if count:
-                revealed.append((client, Canaries(seed=as_int(record, "seed"), count=count)))
-        except FieldError as err:
-            log(WARNING, "fedtune: node %d revealed unreadable canaries: %s", reply.metadata.src_node_id, err)
+            client, canaries = parse_reveal(reply.content.config_records[REVEAL_CANARIES], cfg.dp_audit_canaries)
+        except (FieldError, CanaryError) as err:
+            log(WARNING, "fedtune: node %d revealed unusable canaries: %s", reply.metadata.src_node_id, err)
+            continue
+        revealed.append((client, canaries))
     revealed.sort(key=lambda c: c[0])
     try:
         rounds = adapters(state.run.path)
@@ -62,6 +62,16 @@ def reveal_canaries(grid: Grid, state: ServerState) -> None:
     clients = score_clients(rounds, revealed)
     state.run.write_json(FILE, {"rounds": len(rounds) - 1, "scores": list(SCORES), "clients": clients})
     log(INFO, "fedtune: %d clients revealed their canaries; scores in %s", len(clients), state.run.path / FILE)
+
+
+def parse_reveal(record, expected: int) -> tuple[str, Canaries]:
+    """A client's revealed canaries: its id, the run's canary count and a non-negative 63-bit seed."""
+    client, count, seed = as_str(record, "client-id"), as_int(record, "count"), as_int(record, "seed")
+    if count != expected or not 0 <= seed < 2**63:
+        raise CanaryError(
+            f"client {client}: expected {expected} canaries and a seed in [0, 2^63), got {count} and {seed}"
+        )
+    return client, Canaries(seed=seed, count=count)
 
 
 def adapters(run_dir: Path) -> list[dict[str, np.ndarray]]:
@@ -165,8 +175,11 @@ def audit_canaries(run_dir: Path, entries: list[dict], *, confidence: float = CO
 
 def _client(c: dict) -> tuple[str, Canaries, str, dict[str, list[float]]]:
     canaries = Canaries(seed=int(c["seed"]), count=int(c["count"]))
-    if canaries.count <= 0:
-        raise CanaryError(f"{c['client_id']}: expected a positive canary count, got {canaries.count}")
+    if not 0 < canaries.count <= MAX_CANARIES or not 0 <= canaries.seed < 2**63:
+        raise CanaryError(
+            f"{c['client_id']}: expected 1 to {MAX_CANARIES} canaries and a seed in [0, 2^63), got "
+            f"{canaries.count} and {canaries.seed}"
+        )
     return str(c["client_id"]), canaries, str(c["included"]), dict(c["scores"])
 
 

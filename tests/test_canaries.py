@@ -296,3 +296,30 @@ def test_distributed_dps_integer_scale_leaves_room_for_the_canaries_in_the_secur
     records = 4096 + 1024
     assert with_canaries.scale < plain.scale
     assert with_canaries.scale * 0.7 == pytest.approx(MODULUS / (8 * (records + 10 * math.sqrt(records) + 10)))
+
+
+def test_a_clients_revealed_canaries_must_be_the_runs_count_and_a_usable_seed(tmp_path):
+    """Bad client replies: a count other than the run's (a client could otherwise make the server score
+    a billion canaries), a negative seed, a missing field; and the same in an edited canaries.json."""
+    from flwr.app import ConfigRecord
+
+    from common.errors import FieldError
+    from server.canaries import FILE, audit_canaries, parse_reveal
+
+    client, canaries = parse_reveal(ConfigRecord({"client-id": "c0", "count": 1000, "seed": 5}), 1000)
+    assert client == "c0" and canaries == Canaries(seed=5, count=1000)
+    with pytest.raises(CanaryError, match="client c0: expected 1000 canaries and a seed in .0, 2\\^63., got 10"):
+        parse_reveal(ConfigRecord({"client-id": "c0", "count": 10**9, "seed": 5}), 1000)
+    with pytest.raises(CanaryError, match="got 1000 and -1"):
+        parse_reveal(ConfigRecord({"client-id": "c0", "count": 1000, "seed": -1}), 1000)
+    with pytest.raises(FieldError, match="seed"):
+        parse_reveal(ConfigRecord({"client-id": "c0", "count": 1000}), 1000)
+    _, _, entries = written_run(tmp_path)
+    recorded = json.loads((tmp_path / FILE).read_text())
+    recorded["clients"][0]["count"] = 10**9
+    (tmp_path / FILE).write_text(json.dumps(recorded))
+    assert "expected 1 to 100000 canaries" in audit_canaries(tmp_path, entries).problems[0]
+    count("bad_inputs_rejected", "revealed canary count other than the run's")
+    count("bad_inputs_rejected", "revealed canary seed negative")
+    count("bad_inputs_rejected", "revealed canaries without a seed")
+    count("bad_inputs_rejected", "canaries.json with a huge canary count")
